@@ -51,7 +51,8 @@ class DroplessExpertsFunction(torch.autograd.Function):
         counts = counts_E.tolist()
         kept = sum(counts[:num_experts])
         order_S, token_S = order_S[:kept], token_S[:kept]
-        weights_S = top_k_weights.reshape(-1)[order_S].float()
+        acc_dtype = torch.promote_types(hidden_TH.dtype, torch.float32)
+        weights_S = top_k_weights.reshape(-1)[order_S].to(acc_dtype)
 
         x_SH = hidden_TH[token_S]
         gate_up_S2I = x_SH.new_empty(kept, 2 * intermediate)
@@ -63,8 +64,8 @@ class DroplessExpertsFunction(torch.autograd.Function):
         y_SH = x_SH  # the gathered tokens are not needed any more: reuse their buffer for the output
         for expert, start, end in _expert_slices(counts, num_experts):
             torch.mm(act_SI[start:end], down_proj[expert].t(), out=y_SH[start:end])
-        out_TH = torch.zeros(hidden_TH.shape, dtype=torch.float32, device=hidden_TH.device)
-        out_TH.index_add_(0, token_S, y_SH.float().mul_(weights_S.unsqueeze(-1)))
+        out_TH = torch.zeros(hidden_TH.shape, dtype=acc_dtype, device=hidden_TH.device)
+        out_TH.index_add_(0, token_S, y_SH.to(acc_dtype).mul_(weights_S.unsqueeze(-1)))
 
         ctx.save_for_backward(hidden_TH, order_S, token_S, weights_S, gate_up_S2I, gate_up_proj, down_proj)
         ctx.counts = counts
@@ -97,13 +98,14 @@ class DroplessExpertsFunction(torch.autograd.Function):
             act_gate_SI = act_gate_SI.detach()
         act_SI = act_gate_SI * up_SI
 
-        grad_weights_S = (grad_act_unweighted_SI.float() * act_SI.float()).sum(-1)
+        acc_dtype = weights_S.dtype
+        grad_weights_S = (grad_act_unweighted_SI.to(acc_dtype) * act_SI.to(acc_dtype)).sum(-1)
         weights_col = weights_S.unsqueeze(-1)
-        grad_act_SI = (grad_act_unweighted_SI.float() * weights_col).to(dtype)
+        grad_act_SI = (grad_act_unweighted_SI.to(acc_dtype) * weights_col).to(dtype)
 
         grad_gate_up_proj = grad_down_proj = grad_hidden_TH = grad_top_k_weights = None
         if ctx.needs_input_grad[4]:
-            weighted_act_SI = (act_SI.float() * weights_col).to(dtype)
+            weighted_act_SI = (act_SI.to(acc_dtype) * weights_col).to(dtype)
             grad_down_proj = torch.zeros_like(down_proj)
             for expert, start, end in _expert_slices(counts, num_experts):
                 torch.mm(grad_y_SH[start:end].t(), weighted_act_SI[start:end], out=grad_down_proj[expert])
@@ -120,7 +122,7 @@ class DroplessExpertsFunction(torch.autograd.Function):
             for expert, start, end in _expert_slices(counts, num_experts):
                 torch.mm(grad_gate_up_S2I[start:end].t(), x_SH[start:end], out=grad_gate_up_proj[expert])
         if ctx.needs_input_grad[2]:
-            grad_flat = torch.zeros(ctx.weights_shape.numel(), dtype=torch.float32, device=weights_S.device)
+            grad_flat = torch.zeros(ctx.weights_shape.numel(), dtype=acc_dtype, device=weights_S.device)
             grad_flat[order_S] = grad_weights_S
             grad_top_k_weights = grad_flat.view(ctx.weights_shape).to(ctx.weights_dtype)
         return grad_hidden_TH, None, grad_top_k_weights, grad_gate_up_proj, grad_down_proj, None
