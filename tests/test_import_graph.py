@@ -1,0 +1,55 @@
+"""Dependencies point one way: cli -> training / evaluation / conversion -> modeling.
+
+modeling/ is the remote-code bundle copied into checkpoints, so it may import only the standard library,
+torch, transformers (and huggingface_hub, which transformers itself requires) and its own files by single-dot
+imports. No library part imports the CLI.
+"""
+
+import ast
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELING_ALLOWED = {"torch", "transformers", "huggingface_hub"}
+
+
+def _imports(path: Path):
+    tree = ast.parse(path.read_text(), filename=str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield 0, alias.name, node
+        elif isinstance(node, ast.ImportFrom):
+            yield node.level, node.module or "", node
+
+
+def _is_module_level(tree_node, path):
+    tree = ast.parse(path.read_text())
+    return any(tree_node.lineno == node.lineno for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom)))
+
+
+def test_modeling_bundle_imports_only_torch_transformers_and_itself():
+    problems = []
+    for path in sorted((ROOT / "modeling").glob("*.py")):
+        if path.name == "__init__.py":  # the package init is not part of the bundle
+            continue
+        for level, module, node in _imports(path):
+            top = module.split(".")[0]
+            if level == 1 and "." not in module:
+                continue  # single-dot sibling import
+            if level == 0 and (top in MODELING_ALLOWED or top in sys.stdlib_module_names):
+                continue
+            if level == 0 and top == "llama_moe" and not _is_module_level(node, path):
+                continue  # lazy import inside a function (from_dense), never at module level
+            problems.append(f"{path.name}:{node.lineno} imports {'.' * level}{module}")
+    assert not problems, problems
+
+
+def test_library_parts_do_not_import_the_cli():
+    problems = []
+    for part in ("modeling", "conversion", "training", "evaluation"):
+        for path in sorted((ROOT / part).rglob("*.py")):
+            for level, module, node in _imports(path):
+                if module.startswith("llama_moe.cli") or (level == 0 and module.split(".")[0] == "cli"):
+                    problems.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {module}")
+    assert not problems, problems
