@@ -1,0 +1,481 @@
+"""Output formats of an MoE checkpoint: our `llama_moe` layout, or `mixtral` for engines that serve Mixtral natively.
+
+Each format is a small exporter class (fit check, target config, tensor renaming as a key table) in `EXPORTERS`;
+`export_checkpoint` streams an existing llama_moe directory into another format, one tensor at a time. This module
+must not hold a whole model in memory, import training/evaluation code, or write anything but safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import ClassVar, Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+from transformers import MixtralConfig, PreTrainedConfig
+from transformers.dynamic_module_utils import custom_object_save
+from transformers.utils.hub import convert_file_size_to_int
+
+from llama_moe.modeling import LlamaMoEConfig, LlamaMoEForCausalLM
+
+
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_SIZE = "5GB"
+
+# Files copied unchanged from a source checkpoint next to the converted weights.
+SIDE_FILE_PATTERNS = (
+    r"tokenizer.*",
+    r"special_tokens_map\.json",
+    r"added_tokens\.json",
+    r"vocab\.(json|txt)",
+    r"merges\.txt",
+    r"chat_template\.(jinja|json)",
+    r"generation_config\.json",
+)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Streaming I/O: read a checkpoint one tensor at a time, write size-capped safetensors shards.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class CheckpointReader:
+    """Lazy access to the tensors of a Hugging Face checkpoint directory (sharded or single safetensors files;
+    `pytorch_model*.bin` only as a fallback, read with `weights_only=True`). `get` loads one tensor."""
+
+    def __init__(self, src_dir: str | os.PathLike):
+        self.src_dir = Path(src_dir)
+        if not self.src_dir.is_dir():
+            raise FileNotFoundError(f"Checkpoint directory {str(self.src_dir)!r} does not exist.")
+        self._file_of: dict[str, Path] = {}
+        self._handles: dict[Path, object] = {}
+        self._bin_cache: dict[Path, dict[str, torch.Tensor]] = {}
+        index = self.src_dir / SAFE_WEIGHTS_INDEX_NAME
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self._file_of = {name: self.src_dir / file for name, file in weight_map.items()}
+            missing = sorted({str(p.name) for p in self._file_of.values() if not p.is_file()})
+            if missing:
+                raise FileNotFoundError(f"{index} lists shards that are missing: {missing}.")
+        else:
+            files = sorted(self.src_dir.glob("*.safetensors"))
+            bin_files = sorted(self.src_dir.glob("pytorch_model*.bin"))
+            if not files and not bin_files:
+                raise FileNotFoundError(
+                    f"No weights in {str(self.src_dir)!r}: expected model.safetensors, sharded *.safetensors with "
+                    f"{SAFE_WEIGHTS_INDEX_NAME}, or pytorch_model*.bin."
+                )
+            for file in files or bin_files:
+                for name in self._keys_of(file):
+                    self._file_of[name] = file
+
+    def _keys_of(self, file: Path) -> list[str]:
+        if file.suffix == ".safetensors":
+            return list(self._handle(file).keys())
+        return list(self._bin(file).keys())
+
+    def _handle(self, file: Path):
+        if file not in self._handles:
+            try:
+                self._handles[file] = safe_open(str(file), framework="pt")
+            except Exception as error:  # safetensors raises its own error types for corrupt headers
+                raise ValueError(f"Cannot read {file}: {error}. The file is corrupt or not safetensors.") from error
+        return self._handles[file]
+
+    def _bin(self, file: Path) -> dict[str, torch.Tensor]:
+        if file not in self._bin_cache:
+            # mmap keeps the file on disk: tensors are paged in when `get` touches them.
+            self._bin_cache[file] = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        return self._bin_cache[file]
+
+    def keys(self) -> list[str]:
+        return list(self._file_of)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._file_of
+
+    def get(self, name: str) -> torch.Tensor:
+        file = self._file_of[name]
+        if file.suffix == ".safetensors":
+            return self._handle(file).get_tensor(name)
+        return self._bin(file)[name]
+
+
+class ShardedSafetensorsWriter:
+    """Writes tensors into safetensors shards of at most `max_shard_size` bytes as they arrive, then names them
+    `model-0000i-of-0000n.safetensors` with an index (or `model.safetensors` when one shard suffices)."""
+
+    def __init__(self, out_dir: str | os.PathLike, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE):
+        self.out_dir = Path(out_dir)
+        self.max_bytes = convert_file_size_to_int(max_shard_size)
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._shards: list[tuple[Path, list[str]]] = []
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self.shapes:
+            raise ValueError(f"Tensor {name!r} was written twice: the key map sends two tensors to one name.")
+        size = tensor.numel() * tensor.element_size()
+        if self._pending and self._pending_bytes + size > self.max_bytes:
+            self._flush()
+        # A shard must own its storage: views of a larger tensor would make safetensors save the whole base.
+        self._pending[name] = tensor.detach().contiguous().clone() if tensor._base is not None else tensor.contiguous()
+        self._pending_bytes += size
+        self.shapes[name] = tuple(tensor.shape)
+        self.total_bytes += size
+
+    def _flush(self) -> None:
+        path = self.out_dir / f"model-part-{len(self._shards) + 1:05d}.safetensors"
+        save_file(self._pending, str(path), metadata={"format": "pt"})
+        self._shards.append((path, list(self._pending)))
+        self._pending, self._pending_bytes = {}, 0
+
+    def close(self) -> list[str]:
+        """Flush the last shard, give shards their final names, write the index. Returns the file names."""
+        if self._pending or not self._shards:
+            self._flush()
+        if len(self._shards) == 1:
+            self._shards[0][0].rename(self.out_dir / SAFE_WEIGHTS_NAME)
+            return [SAFE_WEIGHTS_NAME]
+        count = len(self._shards)
+        weight_map, names = {}, []
+        for i, (path, keys) in enumerate(self._shards, start=1):
+            final = f"model-{i:05d}-of-{count:05d}.safetensors"
+            path.rename(self.out_dir / final)
+            names.append(final)
+            weight_map.update({key: final for key in keys})
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.out_dir / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        return names + [SAFE_WEIGHTS_INDEX_NAME]
+
+
+def write_config_and_code(config: PreTrainedConfig, out_dir: str | os.PathLike) -> None:
+    """Write `config.json`; for our own config also the remote-code files and `auto_map`, exactly as
+    `LlamaMoEForCausalLM.save_pretrained` does, without building the model's weights (meta device)."""
+    if isinstance(config, LlamaMoEConfig):
+        with torch.device("meta"):
+            model = LlamaMoEForCausalLM(config)
+        custom_object_save(model, out_dir, config=config)
+    config.save_pretrained(out_dir)
+
+
+def copy_side_files(src_dir: str | os.PathLike, out_dir: str | os.PathLike) -> list[str]:
+    """Copy tokenizer and generation-config files (see SIDE_FILE_PATTERNS). Returns the copied names."""
+    copied = []
+    for path in sorted(Path(src_dir).iterdir()):
+        if path.is_file() and any(re.fullmatch(pattern, path.name) for pattern in SIDE_FILE_PATTERNS):
+            shutil.copy2(path, Path(out_dir) / path.name)
+            copied.append(path.name)
+    return copied
+
+
+def atomic_output_dir(out_dir: str | os.PathLike) -> Path:
+    """Check that `out_dir` is free and create a temporary directory beside it (rename it into place at the end)."""
+    out = Path(out_dir)
+    if out.exists():
+        raise ValueError(f"Output directory {str(out)!r} already exists: remove it or choose another path.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Key tables: template names -> template names. `{layer}` and `{expert}` are indices.
+# ----------------------------------------------------------------------------------------------------------------
+
+# Mixtral's legacy per-expert names: what vLLM, llama.cpp's convert_hf_to_gguf.py and the original
+# mistralai/Mixtral-8x7B checkpoints use; transformers 5 reads them too (conversion_mapping.py "mixtral" merges
+# `block_sparse_moe.experts.*.w1/w3` into `mlp.experts.gate_up_proj` and `w2` into `mlp.experts.down_proj`).
+# A target holding `{expert}` receives one slice per expert (dim 0 of our fused tensor); several targets split
+# each expert's slice into equal row blocks, in order (our gate_up_proj holds gate rows, then up rows).
+MIXTRAL_KEY_MAP: dict[str, tuple[str, ...]] = {
+    "model.layers.{layer}.mlp.gate.weight": ("model.layers.{layer}.block_sparse_moe.gate.weight",),
+    "model.layers.{layer}.mlp.experts.gate_up_proj": (
+        "model.layers.{layer}.block_sparse_moe.experts.{expert}.w1.weight",  # gate [I, H]
+        "model.layers.{layer}.block_sparse_moe.experts.{expert}.w3.weight",  # up   [I, H]
+    ),
+    "model.layers.{layer}.mlp.experts.down_proj": (
+        "model.layers.{layer}.block_sparse_moe.experts.{expert}.w2.weight",  # down [H, I]
+    ),
+}
+# Tensors that absorb `routed_scaling_factor` (Mixtral has none): the output is linear in down_proj.
+MIXTRAL_SCALED_KEYS = ("model.layers.{layer}.mlp.experts.down_proj",)
+
+
+def _template_regex(template: str) -> re.Pattern:
+    return re.compile("^" + re.escape(template).replace(r"\{layer\}", r"(?P<layer>\d+)") + "$")
+
+
+def apply_key_map(
+    key_map: dict[str, tuple[str, ...]], name: str, tensor: torch.Tensor
+) -> list[tuple[str, torch.Tensor]] | None:
+    """Rename (and split) one tensor by a key table; None when no template matches `name`."""
+    for source, targets in key_map.items():
+        match = _template_regex(source).match(name)
+        if match is None:
+            continue
+        layer = match.group("layer")
+        if "{expert}" not in targets[0]:
+            return [(targets[0].format(layer=layer), tensor)]
+        out = []
+        for expert, expert_tensor in enumerate(tensor.unbind(0)):
+            for target, block in zip(targets, expert_tensor.chunk(len(targets), dim=0)):
+                out.append((target.format(layer=layer, expert=expert), block))
+        return out
+    return None
+
+
+def _matches_any(templates, name: str) -> bool:
+    return any(_template_regex(t).match(name) for t in templates)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Exporters
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class Exporter:
+    """One output architecture. `supports` says whether a LlamaMoEConfig fits (appending reasons when it does
+    not), `target_config` gives the config to write, `rename` maps one tensor of our layout to the target's."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    remote_code: ClassVar[bool]  # True: the checkpoint needs our modeling files (auto_map + trust_remote_code).
+
+    def __init__(self, moe_config: LlamaMoEConfig):
+        self.moe_config = moe_config
+
+    @classmethod
+    def supports(cls, config: LlamaMoEConfig, explain: list[str]) -> bool:
+        return True
+
+    def target_config(self, moe_config: LlamaMoEConfig) -> PreTrainedConfig:
+        raise NotImplementedError
+
+    def rename(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor the target checkpoint must hold, with its shape: our model's tensors (built on the meta
+        device, so instant at any size) passed through `rename`. A tied `lm_head.weight` is left out."""
+        with torch.device("meta"):
+            model = LlamaMoEForCausalLM(self.moe_config)
+        tied = set(model._tied_weights_keys or {}) if self.moe_config.tie_word_embeddings else set()
+        shapes = {}
+        for name, tensor in model.state_dict().items():
+            if name in tied:
+                continue
+            for new_name, new_tensor in self.rename(name, tensor):
+                shapes[new_name] = tuple(new_tensor.shape)
+        return shapes
+
+
+class LlamaMoEExporter(Exporter):
+    name = "llama_moe"
+    description = "our LlamaMoE model: every option; loads with trust_remote_code (or with llama-moe installed)"
+    remote_code = True
+
+    def target_config(self, moe_config: LlamaMoEConfig) -> PreTrainedConfig:
+        return moe_config
+
+    def rename(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        return [(name, tensor)]
+
+
+class MixtralExporter(Exporter):
+    name = "mixtral"
+    description = "transformers' MixtralForCausalLM (no remote code), as vLLM and llama.cpp serve it"
+    remote_code = False
+
+    @classmethod
+    def supports(cls, config: LlamaMoEConfig, explain: list[str]) -> bool:
+        reasons = []
+        dense = [i for i in range(config.num_hidden_layers) if not config.is_moe_layer(i)]
+        if dense:
+            reasons.append(
+                f"layers {dense} are dense but Mixtral has an MoE block in every layer (upcycle with --moe-layers all)"
+            )
+        if config.router_type != "linear":
+            reasons.append(
+                f"router_type={config.router_type!r}: Mixtral's router is a single linear layer (router_type 'linear')"
+            )
+        if not config.norm_topk_prob:
+            reasons.append("norm_topk_prob=False: Mixtral always renormalizes the top-k probabilities")
+        if config.shared_expert_intermediate_size:
+            reasons.append(
+                f"shared_expert_intermediate_size={config.shared_expert_intermediate_size}: Mixtral has no shared "
+                "expert (use --format llama_moe, or upcycle without --shared-experts)"
+            )
+        if config.router_noise == "noisy_topk":
+            reasons.append("router_noise='noisy_topk': Mixtral has no learned noisy gate")
+        if config.capacity_factor is not None:
+            reasons.append(f"capacity_factor={config.capacity_factor}: Mixtral is dropless (capacity_factor None)")
+        if config.attention_bias:
+            reasons.append("attention_bias=True: Mixtral's attention projections have no bias")
+        explain.extend(reasons)
+        return not reasons
+
+    def target_config(self, moe_config: LlamaMoEConfig) -> PreTrainedConfig:
+        c = moe_config
+        return MixtralConfig(
+            vocab_size=c.vocab_size,
+            hidden_size=c.hidden_size,
+            intermediate_size=c.moe_intermediate_size,  # Mixtral's intermediate_size is one expert's width
+            num_hidden_layers=c.num_hidden_layers,
+            num_attention_heads=c.num_attention_heads,
+            num_key_value_heads=c.num_key_value_heads,
+            head_dim=c.head_dim,
+            hidden_act=c.hidden_act,
+            max_position_embeddings=c.max_position_embeddings,
+            initializer_range=float(c.initializer_range),
+            rms_norm_eps=float(c.rms_norm_eps),
+            use_cache=c.use_cache,
+            pad_token_id=c.pad_token_id,
+            bos_token_id=c.bos_token_id,
+            eos_token_id=c.eos_token_id,
+            tie_word_embeddings=c.tie_word_embeddings,
+            sliding_window=None,
+            attention_dropout=c.attention_dropout,
+            num_experts_per_tok=c.num_experts_per_tok,
+            num_local_experts=c.num_local_experts,
+            output_router_logits=c.output_router_logits,
+            router_aux_loss_coef=float(c.router_aux_loss_coef),
+            # Training-time only. Mixtral's jitter also scales the experts' input; ours only the router's.
+            router_jitter_noise=float(c.router_jitter_noise) if c.router_noise == "jitter" else 0.0,
+            rope_parameters=dict(c.rope_parameters),
+            architectures=["MixtralForCausalLM"],
+            dtype=c.dtype,
+        )
+
+    def rename(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        scale = float(self.moe_config.routed_scaling_factor)
+        if scale != 1.0 and _matches_any(MIXTRAL_SCALED_KEYS, name):
+            tensor = (tensor.float() * scale).to(tensor.dtype)
+        renamed = apply_key_map(MIXTRAL_KEY_MAP, name, tensor)
+        if renamed is not None:
+            return renamed
+        if ".mlp." in name:
+            raise ValueError(f"Tensor {name!r} has no place in a Mixtral checkpoint (not in MIXTRAL_KEY_MAP).")
+        return [(name, tensor)]  # attention, norms, embeddings, lm_head: same names in Mixtral
+
+
+EXPORTERS: dict[str, type[Exporter]] = {cls.name: cls for cls in (LlamaMoEExporter, MixtralExporter)}
+
+
+def formats_that_fit(moe_config: LlamaMoEConfig) -> list[str]:
+    return [name for name, cls in EXPORTERS.items() if cls.supports(moe_config, [])]
+
+
+def get_exporter(name: str, moe_config: LlamaMoEConfig) -> Exporter:
+    """The exporter for format `name`, or ValueError naming every reason the configuration does not fit."""
+    if name not in EXPORTERS:
+        raise ValueError(f"Unknown format {name!r}: choose one of {list(EXPORTERS)}.")
+    cls = EXPORTERS[name]
+    reasons: list[str] = []
+    if not cls.supports(moe_config, reasons):
+        lines = "\n".join(f"  - {reason}" for reason in reasons)
+        raise ValueError(
+            f"This configuration does not fit format {name!r}:\n{lines}\n"
+            f"Formats that fit it: {formats_that_fit(moe_config)} (all formats: {list(EXPORTERS)})."
+        )
+    return cls(moe_config)
+
+
+def check_written_tensors(written: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]]) -> None:
+    """Raise ValueError naming missing, unexpected and mis-shaped tensors of a converted checkpoint."""
+    problems = []
+    missing = sorted(set(expected) - set(written))
+    extra = sorted(set(written) - set(expected))
+    wrong = sorted(n for n in set(expected) & set(written) if tuple(expected[n]) != tuple(written[n]))
+    if missing:
+        problems.append(f"missing {len(missing)} tensors, e.g. {missing[:5]}")
+    if extra:
+        problems.append(f"{len(extra)} unexpected tensors, e.g. {extra[:5]}")
+    if wrong:
+        problems.append(
+            "wrong shapes: " + ", ".join(f"{n} {written[n]} (expected {expected[n]})" for n in wrong[:5])
+        )
+    if problems:
+        raise ValueError("The converted checkpoint does not match its config: " + "; ".join(problems) + ".")
+
+
+def _iter_renamed(reader: CheckpointReader, exporter: Exporter, desc: str) -> Iterator[tuple[str, torch.Tensor]]:
+    for name in tqdm(reader.keys(), desc=desc, unit="tensor"):
+        if name.endswith("rotary_emb.inv_freq"):  # a buffer some old checkpoints stored; recomputed at load
+            continue
+        yield from exporter.rename(name, reader.get(name))
+
+
+def export_checkpoint(
+    src_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    format_name: str,
+    *,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    verbose: bool = True,
+) -> str:
+    """Convert a llama_moe checkpoint directory into `format_name`, streaming tensor by tensor.
+
+    Writes atomically (a temporary directory beside `out_dir`, renamed at the end), copies tokenizer and
+    generation-config files, and checks the written tensors' names and shapes. Returns the output path.
+    """
+    src = Path(src_dir)
+    config_path = src / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{str(config_path)!r} not found: {str(src)!r} is not a Hugging Face model directory.")
+    model_type = json.loads(config_path.read_text()).get("model_type")
+    if model_type != LlamaMoEConfig.model_type or "num_local_experts" not in json.loads(config_path.read_text()):
+        raise ValueError(
+            f"{str(src)!r} is not a llama_moe checkpoint (model_type {model_type!r}); LLaMA-MoE v1 checkpoints "
+            "go through `import_llama_moe_v1`, dense models through `llama-moe upcycle`."
+        )
+    moe_config = LlamaMoEConfig.from_pretrained(src)
+    exporter = get_exporter(format_name, moe_config)
+    reader = CheckpointReader(src)
+    tmp = atomic_output_dir(out_dir)
+    try:
+        writer = ShardedSafetensorsWriter(tmp, max_shard_size)
+        for name, tensor in _iter_renamed(reader, exporter, desc=f"Exporting to {format_name}"):
+            writer.add(name, tensor)
+        files = writer.close()
+        check_written_tensors(writer.shapes, exporter.expected_shapes())
+        write_config_and_code(exporter.target_config(moe_config), tmp)
+        copy_side_files(src, tmp)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if verbose:
+        tqdm.write(
+            f"Wrote {format_name} checkpoint {str(out_dir)!r}: {len(writer.shapes)} tensors, "
+            f"{writer.total_bytes / 1e9:.2f} GB in {len([f for f in files if f.endswith('.safetensors')])} shard(s)."
+        )
+    return str(out_dir)
+
+
+__all__ = [
+    "EXPORTERS",
+    "Exporter",
+    "LlamaMoEExporter",
+    "MixtralExporter",
+    "MIXTRAL_KEY_MAP",
+    "get_exporter",
+    "formats_that_fit",
+    "export_checkpoint",
+    "apply_key_map",
+    "check_written_tensors",
+    "CheckpointReader",
+    "ShardedSafetensorsWriter",
+    "write_config_and_code",
+    "copy_side_files",
+    "atomic_output_dir",
+]

@@ -1,0 +1,184 @@
+"""Output formats: the Mixtral export loads in plain transformers with our logits; ill-fitting configs are refused."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, MixtralForCausalLM
+
+from llama_moe.conversion.formats import (
+    EXPORTERS,
+    MIXTRAL_KEY_MAP,
+    check_written_tensors,
+    export_checkpoint,
+    get_exporter,
+)
+from llama_moe.modeling import LlamaMoEForCausalLM
+from tests.conftest import tiny_moe_config
+
+
+LLAMA2_STYLE = dict(num_key_value_heads=4, tie_word_embeddings=False)
+LLAMA3_STYLE = dict(
+    num_key_value_heads=2,
+    tie_word_embeddings=True,
+    rope_parameters={
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    },
+)
+
+
+def _saved_moe(tmp_path, **overrides):
+    config = tiny_moe_config(**overrides)
+    model = LlamaMoEForCausalLM(config).eval()
+    # Spread router weights so that routing is decisive (no near-ties that rounding could flip).
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.gate.weight.normal_(0.0, 0.5)
+    src = tmp_path / "moe"
+    model.save_pretrained(src)
+    (src / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 256}))
+    return model, src
+
+
+def _all_tensors(directory):
+    tensors = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            tensors.update({name: f.get_tensor(name) for name in f.keys()})
+    return tensors
+
+
+@pytest.mark.parametrize("style", [LLAMA2_STYLE, LLAMA3_STYLE], ids=["llama2", "llama3"])
+def test_mixtral_export_gives_our_logits_without_remote_code(tmp_path, style):
+    ours, src = _saved_moe(tmp_path, routed_scaling_factor=2.5, **style)
+    out = tmp_path / "mixtral"
+    export_checkpoint(src, out, "mixtral", max_shard_size="100KB")
+
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "mixtral" and "auto_map" not in config
+    assert config["rope_parameters"]["rope_type"] == ours.config.rope_parameters["rope_type"]
+    assert not list(out.glob("*.py")), "a Mixtral export must not need remote code"
+    assert (out / "tokenizer_config.json").is_file()
+    assert (out / "model.safetensors.index.json").is_file(), "100KB shards: the export must be sharded"
+
+    mixtral, info = MixtralForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    auto = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=False)
+    assert type(auto) is MixtralForCausalLM
+
+    input_ids = torch.randint(0, ours.config.vocab_size, (2, 11))
+    with torch.no_grad():
+        expected = ours(input_ids).logits
+        got = mixtral.eval()(input_ids).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+    # Without folding routed_scaling_factor into w2 the outputs would differ: the check above has teeth.
+    ours.config.routed_scaling_factor = 1.0
+    for layer in ours.model.layers:
+        layer.mlp.routed_scaling_factor = 1.0
+    with torch.no_grad():
+        unscaled = ours(input_ids).logits
+    assert (unscaled - expected).abs().max() > 1e-3
+
+
+def test_mixtral_export_keys_shapes_and_values_follow_the_legacy_table(tmp_path):
+    ours, src = _saved_moe(tmp_path, routed_scaling_factor=3.0)
+    out = tmp_path / "mixtral"
+    export_checkpoint(src, out, "mixtral")
+    written = _all_tensors(out)
+    source = _all_tensors(src)
+    E, I, H = 4, 32, 64  # tiny_moe_config: experts, moe_intermediate_size, hidden_size
+
+    for layer in range(ours.config.num_hidden_layers):
+        prefix = f"model.layers.{layer}.block_sparse_moe"
+        assert f"model.layers.{layer}.mlp.gate.weight" not in written
+        torch.testing.assert_close(written[f"{prefix}.gate.weight"], source[f"model.layers.{layer}.mlp.gate.weight"])
+        gate_up = source[f"model.layers.{layer}.mlp.experts.gate_up_proj"]
+        down = source[f"model.layers.{layer}.mlp.experts.down_proj"]
+        for j in range(E):
+            w1, w3, w2 = (written[f"{prefix}.experts.{j}.{w}.weight"] for w in ("w1", "w3", "w2"))
+            assert w1.shape == w3.shape == (I, H) and w2.shape == (H, I)
+            torch.testing.assert_close(w1, gate_up[j, :I])
+            torch.testing.assert_close(w3, gate_up[j, I:])
+            torch.testing.assert_close(w2, 3.0 * down[j])
+    # Every tensor is either renamed by the table or keeps its name (attention, norms, embeddings, lm_head).
+    moe_names = {k for k in source if ".mlp." in k}
+    assert set(written) - {k for k in written if "block_sparse_moe" in k} == set(source) - moe_names
+    assert len([k for k in written if "block_sparse_moe" in k]) == 2 * (1 + 3 * E)
+    assert set(MIXTRAL_KEY_MAP) == {
+        "model.layers.{layer}.mlp.gate.weight",
+        "model.layers.{layer}.mlp.experts.gate_up_proj",
+        "model.layers.{layer}.mlp.experts.down_proj",
+    }
+
+
+def test_llama_moe_export_is_identity_with_remote_code(tmp_path):
+    ours, src = _saved_moe(tmp_path)
+    out = tmp_path / "copy"
+    export_checkpoint(src, out, "llama_moe")
+    assert {p.name for p in out.glob("*.py")} >= {"modeling_llama_moe.py", "configuration_llama_moe.py"}
+    config = json.loads((out / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_llama_moe.LlamaMoEForCausalLM"
+    source, written = _all_tensors(src), _all_tensors(out)
+    assert source.keys() == written.keys()
+    assert all(torch.equal(source[k], written[k]) for k in source)
+    exporter = get_exporter("llama_moe", ours.config)
+    assert exporter.remote_code and exporter.target_config(ours.config) is ours.config
+
+
+def test_mixtral_refusal_lists_every_reason_and_the_formats_that_fit():
+    config = tiny_moe_config(
+        shared_expert_intermediate_size=16,
+        router_type="mlp",
+        norm_topk_prob=False,
+        moe_layers=[0],
+        router_noise="noisy_topk",
+        capacity_factor=1.25,
+    )
+    with pytest.raises(ValueError) as error:
+        get_exporter("mixtral", config)
+    message = str(error.value)
+    for reason in (
+        "layers [1] are dense",
+        "router_type='mlp'",
+        "norm_topk_prob=False",
+        "shared_expert_intermediate_size=16",
+        "noisy_topk",
+        "capacity_factor=1.25",
+    ):
+        assert reason in message, (reason, message)
+    assert "Formats that fit it: ['llama_moe']" in message
+
+    explain = []
+    assert not EXPORTERS["mixtral"].supports(tiny_moe_config(norm_topk_prob=False), explain)
+    assert len(explain) == 1 and "norm_topk_prob" in explain[0]
+    assert EXPORTERS["mixtral"].supports(tiny_moe_config(), [])
+
+
+def test_unknown_format_and_bad_source_are_refused_before_writing(tmp_path):
+    with pytest.raises(ValueError, match=r"Unknown format 'qwen9'.*\['llama_moe', 'mixtral'\]"):
+        get_exporter("qwen9", tiny_moe_config())
+    _, src = _saved_moe(tmp_path, router_type="mlp")
+    out = tmp_path / "mixtral"
+    with pytest.raises(ValueError, match="router_type='mlp'"):
+        export_checkpoint(src, out, "mixtral")
+    assert not out.exists() and not list(tmp_path.glob(".mixtral.partial-*"))
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        export_checkpoint(tmp_path / "nowhere", out, "mixtral")
+
+
+def test_check_written_tensors_names_missing_extra_and_misshaped():
+    expected = {"a": (2, 3), "b": (4,), "c": (1,)}
+    with pytest.raises(ValueError) as error:
+        check_written_tensors({"a": (3, 2), "b": (4,), "z": (1,)}, expected)
+    message = str(error.value)
+    assert "missing 1 tensors, e.g. ['c']" in message
+    assert "unexpected tensors, e.g. ['z']" in message
+    assert "a (3, 2) (expected (2, 3))" in message
+    check_written_tensors(dict(expected), expected)
