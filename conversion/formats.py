@@ -211,7 +211,7 @@ MIXTRAL_KEY_MAP: dict[str, tuple[str, ...]] = {
 MIXTRAL_SCALED_KEYS = ("model.layers.{layer}.mlp.experts.down_proj",)
 
 
-def _template_regex(template: str) -> re.Pattern:
+def template_regex(template: str) -> re.Pattern:
     return re.compile("^" + re.escape(template).replace(r"\{layer\}", r"(?P<layer>\d+)") + "$")
 
 
@@ -220,7 +220,7 @@ def apply_key_map(
 ) -> list[tuple[str, torch.Tensor]] | None:
     """Rename (and split) one tensor by a key table; None when no template matches `name`."""
     for source, targets in key_map.items():
-        match = _template_regex(source).match(name)
+        match = template_regex(source).match(name)
         if match is None:
             continue
         layer = match.group("layer")
@@ -235,7 +235,7 @@ def apply_key_map(
 
 
 def _matches_any(templates, name: str) -> bool:
-    return any(_template_regex(t).match(name) for t in templates)
+    return any(template_regex(t).match(name) for t in templates)
 
 
 # ----------------------------------------------------------------------------------------------------------------
