@@ -1,0 +1,54 @@
+"""`llama-moe analyze`: perplexity per domain, routing statistics, parameters and speed; plots and report.md.
+
+Parses arguments and calls llama_moe.evaluation (analysis -> plots -> report); no analysis logic here.
+"""
+
+import argparse
+import os
+from pathlib import Path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llama-moe analyze",
+        description="Per-domain perplexity and routing statistics of an MoE model (optionally against its dense "
+        "base), parameter counts and generation speed; writes analysis.json, PNG plots and report.md.",
+    )
+    parser.add_argument("model", help="MoE model directory, Hub id or .gguf")
+    parser.add_argument("--data", action="append", default=[], metavar="NAME=PATH", required=True,
+                        help="a domain: text file, .jsonl with a 'text' field, or folder of text files (repeatable)")
+    parser.add_argument("--base", default=None, help="dense base model to compare with (directory, Hub id or .gguf)")
+    parser.add_argument("--output", default=None, help="output folder (default: MODEL/analysis for a local MODEL)")
+    parser.add_argument("--max-tokens", type=int, default=4096, help="tokens per domain (default 4096)")
+    parser.add_argument("--block-size", type=int, default=None,
+                        help="tokens per scored block (default min(512, max_position_embeddings))")
+    parser.add_argument("--no-speed", action="store_true", help="skip the generation speed measurement")
+    parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per speed measurement")
+    parser.add_argument("--prompt-tokens", type=int, default=128, help="prompt length for the speed measurement")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="auto", help="float32, bfloat16, ... (default: the checkpoint's)")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    from llama_moe.evaluation.analysis import parse_data_args, run_analysis
+    from llama_moe.evaluation.plots import make_plots
+    from llama_moe.evaluation.report import write_report
+
+    args = build_parser().parse_args(argv)
+    domains = parse_data_args(args.data)
+    if args.output:
+        output = Path(args.output)
+    elif os.path.isdir(args.model):
+        output = Path(args.model) / "analysis"
+    else:
+        output = Path("analysis") / Path(args.model).name
+    analysis_json = run_analysis(
+        args.model, domains, output, base_path=args.base, max_tokens=args.max_tokens, block_size=args.block_size,
+        device=args.device, dtype=args.dtype, speed=not args.no_speed, new_tokens=args.new_tokens,
+        prompt_tokens=args.prompt_tokens,
+    )
+    figures = make_plots(analysis_json)
+    report = write_report(analysis_json)
+    print(f"llama-moe analyze: {len(domains)} domain(s), {len(figures)} figure(s) -> {analysis_json}, {report}")
+    return 0

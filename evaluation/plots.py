@@ -1,0 +1,103 @@
+"""Figures from `analysis.json`: an experts-by-layers load heatmap per domain and a perplexity bar chart.
+
+Reads only the JSON the analysis wrote (never a model) and renders with matplotlib's Agg backend, so it
+runs headless; each figure is written atomically as PNG.
+"""
+
+import io
+import json
+from pathlib import Path
+
+from .io import atomic_write_bytes
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    _pyplot().close(fig)
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_heatmap(domain: str, routing: dict, path: Path) -> Path:
+    """Experts (rows) x MoE layers (columns), colour = share of routed slots; centred on the uniform share
+    1/E so over-used experts are red and under-used ones blue, as in LLaMA-MoE's specialization figures."""
+    import numpy as np
+    from matplotlib.colors import TwoSlopeNorm
+
+    plt = _pyplot()
+    layers = routing["layers"]
+    num_experts = routing["num_experts"]
+    share_EL = np.array([routing["per_layer"][str(layer)]["load_share"] for layer in layers]).T
+    uniform = 1.0 / num_experts
+    top = max(float(share_EL.max()), uniform * 1.001)
+    norm = TwoSlopeNorm(vcenter=uniform, vmin=min(float(share_EL.min()), uniform * 0.999), vmax=top)
+    width = min(2.0 + 0.55 * len(layers), 22)
+    height = min(1.6 + 0.42 * num_experts, 16)
+    fig, ax = plt.subplots(figsize=(max(width, 5.5), max(height, 3.2)))
+    image = ax.imshow(share_EL, cmap="coolwarm", norm=norm, aspect="auto", interpolation="nearest")
+    ax.set_xticks(range(len(layers)), [str(layer) for layer in layers])
+    ax.set_yticks(range(num_experts), [str(e) for e in range(num_experts)])
+    ax.set_xlabel("MoE layer")
+    ax.set_ylabel("expert")
+    ax.set_title(f"Expert load share per layer: {domain}\n"
+                 f"({routing['tokens']} tokens, top-{routing['top_k']} of {num_experts}; uniform = {uniform:.3f})")
+    if share_EL.size <= 256:
+        for e in range(num_experts):
+            for col in range(len(layers)):
+                value = share_EL[e, col]
+                strong = abs(norm(value) - 0.5) > 0.3
+                ax.text(col, e, f"{value:.2f}", ha="center", va="center", fontsize=8,
+                        color="white" if strong else "black")
+    bar = fig.colorbar(image, ax=ax)
+    bar.set_label("share of routed token slots")
+    return _save(fig, path)
+
+
+def perplexity_bars(analysis: dict, path: Path) -> Path:
+    """Perplexity per domain, the MoE model beside its base when one was analyzed (lower is better)."""
+    import numpy as np
+
+    plt = _pyplot()
+    results = analysis["results"]
+    domains = list(results["model"]["domains"])
+    series = [("MoE model", results["model"], "tab:orange")]
+    if "base" in results:
+        series.insert(0, ("dense base", results["base"], "tab:blue"))
+    x = np.arange(len(domains))
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.6 + 1.4 * len(domains)), 4))
+    for i, (label, result, colour) in enumerate(series):
+        values = [result["domains"][d]["perplexity"] for d in domains]
+        bars = ax.bar(x + (i - (len(series) - 1) / 2) * width, values, width, label=label, color=colour)
+        ax.bar_label(bars, labels=[f"{v:.3g}" for v in values], fontsize=8, padding=2)
+    ax.set_xticks(x, domains)
+    ax.set_ylabel("perplexity (lower is better)")
+    values = [r["domains"][d]["perplexity"] for _, r, _ in series for d in domains]
+    if max(values) / max(min(values), 1e-9) > 50:
+        ax.set_yscale("log")
+    ax.set_ylim(top=ax.get_ylim()[1] * 1.15)
+    ax.set_title("Perplexity per domain")
+    ax.legend(loc="upper left", fontsize=8)
+    return _save(fig, path)
+
+
+def make_plots(analysis_json: str | Path) -> dict[str, Path]:
+    """All figures for one analysis.json, written next to it; returns {figure name: path}."""
+    analysis_json = Path(analysis_json)
+    analysis = json.loads(analysis_json.read_text())
+    folder = analysis_json.parent
+    written = {}
+    for domain, scores in analysis["results"]["model"]["domains"].items():
+        if "routing" in scores:
+            written[f"load_{domain}"] = load_heatmap(domain, scores["routing"], folder / f"expert_load_{domain}.png")
+    written["perplexity"] = perplexity_bars(analysis, folder / "perplexity.png")
+    return written
