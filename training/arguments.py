@@ -1,0 +1,160 @@
+"""Command-line and recipe arguments of `llama-moe train`: our options plus TRL's SFTConfig, parsed together.
+
+Parses and normalizes only (NAME=VALUE lists, forced trainer settings); it must not load models or read data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl import SFTConfig, TrlParser
+
+SAMPLING_METHODS = ("static", "proportional", "uniform", "dynamic")
+
+
+@dataclass
+class MoETrainingArguments:
+    """Options of `llama-moe train` that TRL's `SFTConfig` does not have. Flags keep these names."""
+
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Model directory or Hub id to train (omit with --upcycle_from)."}
+    )
+    dataset: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Training domain NAME=PATH (repeatable): text file, folder, .jsonl, .parquet or Hub name."},
+    )
+    sampling: str = field(
+        default="static", metadata={"help": f"Mixture sampling, one of {', '.join(SAMPLING_METHODS)}."}
+    )
+    dataset_weights: str | None = field(
+        default=None, metadata={"help": "Domain weights NAME=W,... (static/dynamic start; normalized)."}
+    )
+    reference_losses: str | None = field(
+        default=None, metadata={"help": "Dynamic sampling: per-domain reference losses NAME=L,..."}
+    )
+    reference_model: str | None = field(
+        default=None,
+        metadata={"help": "Dynamic sampling: model whose held-out losses are the references (default: the dense "
+                  "base with --upcycle_from, else the initial model)."},
+    )
+    eta: float = field(default=1.0, metadata={"help": "Dynamic sampling step size."})
+    smoothing: float = field(default=1e-4, metadata={"help": "Dynamic sampling: mix this much of uniform in."})
+    validation_blocks: int = field(
+        default=4, metadata={"help": "Blocks of max_length tokens held out per domain for validation."}
+    )
+    freeze: str | None = field(
+        default=None,
+        metadata={"help": "Comma list: routers_only:N (train only routers for N steps), and/or groups kept frozen: "
+                  "attention, embeddings, lm_head, norms, experts, routers."},
+    )
+    upcycle_from: str | None = field(
+        default=None, metadata={"help": "Dense base model to upcycle in memory before training."}
+    )
+    method: str = field(default="copy", metadata={"help": "Upcycling method (with --upcycle_from)."})
+    num_experts: int = field(default=8, metadata={"help": "Experts per MoE layer (with --upcycle_from)."})
+    num_experts_per_tok: int = field(default=2, metadata={"help": "Top-k (with --upcycle_from)."})
+    router_z_loss_coef: float | None = field(
+        default=None, metadata={"help": "Override the model's router z-loss coefficient."}
+    )
+    peak_flops: float | None = field(
+        default=None, metadata={"help": "Peak FLOP/s of one device for MFU (default: known GPUs; none on CPU)."}
+    )
+
+
+def parse_mapping(value, what: str) -> dict[str, float]:
+    """`"a=1,b=2"` or a YAML mapping -> {"a": 1.0, "b": 2.0}; the error names `what`."""
+    if value is None or value == "":
+        return {}
+    if isinstance(value, dict):
+        items = value.items()
+    else:
+        items = []
+        for part in str(value).split(","):
+            if "=" not in part:
+                raise ValueError(f"--{what}: {part!r} is not NAME=NUMBER (example: --{what} code=0.7,prose=0.3).")
+            name, number = part.split("=", 1)
+            items.append((name.strip(), number.strip()))
+    result = {}
+    for name, number in items:
+        try:
+            result[str(name)] = float(number)
+        except (TypeError, ValueError):
+            raise ValueError(f"--{what}: value {number!r} for {name!r} is not a number.") from None
+    return result
+
+
+def _merge_repeated(argv: list[str], flag: str) -> list[str]:
+    """argparse keeps only the last `--dataset a b`; merge every occurrence into one."""
+    values, rest, index = [], [], 0
+    while index < len(argv):
+        if argv[index] == flag:
+            index += 1
+            while index < len(argv) and not argv[index].startswith("--"):
+                values.append(argv[index])
+                index += 1
+        elif argv[index].startswith(flag + "="):
+            values.append(argv[index].split("=", 1)[1])
+            index += 1
+        else:
+            rest.append(argv[index])
+            index += 1
+    return rest + ([flag, *values] if values else [])
+
+
+def build_parser() -> TrlParser:
+    parser = TrlParser((MoETrainingArguments, SFTConfig), prog="llama-moe train")
+    # Defaults that suit continual pre-training; recipes and flags override them.
+    import torch
+
+    # TRL defaults to bf16 (refused on a machine without a GPU) and gradient checkpointing; recipes turn them on.
+    parser.set_defaults(
+        report_to="none",
+        logging_steps=10,
+        save_steps=500,
+        output_dir="llama-moe-train",
+        bf16=torch.cuda.is_available(),
+        gradient_checkpointing=False,
+    )
+    return parser
+
+
+def parse_arguments(argv: list[str]) -> tuple[MoETrainingArguments, SFTConfig]:
+    """Parse `--config recipe.yaml` (defaults) and flags (overrides) into our options and TRL's SFTConfig."""
+    argv = _merge_repeated(list(argv), "--dataset")
+    if "--config" in argv:
+        import os
+
+        path = argv[argv.index("--config") + 1] if argv.index("--config") + 1 < len(argv) else ""
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--config: recipe file {path!r} does not exist.")
+    try:
+        options, config = build_parser().parse_args_and_config(argv)
+    except ValueError as error:
+        if "Unknown arguments from config file" in str(error):
+            raise ValueError(f"recipe has keys that are not llama-moe train options: {error}") from None
+        raise
+    if options.sampling not in SAMPLING_METHODS:
+        raise ValueError(f"--sampling {options.sampling!r} is unknown; choose one of {list(SAMPLING_METHODS)}.")
+    if options.validation_blocks < 1:
+        raise ValueError("--validation_blocks must be >= 1 (each domain needs a held-out split).")
+    if config.max_steps is None or config.max_steps <= 0:
+        raise ValueError("--max_steps must be set (> 0): training streams data, so there are no epochs to count.")
+    if options.sampling == "dynamic" and str(config.eval_strategy) in ("no", "IntervalStrategy.NO"):
+        raise ValueError(
+            "--sampling dynamic updates the weights at each evaluation: add --eval_strategy steps --eval_steps N."
+        )
+    if config.max_length is None:
+        raise ValueError("--max_length must be set: it is the length of the packed training blocks.")
+    force_streaming_settings(config)
+    return options, config
+
+
+def force_streaming_settings(config: SFTConfig) -> None:
+    """Settings our streaming, resumable mixture needs, whatever the recipe says."""
+    config.packing = False  # we pack ourselves (training/data.py), in a streaming and resumable way
+    config.dataset_kwargs = {**(config.dataset_kwargs or {}), "skip_prepare_dataset": True}
+    config.remove_unused_columns = False
+    config.dataloader_num_workers = 0  # the mixture's position lives in the main process
+    config.ignore_data_skip = True  # the mixture restores its own position; no replay of skipped batches
+    config.logging_nan_inf_filter = False  # a NaN must show, not be averaged away
+    config.eval_packing = False

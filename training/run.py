@@ -1,0 +1,197 @@
+"""`llama-moe train` as a library call: check the recipe, build model, data, mixture and callbacks, train, save.
+
+Checks every user input before loading weights; it must not parse command lines (cli/train.py and
+training/arguments.py do) nor hold training-loop logic (TRL's trainer runs the loop).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+
+import torch
+
+from .arguments import MoETrainingArguments, parse_mapping
+from .data import DomainStream, check_domain, domain_size, parse_domains
+from .mixture import MixtureDataset, as_hf_iterable, initial_weights, load_state
+
+
+def _model_config(path: str, trust_remote_code: bool):
+    from transformers import AutoConfig
+
+    import llama_moe.modeling  # noqa: F401  (registers llama_moe with the Auto classes)
+
+    if not os.path.exists(path) and (path.startswith(("/", ".", "~")) or os.environ.get("HF_HUB_OFFLINE") == "1"):
+        raise FileNotFoundError(f"model {path!r} does not exist (and Hub models cannot be fetched offline).")
+    return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
+def _resolve_resume(config) -> str | None:
+    value = config.resume_from_checkpoint
+    if value in (None, "", False, "false", "False"):
+        return None
+    if str(value).lower() == "true":
+        from transformers.trainer_utils import get_last_checkpoint
+
+        last = get_last_checkpoint(config.output_dir) if os.path.isdir(config.output_dir) else None
+        if last is None:
+            raise FileNotFoundError(f"--resume_from_checkpoint true: no checkpoint-N folder in {config.output_dir}.")
+        return last
+    if not os.path.isdir(value):
+        raise FileNotFoundError(f"--resume_from_checkpoint: {value} does not exist.")
+    return value
+
+
+def validate(options: MoETrainingArguments, config):
+    """Every check that needs no weights: domains, files, weights, model limits. Returns (specs, model config)."""
+    if bool(options.model_name_or_path) == bool(options.upcycle_from):
+        raise ValueError("give exactly one of --model_name_or_path (a model to train) or --upcycle_from (a dense base).")
+    specs = parse_domains(options.dataset, config.dataset_text_field)
+    names = [spec.name for spec in specs]
+    recipe_weights = {spec.name: float(spec.weight) for spec in specs if spec.weight is not None}
+    weights = {**recipe_weights, **parse_mapping(options.dataset_weights, "dataset_weights")}
+    references = parse_mapping(options.reference_losses, "reference_losses")
+    for what, mapping in (("dataset_weights", weights), ("reference_losses", references)):
+        unknown = sorted(set(mapping) - set(names))
+        if unknown:
+            raise ValueError(f"--{what} names unknown domain(s) {unknown}; the domains are {names}.")
+    if references and sorted(references) != sorted(names):
+        raise ValueError(f"--reference_losses must give every domain a loss; missing {sorted(set(names) - set(references))}.")
+    for spec in specs:
+        check_domain(spec)
+    # Weights now, so a bad recipe fails before any tokenizing (proportional reads only file sizes).
+    initial_weights(options.sampling, names, weights, lambda: [domain_size(spec) for spec in specs])
+    model_config = _model_config(options.upcycle_from or options.model_name_or_path, config.trust_remote_code)
+    limit = getattr(model_config, "max_position_embeddings", None)
+    if limit is not None and config.max_length > limit:
+        raise ValueError(
+            f"--max_length {config.max_length} is above the model's max_position_embeddings ({limit}); lower it."
+        )
+    _resolve_resume(config)
+    from .callbacks import parse_freeze
+
+    parse_freeze(options.freeze)
+    return specs, weights, references, model_config
+
+
+def load_model(options: MoETrainingArguments, config):
+    from transformers import AutoModelForCausalLM
+
+    from llama_moe.modeling import LlamaMoEForCausalLM
+
+    if options.upcycle_from:
+        model = LlamaMoEForCausalLM.from_dense(
+            options.upcycle_from,
+            method=options.method,
+            num_experts=options.num_experts,
+            top_k=options.num_experts_per_tok,
+        )
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            options.model_name_or_path, dtype=torch.float32, trust_remote_code=config.trust_remote_code
+        )
+    if options.router_z_loss_coef is not None:
+        if not hasattr(model.config, "router_z_loss_coef"):
+            raise ValueError("--router_z_loss_coef is set but the model has no router z-loss (not a LlamaMoE model).")
+        model.config.router_z_loss_coef = options.router_z_loss_coef
+    return model
+
+
+@torch.no_grad()
+def held_out_losses(model, validation: dict[str, list[list[int]]], batch_size: int = 4) -> dict[str, float]:
+    """Mean next-token loss of `model` on each domain's held-out blocks (the dynamic-sampling references)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    losses = {}
+    for name, blocks in validation.items():
+        total = 0.0
+        for start in range(0, len(blocks), batch_size):
+            ids = torch.tensor(blocks[start : start + batch_size], device=device)
+            total += model(input_ids=ids, labels=ids, use_cache=False).loss.float().item() * len(ids)
+        losses[name] = total / len(blocks)
+    model.train(was_training)
+    return losses
+
+
+def _reference_losses(options, model, validation, references):
+    if options.sampling != "dynamic" or references:
+        return references
+    from transformers import AutoModelForCausalLM
+
+    source = options.reference_model or options.upcycle_from
+    if source is None:
+        print("[llama-moe train] dynamic sampling: no references given; using the initial model's held-out losses.")
+        return held_out_losses(model, validation)
+    reference = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    losses = held_out_losses(reference, validation)
+    del reference
+    return losses
+
+
+def train(options: MoETrainingArguments, config) -> str:
+    """Run continual pre-training; returns the folder of the final model (OUTPUT/final)."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    from .callbacks import FreezeCallback, MixtureCallback, MoELoggingCallback, default_peak_flops, parse_freeze
+    from .trainer import MoETrainer
+
+    specs, given_weights, references, _ = validate(options, config)
+    resume = _resolve_resume(config)
+    tokenizer = AutoTokenizer.from_pretrained(
+        options.upcycle_from or options.model_name_or_path, trust_remote_code=config.trust_remote_code
+    )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    streams = {
+        spec.name: DomainStream(spec, tokenizer, config.max_length, options.validation_blocks) for spec in specs
+    }
+    weights = initial_weights(
+        options.sampling, list(streams), given_weights, lambda: [domain_size(spec) for spec in specs]
+    )
+    dataset = MixtureDataset(streams, weights, seed=config.seed)
+    validation = {name: stream.validation for name, stream in streams.items()}
+
+    model = load_model(options, config)
+    references = _reference_losses(options, model, validation, references)
+    mixture = MixtureCallback(dataset, options.sampling, references, options.eta, options.smoothing)
+    if resume:
+        state = load_state(resume)
+        if state is None:
+            raise FileNotFoundError(f"{resume} has no mixture_state.json: it was not written by llama-moe train.")
+        mixture.load_state(state)
+    routers_only, frozen = parse_freeze(options.freeze)
+    freezer = FreezeCallback(model, routers_only, frozen) if (routers_only or frozen) else None
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    moe_logging = MoELoggingCallback(
+        model, config.max_length, world, options.peak_flops or default_peak_flops(config.bf16 or config.fp16)
+    )
+    eval_sets = {name: Dataset.from_dict({"input_ids": blocks}) for name, blocks in validation.items()}
+    trainer = MoETrainer(
+        model=model,
+        args=config,
+        train_dataset=as_hf_iterable(dataset),
+        eval_dataset=eval_sets,
+        processing_class=tokenizer,
+        callbacks=[cb for cb in (moe_logging, mixture, freezer) if cb is not None],
+        moe_logging=moe_logging,
+        freezer=freezer,
+        mixture=mixture,
+    )
+    trainer.train(resume_from_checkpoint=resume)
+    final = os.path.join(config.output_dir, "final")
+    staged = os.path.join(config.output_dir, ".staging", "final")
+    trainer.save_model(staged)
+    if trainer.args.should_save:
+        from .mixture import save_state
+
+        save_state(staged, mixture.state_at(trainer.examples_consumed()))
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(staged, final)
+        loss = next((e["loss"] for e in reversed(trainer.state.log_history) if "loss" in e), math.nan)
+        print(f"[llama-moe train] {trainer.state.global_step} steps, last loss {loss:.4f}; model written to {final}")
+    trainer.accelerator.wait_for_everyone()
+    return final

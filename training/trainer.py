@@ -1,0 +1,147 @@
+"""MoETrainer: TRL's SFTTrainer with the model's own MoE loss, MoE logs, a NaN stop and atomic checkpoints.
+
+Overrides only what TRL cannot do for us; it must not build data, models or arguments (training/run.py does).
+
+Why the loss is the model's own: TRL 1.16 trains through its fused LM head, which adds Mixtral's switch balancing
+loss whatever `aux_loss_type` says and never the router z-loss. LlamaMoEForCausalLM already adds
+`router_aux_loss_coef * aux_loss + router_z_loss_coef * z_loss` to its loss, so we call the model itself (as
+transformers' Trainer does) and log the two router losses separately.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import torch
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from trl import SFTTrainer
+
+STAGING_DIR = ".staging"
+
+
+class NonFiniteLossError(ValueError):
+    """The training loss became NaN or infinite; the last checkpoint on disk is the last good one."""
+
+
+class MoETrainer(SFTTrainer):
+    def __init__(self, *args, moe_logging=None, freezer=None, mixture=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.moe_logging, self.freezer, self.mixture = moe_logging, freezer, mixture
+        self._router_metrics = {"aux_loss": [], "z_loss": []}
+
+    # -- loss --------------------------------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        training = self.model.training
+        config = self.model.config.get_text_config()
+        inputs = {**inputs, "use_cache": False}
+        if num_items_in_batch is not None and self.model_accepts_loss_kwargs:
+            inputs["num_items_in_batch"] = num_items_in_batch
+        # Router losses only in training: evaluation measures the language-model loss that mixtures compare.
+        router_outputs = training and getattr(config, "output_router_logits", False)
+        if hasattr(config, "output_router_logits"):
+            inputs["output_router_logits"] = router_outputs
+        outputs = model(**inputs)
+        loss = outputs.loss
+        router_loss = 0.0
+        if router_outputs and getattr(outputs, "aux_loss", None) is not None:
+            router_loss = config.router_aux_loss_coef * outputs.aux_loss
+            self._router_metrics["aux_loss"].append(outputs.aux_loss.detach())
+            if getattr(outputs, "z_loss", None) is not None:
+                router_loss = router_loss + config.router_z_loss_coef * outputs.z_loss
+                self._router_metrics["z_loss"].append(outputs.z_loss.detach())
+        language_loss = loss - router_loss
+        if training and self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            language_loss = language_loss * self.accelerator.num_processes  # as Trainer.compute_loss; DDP averages
+        if training and not torch.is_tensor(router_loss):
+            loss = language_loss
+        elif training:
+            # The token loss is already divided by the tokens of all accumulated micro-batches; the router losses
+            # are per micro-batch means, so they are averaged over the accumulation steps (as TRL does).
+            steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+            loss = language_loss + router_loss / steps
+        else:
+            loss = language_loss
+        if training and self.moe_logging is not None:
+            self.moe_logging.add_tokens(int(inputs["input_ids"].numel()))
+        return (loss, outputs) if return_outputs else loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # Every process decides on the same gathered values, so all stop together (no rank left in a collective).
+        if not torch.isfinite(self.accelerator.gather(loss.detach().reshape(1))).all():
+            last = self._last_checkpoint()
+            raise NonFiniteLossError(
+                f"training loss is NaN or infinite at step {self.state.global_step + 1}; stopped before the optimizer "
+                f"step. Last good checkpoint: {last or 'none yet'} (resume from it with a lower --learning_rate "
+                "or --max_grad_norm)."
+            )
+        if self.freezer is not None:
+            self.freezer.drop_grads(self.state.global_step)
+        return loss
+
+    # -- logs --------------------------------------------------------------------------------------------------
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.model.training:
+            for name, values in self._router_metrics.items():
+                if values:
+                    value = self.accelerator.gather_for_metrics(torch.stack(values).mean().reshape(1)).mean()
+                    logs[name] = round(value.item(), 6)
+                values.clear()
+            if self.moe_logging is not None:
+                logs.update(self.moe_logging.metrics())
+            if self.mixture is not None:
+                logs.update(self.mixture.metrics())
+        super().log(logs, start_time)
+
+    # -- checkpoints -------------------------------------------------------------------------------------------
+    def examples_consumed(self) -> int:
+        args = self.args
+        return self.state.global_step * args.per_device_train_batch_size * args.gradient_accumulation_steps * (
+            self.accelerator.num_processes
+        )
+
+    def _last_checkpoint(self) -> str | None:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        return get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
+
+    def _save_checkpoint(self, model, trial):
+        """Trainer writes checkpoint-N in place, so a crash mid-save leaves a folder that looks complete. We let it
+        write under OUTPUT/.staging/checkpoint-N and rename that into place once every process is done."""
+        final_dir = self.args.output_dir
+        staging_root = os.path.join(final_dir, STAGING_DIR)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staged, target = os.path.join(staging_root, name), os.path.join(final_dir, name)
+        if self.args.should_save and os.path.exists(staged):
+            shutil.rmtree(staged)
+        self.accelerator.wait_for_everyone()
+        limit, self.args.save_total_limit = self.args.save_total_limit, None
+        self.args.output_dir = staging_root
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.output_dir, self.args.save_total_limit = final_dir, limit
+        if self.args.should_save and self.mixture is not None:
+            from .mixture import save_state
+
+            save_state(staged, self.mixture.state_at(self.examples_consumed()))
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            if os.path.exists(target):  # re-saving a step (e.g. after a resume): swap, then drop the old one
+                old = os.path.join(staging_root, name + ".old")
+                os.replace(target, old)
+                os.replace(staged, target)
+                shutil.rmtree(old)
+            else:
+                os.replace(staged, target)
+            if limit:
+                from transformers.trainer_utils import rotate_checkpoints
+
+                rotate_checkpoints(
+                    output_dir=final_dir,
+                    save_total_limit=limit,
+                    best_model_checkpoint=self.state.best_model_checkpoint,
+                    use_mtime=True,
+                )
+        self.accelerator.wait_for_everyone()
