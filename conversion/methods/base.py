@@ -1,0 +1,73 @@
+"""The contract every construction method follows: one dense FFN in, routed experts (+ router, shared expert) out.
+
+A method sees one layer's dense SwiGLU weights in float32, the options and a seeded generator; it must not read
+files, know about checkpoints or shards, or touch other layers (streaming depends on that).
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class DenseFFN:
+    """One Llama MLP in float32: gate [I, H], up [I, H], down [H, I]."""
+
+    gate: torch.Tensor
+    up: torch.Tensor
+    down: torch.Tensor
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.gate.shape[0]
+
+    def select(self, neurons: torch.Tensor) -> "DenseFFN":
+        return DenseFFN(self.gate[neurons], self.up[neurons], self.down[:, neurons])
+
+
+@dataclass
+class ExpertInit:
+    """What a method builds for one MoE layer.
+
+    gate_up [E, 2I', H] (gate rows first, then up rows), down [E, H, I'];
+    router [E, H] or None (None: the default init, normal with the router std, from the same generator);
+    shared: the always-on shared expert, or None.
+    """
+
+    gate_up: torch.Tensor
+    down: torch.Tensor
+    router: torch.Tensor | None = None
+    shared: DenseFFN | None = None
+
+
+def stack_experts(parts: list[DenseFFN]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expert FFNs -> the fused layout (gate_up [E, 2I', H], down [E, H, I'])."""
+    gate_up = torch.stack([torch.cat([p.gate, p.up], dim=0) for p in parts])
+    down = torch.stack([p.down for p in parts])
+    return gate_up, down
+
+
+class UpcycleMethod:
+    """Base class. Subclasses set `name`, `summary` and override `build`; `check` and `config_changes` when the
+    method needs more than copies of the full FFN."""
+
+    name = ""
+    summary = ""
+    supports_shared_experts = False
+
+    def check(self, dense_config, options) -> None:
+        """Raise ValueError when the options do not fit this method or the model (before any work)."""
+        if options.shared_experts and not self.supports_shared_experts:
+            raise ValueError(
+                f"--shared-experts needs a method that splits the FFN (random, gradient); {self.name!r} does not."
+            )
+
+    def config_changes(self, dense_config, options) -> dict:
+        """LlamaMoEConfig fields this method decides (expert width, scaling, ...), known before any weight."""
+        return {"moe_intermediate_size": dense_config.intermediate_size}
+
+    def prepare(self, source, options, moe_layers: list[int]) -> None:
+        """Whole-model work done once before the layer loop (only the gradient method needs it)."""
+
+    def build(self, ffn: DenseFFN, options, generator: torch.Generator, layer_idx: int) -> ExpertInit:
+        raise NotImplementedError

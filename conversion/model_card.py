@@ -1,0 +1,84 @@
+"""The README.md model card of an upcycled checkpoint: Hub metadata plus what was built, from what, and how.
+
+Reads only the plan and counts it is given; must not load weights or contact the Hub.
+"""
+
+import os
+
+from .methods import GRANULAR_SCALING
+
+
+METHOD_OPTIONS = {
+    "copy": ("expert_noise",),
+    "random": ("shared_experts",),
+    "clustering": ("cluster_on",),
+    "gradient": ("calibration_data", "expert_size", "shared_experts"),
+    "granular": ("granularity", "granular_scaling"),
+    "drop": ("drop_ratio",),
+}
+
+
+def _yaml_list(items) -> str:
+    return "\n".join(f"- {item}" for item in items)
+
+
+def render_model_card(plan, *, format: str, total_params: int, active_params: int, command: str | None) -> str:
+    c, o = plan.moe_config, plan.options
+    base = plan.source.name
+    method_options = {name: getattr(o, name) for name in METHOD_OPTIONS.get(o.method, ())}
+    option_text = ", ".join(f"{k}={v}" for k, v in method_options.items()) or "none"
+    dense_layers = c.num_hidden_layers - len(c.moe_layers)
+    lines = [
+        "---",
+        "library_name: transformers",
+        "pipeline_tag: text-generation",
+        f"base_model: {base}" if "/" in base and not os.path.isabs(base) else f"# base_model: {base}",
+        "tags:",
+        _yaml_list(["moe", "mixture-of-experts", "custom_code" if format == "llama_moe" else format, "upcycling",
+                    "llama-moe"]),
+        "---",
+        "",
+        f"# {os.path.basename(base.rstrip('/'))} upcycled to a Mixture of Experts ({o.method})",
+        "",
+        f"This model was made from the dense model `{base}` by **{o.method}** upcycling with "
+        "[llama-moe](https://github.com/llama-moe/llama-moe). It has not been trained after upcycling.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| base model | `{base}` |",
+        f"| method | `{o.method}` ({option_text}) |",
+        f"| experts per MoE layer | {c.num_local_experts} routed"
+        + (f" + shared expert of width {c.shared_expert_intermediate_size}" if c.shared_expert_intermediate_size else "")
+        + " |",
+        f"| top-k | {c.num_experts_per_tok} (renormalized: {c.norm_topk_prob}, routed scaling {c.routed_scaling_factor:g}) |",
+        f"| expert width | {c.moe_intermediate_size} (dense FFN {c.intermediate_size}) |",
+        f"| MoE layers | {len(c.moe_layers)} of {c.num_hidden_layers}"
+        + (f" ({dense_layers} stay dense)" if dense_layers else "")
+        + " |",
+        f"| parameters | {total_params / 1e6:,.1f}M total, {active_params / 1e6:,.1f}M active per token |",
+        f"| router | init {o.router_init}, aux loss coef {c.router_aux_loss_coef}, capacity factor "
+        f"{c.capacity_factor if c.capacity_factor is not None else 'none (dropless)'} |",
+        f"| dtype, seed | {str(plan.dtype).replace('torch.', '')}, {o.seed} |",
+        f"| format | `{format}` |",
+        "",
+    ]
+    if o.method == "granular":
+        lines += [f"Granular scaling `{o.granular_scaling}`: {GRANULAR_SCALING[o.granular_scaling]}.", ""]
+    lines += ["## Usage", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", ""]
+    remote = ", trust_remote_code=True" if format == "llama_moe" else ""
+    lines += [
+        f'model = AutoModelForCausalLM.from_pretrained("PATH_OR_REPO"{remote})',
+        'tokenizer = AutoTokenizer.from_pretrained("PATH_OR_REPO")',
+        "```",
+        "",
+    ]
+    if command:
+        lines += ["## How it was made", "", "```bash", command, "```", ""]
+    return "\n".join(lines)
+
+
+def write_model_card(folder: str, plan, **kwargs) -> str:
+    path = os.path.join(folder, "README.md")
+    with open(path, "w") as f:
+        f.write(render_model_card(plan, **kwargs))
+    return path

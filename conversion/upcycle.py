@@ -1,0 +1,307 @@
+"""The one upcycling core: plan (every check, before any output), then stream the MoE tensors layer by layer.
+
+`upcycle()` writes a checkpoint folder (CLI `llama-moe upcycle`), `upcycle_in_memory()` builds the model in RAM
+(`LlamaMoEForCausalLM.from_dense`); both run `plan_upcycle` + `iter_moe_tensors`. Must not contain method
+math (conversion/methods/), file formats (writer.py, formats.py) or argument parsing (cli/upcycle.py).
+"""
+
+import os
+import time
+from dataclasses import dataclass, replace
+
+import torch
+from tqdm.auto import tqdm
+
+from llama_moe.modeling import LlamaMoEConfig
+
+from .methods import DenseFFN, UpcycleMethod, get_method
+from .options import DTYPES, UpcycleOptions, check_common, resolve_moe_layers
+from .reader import CONFIG_KEYS_TO_DROP, DenseSource, layer_of, open_dense
+
+
+@dataclass
+class UpcyclePlan:
+    source: DenseSource
+    options: UpcycleOptions  # resolved: router_std filled in
+    method: UpcycleMethod
+    moe_config: LlamaMoEConfig
+    moe_layers: list[int]
+    dtype: torch.dtype
+    # Our layout, in streaming order: (name, shape). A `None` name marks nothing; MoE layers expand in place.
+    tensors: list[tuple[str, tuple]]
+    # Streaming steps: ("copy", source_name) or ("moe", layer_idx).
+    steps: list[tuple[str, object]]
+
+
+def moe_tensor_shapes(config: LlamaMoEConfig, layer: int) -> list[tuple[str, tuple]]:
+    E, H, I = config.num_local_experts, config.hidden_size, config.moe_intermediate_size
+    prefix = f"model.layers.{layer}.mlp."
+    shapes = [
+        (prefix + "gate.weight", (E, H)),
+        (prefix + "experts.gate_up_proj", (E, 2 * I, H)),
+        (prefix + "experts.down_proj", (E, H, I)),
+    ]
+    S = config.shared_expert_intermediate_size
+    if S:
+        shapes += [
+            (prefix + "shared_expert.gate_proj.weight", (S, H)),
+            (prefix + "shared_expert.up_proj.weight", (S, H)),
+            (prefix + "shared_expert.down_proj.weight", (H, S)),
+        ]
+    return shapes
+
+
+def build_moe_config(dense_config, options: UpcycleOptions, method: UpcycleMethod, dtype: torch.dtype) -> LlamaMoEConfig:
+    changes = method.config_changes(dense_config, options)
+    fields = {k: v for k, v in dense_config.to_dict().items() if k not in CONFIG_KEYS_TO_DROP}
+    fields.update(
+        num_local_experts=options.num_experts,
+        num_experts_per_tok=options.top_k,
+        moe_layers=resolve_moe_layers(options.moe_layers, dense_config.num_hidden_layers),
+        moe_intermediate_size=changes.get("moe_intermediate_size", dense_config.intermediate_size),
+        shared_expert_intermediate_size=changes.get("shared_expert_intermediate_size", 0),
+        norm_topk_prob=options.norm_topk_prob
+        if options.norm_topk_prob is not None
+        else changes.get("norm_topk_prob", True),
+        routed_scaling_factor=float(
+            options.routed_scaling_factor
+            if options.routed_scaling_factor is not None
+            else changes.get("routed_scaling_factor", 1.0)
+        ),
+        router_aux_loss_coef=options.aux_loss_coef,
+        capacity_factor=options.capacity_factor,
+    )
+    config = LlamaMoEConfig(**fields)
+    config.architectures = ["LlamaMoEForCausalLM"]
+    config.dtype = dtype
+    return config
+
+
+def plan_upcycle(base, options: UpcycleOptions) -> UpcyclePlan:
+    """Open and check the base model and the options; decide the config and every output tensor's shape."""
+    method = get_method(options.method)  # unknown names fail before the (possibly slow) read
+    source = base if isinstance(base, DenseSource) else open_dense(base)
+    dense_config = source.config
+    check_common(options, dense_config)
+    router_std = options.router_std if options.router_std is not None else float(dense_config.initializer_range)
+    options = replace(options, router_std=router_std)
+    method.check(dense_config, options)
+    dtype = source.dtype if options.dtype == "auto" else DTYPES[options.dtype]
+    moe_config = build_moe_config(dense_config, options, method, dtype)
+    moe_layers = list(moe_config.moe_layers)
+
+    tensors, steps, seen_moe = [], [], set()
+    for name in source.keys():
+        if name == "lm_head.weight" and dense_config.tie_word_embeddings:
+            continue  # tied to the embeddings (a GGUF state dict lists it anyway)
+        layer = layer_of(name)
+        if layer in moe_layers and name.startswith(f"model.layers.{layer}.mlp."):
+            if layer not in seen_moe:
+                seen_moe.add(layer)
+                steps.append(("moe", layer))
+                tensors += moe_tensor_shapes(moe_config, layer)
+            continue
+        steps.append(("copy", name))
+        tensors.append((name, source.shape(name)))
+    return UpcyclePlan(source, options, method, moe_config, moe_layers, dtype, tensors, steps)
+
+
+def layer_generator(seed: int, layer: int) -> torch.Generator:
+    """One generator per layer, so a layer's experts do not depend on which other layers were converted."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + layer)
+
+
+def build_moe_layer(plan: UpcyclePlan, layer: int) -> list[tuple[str, torch.Tensor]]:
+    """Read one dense FFN, run the method, return the layer's MoE tensors (our names) in the output dtype."""
+    prefix = f"model.layers.{layer}.mlp."
+    ffn = DenseFFN(*(plan.source.get(f"{prefix}{p}_proj.weight").float() for p in ("gate", "up", "down")))
+    generator = layer_generator(plan.options.seed, layer)
+    init = plan.method.build(ffn, plan.options, generator, layer)
+    router = init.router
+    if router is None:
+        E, H = plan.moe_config.num_local_experts, plan.moe_config.hidden_size
+        router = torch.randn(E, H, generator=generator) * plan.options.router_std
+        if plan.options.router_init == "zeros":
+            router = torch.zeros(E, H)
+    out = [
+        (prefix + "gate.weight", router.to(plan.dtype)),
+        (prefix + "experts.gate_up_proj", init.gate_up.to(plan.dtype)),
+        (prefix + "experts.down_proj", init.down.to(plan.dtype)),
+    ]
+    if plan.moe_config.shared_expert_intermediate_size:
+        shared = init.shared
+        out += [
+            (prefix + "shared_expert.gate_proj.weight", shared.gate.to(plan.dtype)),
+            (prefix + "shared_expert.up_proj.weight", shared.up.to(plan.dtype)),
+            (prefix + "shared_expert.down_proj.weight", shared.down.to(plan.dtype)),
+        ]
+    return out
+
+
+def iter_moe_tensors(plan: UpcyclePlan, progress: bool = True):
+    """Yield (name, tensor) of the MoE model in plan order, one dense layer in memory at a time."""
+    plan.method.prepare(plan.source, plan.options, plan.moe_layers)
+    bar = tqdm(total=len(plan.moe_layers), desc=f"Upcycling ({plan.method.name})", unit="layer", disable=not progress)
+    for kind, what in plan.steps:
+        if kind == "copy":
+            yield what, plan.source.get(what).to(plan.dtype)
+        else:
+            yield from build_moe_layer(plan, what)
+            bar.update(1)
+    bar.close()
+
+
+def count_parameters(config: LlamaMoEConfig) -> tuple[int, int]:
+    """(total, active per token) parameters of an MoE config, from its shapes (meta device, no memory)."""
+    from llama_moe.modeling import LlamaMoEForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaMoEForCausalLM(config)
+    total = sum(p.numel() for p in model.parameters())  # parameters() counts a tied matrix once
+    E, k = config.num_local_experts, config.num_experts_per_tok
+    inactive = 0
+    for layer in config.moe_layers:
+        experts = model.model.layers[layer].mlp.experts
+        inactive += (experts.gate_up_proj.numel() + experts.down_proj.numel()) * (E - k) // E
+    return total, total - inactive
+
+
+@dataclass
+class UpcycleResult:
+    path: str
+    plan: UpcyclePlan
+    bytes_written: int
+    num_files: int
+    seconds: float
+    total_params: int
+    active_params: int
+    verify: dict | None = None
+
+    def summary(self) -> str:
+        c = self.plan.moe_config
+        return (
+            f"Wrote {self.path}: {self.plan.method.name} upcycling of {self.plan.source.name}, "
+            f"{len(self.plan.moe_layers)}/{c.num_hidden_layers} MoE layers x {c.num_local_experts} experts "
+            f"(top-{c.num_experts_per_tok}), {self.total_params / 1e6:.1f}M params ({self.active_params / 1e6:.1f}M "
+            f"active), {self.bytes_written / 1e9:.2f} GB in {self.num_files} shard(s), {self.seconds:.1f}s."
+        )
+
+
+def run_upcycle(
+    base,
+    out,
+    options: UpcycleOptions,
+    *,
+    format: str = "llama_moe",
+    max_shard_size="5GB",
+    overwrite: bool = False,
+    verify: bool = False,
+    command: str | None = None,
+    progress: bool = True,
+) -> UpcycleResult:
+    """`upcycle` with its statistics. All checks run before the output folder is created."""
+    from .formats import check_written_tensors, get_exporter, write_config_and_code
+    from .model_card import write_model_card
+    from .writer import ShardedSafetensorsWriter, atomic_output_dir, parse_size, read_written_shapes
+
+    start = time.perf_counter()
+    shard_bytes = parse_size(max_shard_size)
+    out = os.path.abspath(os.fspath(out))
+    if os.path.exists(out) and not overwrite:
+        raise ValueError(f"{out} already exists; choose another output path or pass --overwrite.")
+    plan = plan_upcycle(base, options)
+    exporter = get_exporter(format, plan.moe_config)
+    specs = []
+    for name, shape in plan.tensors:
+        for new_name, meta in exporter.rename(name, torch.empty(shape, dtype=plan.dtype, device="meta")):
+            specs.append((new_name, tuple(meta.shape), plan.dtype))
+    expected = exporter.expected_shapes()
+    check_written_tensors({n: s for n, s, _ in specs}, expected)
+    total, active = count_parameters(plan.moe_config)
+
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        writer = ShardedSafetensorsWriter(tmp, specs, shard_bytes)
+        try:
+            for name, tensor in iter_moe_tensors(plan, progress=progress):
+                for new_name, new_tensor in exporter.rename(name, tensor):
+                    writer.write(new_name, new_tensor)
+        finally:
+            writer.abort()
+        writer.close()
+        check_written_tensors(read_written_shapes(tmp), expected)
+        write_config_and_code(exporter.target_config(plan.moe_config), tmp)
+        plan.source.save_tokenizer(tmp)
+        write_model_card(tmp, plan, format=format, total_params=total, active_params=active, command=command)
+    result = UpcycleResult(
+        path=out,
+        plan=plan,
+        bytes_written=writer.bytes_written,
+        num_files=len(writer.file_names),
+        seconds=time.perf_counter() - start,
+        total_params=total,
+        active_params=active,
+    )
+    if verify:
+        from .verify import verify_upcycled
+
+        result.verify = verify_upcycled(base if not isinstance(base, DenseSource) else plan.source, out)
+    return result
+
+
+def upcycle(
+    base,
+    out,
+    method: str = "copy",
+    num_experts: int = 8,
+    top_k: int = 2,
+    *,
+    format: str = "llama_moe",
+    max_shard_size="5GB",
+    overwrite: bool = False,
+    verify: bool = False,
+    progress: bool = True,
+    **moe_options,
+) -> str:
+    """Convert a dense Llama checkpoint (folder, .gguf file, Hub id or LlamaForCausalLM) into an MoE checkpoint
+    folder `out`; returns its path. `moe_options` are the fields of `UpcycleOptions` (moe_layers, shared_experts,
+    norm_topk_prob, routed_scaling_factor, capacity_factor, aux_loss_coef, router_init, expert_noise, drop_ratio,
+    granularity, granular_scaling, cluster_on, calibration_data, expert_size, dtype, seed)."""
+    options = UpcycleOptions.from_kwargs(method=method, num_experts=num_experts, top_k=top_k, **moe_options)
+    return run_upcycle(
+        base,
+        out,
+        options,
+        format=format,
+        max_shard_size=max_shard_size,
+        overwrite=overwrite,
+        verify=verify,
+        progress=progress,
+    ).path
+
+
+def upcycle_in_memory(dense_model_or_path, model_class=None, progress: bool = False, **moe_options):
+    """Online upcycling: the MoE model built in memory (same tensors `upcycle` would write)."""
+    if model_class is None:
+        from llama_moe.modeling import LlamaMoEForCausalLM as model_class
+    options = UpcycleOptions.from_kwargs(**moe_options)
+    plan = plan_upcycle(dense_model_or_path, options)
+    state = {}
+    for name, tensor in iter_moe_tensors(plan, progress=progress):
+        # Own the memory: broadcast copies become real, trainable tensors, and nothing is shared with the dense model.
+        state[name] = tensor.clone(memory_format=torch.contiguous_format)
+    with torch.device("meta"):
+        model = model_class(plan.moe_config)
+    result = model.load_state_dict(state, strict=False, assign=True)
+    tied = set(model.all_tied_weights_keys) if plan.moe_config.tie_word_embeddings else set()
+    missing = [k for k in result.missing_keys if k not in tied]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(f"upcycled state does not fit the model: missing {missing}, unexpected {result.unexpected_keys}")
+    # Non-persistent buffers (rotary inv_freq) were created on the meta device: rebuild them.
+    rotary = model.model.rotary_emb
+    model.model.rotary_emb = type(rotary)(config=plan.moe_config)
+    leftover = [n for n, b in model.named_buffers() if b.is_meta]
+    if leftover:
+        raise RuntimeError(f"buffers left on the meta device after upcycling: {leftover}")
+    model.tie_weights()
+    model.eval()
+    return model
