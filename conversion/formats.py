@@ -121,6 +121,7 @@ class ShardedSafetensorsWriter:
         self._shards: list[tuple[Path, list[str]]] = []
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.total_bytes = 0
+        self.files: list[str] = []
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         if name in self.shapes:
@@ -179,13 +180,26 @@ def copy_side_files(src_dir: str | os.PathLike, out_dir: str | os.PathLike) -> l
     return copied
 
 
-def atomic_output_dir(out_dir: str | os.PathLike) -> Path:
-    """Check that `out_dir` is free and create a temporary directory beside it (rename it into place at the end)."""
+def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Check that `out_dir` is free (or may be replaced) and create a temporary directory beside it; hand it to
+    `finish_atomic_output` at the end, so an interrupted run never leaves something that looks finished."""
     out = Path(out_dir)
-    if out.exists():
-        raise ValueError(f"Output directory {str(out)!r} already exists: remove it or choose another path.")
+    if out.exists() and not overwrite:
+        raise ValueError(f"Output directory {str(out)!r} already exists: remove it, choose another path or overwrite.")
     out.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+
+
+def finish_atomic_output(tmp: Path, out_dir: str | os.PathLike) -> None:
+    """Rename the finished temporary directory to `out_dir`; a previous `out_dir` is moved aside, then deleted."""
+    out = Path(out_dir)
+    if out.exists():
+        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        out.rename(trash / "old")
+        tmp.rename(out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        tmp.rename(out)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -357,15 +371,16 @@ class MixtralExporter(Exporter):
         )
 
     def rename(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        renamed = apply_key_map(MIXTRAL_KEY_MAP, name, tensor)
+        if renamed is None:
+            if ".mlp." in name:
+                raise ValueError(f"Tensor {name!r} has no place in a Mixtral checkpoint (not in MIXTRAL_KEY_MAP).")
+            return [(name, tensor)]  # attention, norms, embeddings, lm_head: same names in Mixtral
         scale = float(self.moe_config.routed_scaling_factor)
         if scale != 1.0 and _matches_any(MIXTRAL_SCALED_KEYS, name):
-            tensor = (tensor.float() * scale).to(tensor.dtype)
-        renamed = apply_key_map(MIXTRAL_KEY_MAP, name, tensor)
-        if renamed is not None:
-            return renamed
-        if ".mlp." in name:
-            raise ValueError(f"Tensor {name!r} has no place in a Mixtral checkpoint (not in MIXTRAL_KEY_MAP).")
-        return [(name, tensor)]  # attention, norms, embeddings, lm_head: same names in Mixtral
+            # Per expert slice, so a broadcast (expanded) source is never materialized whole.
+            renamed = [(new_name, (t.float() * scale).to(t.dtype)) for new_name, t in renamed]
+        return renamed
 
 
 EXPORTERS: dict[str, type[Exporter]] = {cls.name: cls for cls in (LlamaMoEExporter, MixtralExporter)}
@@ -408,11 +423,32 @@ def check_written_tensors(written: dict[str, tuple[int, ...]], expected: dict[st
         raise ValueError("The converted checkpoint does not match its config: " + "; ".join(problems) + ".")
 
 
-def _iter_renamed(reader: CheckpointReader, exporter: Exporter, desc: str) -> Iterator[tuple[str, torch.Tensor]]:
-    for name in tqdm(reader.keys(), desc=desc, unit="tensor"):
-        if name.endswith("rotary_emb.inv_freq"):  # a buffer some old checkpoints stored; recomputed at load
-            continue
-        yield from exporter.rename(name, reader.get(name))
+def write_converted_checkpoint(
+    tensors: Iterator[tuple[str, torch.Tensor]],
+    exporter: Exporter,
+    src_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    overwrite: bool = False,
+) -> ShardedSafetensorsWriter:
+    """Write `tensors` (our layout, streamed) through `exporter` into `out_dir`, atomically: renamed shards,
+    a check of every name and shape, the target config (and remote code), tokenizer files from `src_dir`."""
+    tmp = atomic_output_dir(out_dir, overwrite=overwrite)
+    try:
+        writer = ShardedSafetensorsWriter(tmp, max_shard_size)
+        for name, tensor in tensors:
+            for new_name, new_tensor in exporter.rename(name, tensor):
+                writer.add(new_name, new_tensor)
+        writer.files = writer.close()
+        check_written_tensors(writer.shapes, exporter.expected_shapes())
+        write_config_and_code(exporter.target_config(exporter.moe_config), tmp)
+        copy_side_files(src_dir, tmp)
+        finish_atomic_output(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return writer
 
 
 def export_checkpoint(
@@ -421,6 +457,7 @@ def export_checkpoint(
     format_name: str,
     *,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    overwrite: bool = False,
     verbose: bool = True,
 ) -> str:
     """Convert a llama_moe checkpoint directory into `format_name`, streaming tensor by tensor.
@@ -432,32 +469,25 @@ def export_checkpoint(
     config_path = src / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{str(config_path)!r} not found: {str(src)!r} is not a Hugging Face model directory.")
-    model_type = json.loads(config_path.read_text()).get("model_type")
-    if model_type != LlamaMoEConfig.model_type or "num_local_experts" not in json.loads(config_path.read_text()):
+    raw = json.loads(config_path.read_text())
+    if raw.get("model_type") != LlamaMoEConfig.model_type or "num_local_experts" not in raw:
         raise ValueError(
-            f"{str(src)!r} is not a llama_moe checkpoint (model_type {model_type!r}); LLaMA-MoE v1 checkpoints "
-            "go through `import_llama_moe_v1`, dense models through `llama-moe upcycle`."
+            f"{str(src)!r} is not a llama_moe checkpoint of this package (model_type {raw.get('model_type')!r}); "
+            "LLaMA-MoE v1 checkpoints go through `import_llama_moe_v1`, dense models through `llama-moe upcycle`."
         )
     moe_config = LlamaMoEConfig.from_pretrained(src)
     exporter = get_exporter(format_name, moe_config)
     reader = CheckpointReader(src)
-    tmp = atomic_output_dir(out_dir)
-    try:
-        writer = ShardedSafetensorsWriter(tmp, max_shard_size)
-        for name, tensor in _iter_renamed(reader, exporter, desc=f"Exporting to {format_name}"):
-            writer.add(name, tensor)
-        files = writer.close()
-        check_written_tensors(writer.shapes, exporter.expected_shapes())
-        write_config_and_code(exporter.target_config(moe_config), tmp)
-        copy_side_files(src, tmp)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    names = [n for n in reader.keys() if not n.endswith("rotary_emb.inv_freq")]  # old buffer, recomputed at load
+    tensors = ((name, reader.get(name)) for name in tqdm(names, desc=f"Exporting to {format_name}", unit="tensor"))
+    writer = write_converted_checkpoint(
+        tensors, exporter, src, out_dir, max_shard_size=max_shard_size, overwrite=overwrite
+    )
     if verbose:
+        shards = len([f for f in writer.files if f.endswith(".safetensors")])
         tqdm.write(
             f"Wrote {format_name} checkpoint {str(out_dir)!r}: {len(writer.shapes)} tensors, "
-            f"{writer.total_bytes / 1e9:.2f} GB in {len([f for f in files if f.endswith('.safetensors')])} shard(s)."
+            f"{writer.total_bytes / 1e9:.2f} GB in {shards} shard(s)."
         )
     return str(out_dir)
 
@@ -478,4 +508,6 @@ __all__ = [
     "write_config_and_code",
     "copy_side_files",
     "atomic_output_dir",
+    "finish_atomic_output",
+    "write_converted_checkpoint",
 ]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 
 import torch
@@ -22,13 +21,9 @@ from llama_moe.modeling import LlamaMoEConfig
 from .formats import (
     DEFAULT_MAX_SHARD_SIZE,
     CheckpointReader,
-    LlamaMoEExporter,
-    ShardedSafetensorsWriter,
+    get_exporter,
     template_regex,
-    atomic_output_dir,
-    check_written_tensors,
-    copy_side_files,
-    write_config_and_code,
+    write_converted_checkpoint,
 )
 
 
@@ -155,17 +150,47 @@ def _fused_experts(reader: CheckpointReader, layer: int, num_experts: int, width
     return torch.stack(gate_up), torch.stack(down)
 
 
+def _our_tensors(reader: CheckpointReader, config: LlamaMoEConfig, fold: list[float]):
+    """Yield the checkpoint's tensors in our layout, one layer's fused experts at a time."""
+    keep_noise = config.router_noise == "noisy_topk"
+    done_layers = set()
+    for name in tqdm(reader.keys(), desc="Importing LLaMA-MoE v1", unit="tensor"):
+        if name.endswith(_DROPPED_SUFFIXES):
+            continue
+        expert = _EXPERT_KEY.match(name)
+        if expert:
+            layer = int(expert.group(1))
+            if layer not in done_layers:
+                done_layers.add(layer)
+                width = config.moe_intermediate_size
+                gate_up, down = _fused_experts(reader, layer, config.num_local_experts, width, fold[layer])
+                yield f"model.layers.{layer}.mlp.experts.gate_up_proj", gate_up
+                yield f"model.layers.{layer}.mlp.experts.down_proj", down
+            continue
+        target = _v1_target_name(name)
+        if target is None:
+            if ".mlp." in name:
+                raise ValueError(f"LLaMA-MoE v1 tensor {name!r} has no equivalent in our model.")
+            target = name
+        if target.endswith("noise_weight") and not keep_noise:
+            continue  # v1 always stores the noise projection; it is unused when gate_add_noise is off
+        yield target, reader.get(name)
+
+
 def import_llama_moe_v1(
     src_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
     *,
+    format_name: str = "llama_moe",
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    overwrite: bool = False,
     verbose: bool = True,
 ) -> str:
-    """Convert a LLaMA-MoE v1 checkpoint directory into a llama_moe directory with the same eval-mode logits.
+    """Convert a LLaMA-MoE v1 checkpoint directory into our format (or another of `EXPORTERS` that fits it)
+    with the same eval-mode logits.
 
-    Reads safetensors (or `pytorch_model*.bin` with `weights_only=True`), writes sharded safetensors, our config
-    and remote code and the tokenizer files, atomically. Returns the output path.
+    Reads safetensors (or `pytorch_model*.bin` with `weights_only=True`), writes sharded safetensors, the config
+    (with remote code for llama_moe) and the tokenizer files, atomically. Returns the output path.
     """
     src = Path(src_dir)
     config_path = src / "config.json"
@@ -178,47 +203,15 @@ def import_llama_moe_v1(
             "(a llama_moe checkpoint of this package needs no import)."
         )
     config, fold = llama_moe_v1_config(v1)
+    exporter = get_exporter(format_name, config)
     reader = CheckpointReader(src)
-    keep_noise = config.router_noise == "noisy_topk"
-    tmp = atomic_output_dir(out_dir)
-    try:
-        writer = ShardedSafetensorsWriter(tmp, max_shard_size)
-        done_layers = set()
-        for name in tqdm(reader.keys(), desc="Importing LLaMA-MoE v1", unit="tensor"):
-            if name.endswith(_DROPPED_SUFFIXES):
-                continue
-            expert = _EXPERT_KEY.match(name)
-            if expert:
-                layer = int(expert.group(1))
-                if layer not in done_layers:
-                    gate_up, down = _fused_experts(
-                        reader, layer, config.num_local_experts, config.moe_intermediate_size, fold[layer]
-                    )
-                    writer.add(f"model.layers.{layer}.mlp.experts.gate_up_proj", gate_up)
-                    writer.add(f"model.layers.{layer}.mlp.experts.down_proj", down)
-                    done_layers.add(layer)
-                continue
-            target = _v1_target_name(name)
-            if target is None:
-                if ".mlp." in name:
-                    raise ValueError(f"LLaMA-MoE v1 tensor {name!r} has no equivalent in our model.")
-                target = name
-            if target.endswith("noise_weight") and not keep_noise:
-                continue
-            writer.add(target, reader.get(name))
-        writer.close()
-        check_written_tensors(writer.shapes, LlamaMoEExporter(config).expected_shapes())
-        write_config_and_code(config, tmp)
-        copy_side_files(src, tmp)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    writer = write_converted_checkpoint(
+        _our_tensors(reader, config, fold), exporter, src, out_dir, max_shard_size=max_shard_size, overwrite=overwrite
+    )
     if verbose:
         tqdm.write(
-            f"Imported LLaMA-MoE v1 into {str(out_dir)!r}: {config.num_hidden_layers} MoE layers, "
-            f"{config.num_local_experts} experts, top-{config.num_experts_per_tok}, "
-            f"{writer.total_bytes / 1e9:.2f} GB."
+            f"Imported LLaMA-MoE v1 into {str(out_dir)!r} ({format_name}): {config.num_hidden_layers} MoE layers, "
+            f"{config.num_local_experts} experts, top-{config.num_experts_per_tok}, {writer.total_bytes / 1e9:.2f} GB."
         )
     return str(out_dir)
 

@@ -182,3 +182,16 @@ def test_check_written_tensors_names_missing_extra_and_misshaped():
     assert "unexpected tensors, e.g. ['z']" in message
     assert "a (3, 2) (expected (2, 3))" in message
     check_written_tensors(dict(expected), expected)
+
+
+def test_existing_output_is_kept_unless_overwrite(tmp_path):
+    _, src = _saved_moe(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "marker").write_text("old")
+    with pytest.raises(ValueError, match="already exists"):
+        export_checkpoint(src, out, "mixtral")
+    assert (out / "marker").is_file()
+    export_checkpoint(src, out, "mixtral", overwrite=True)
+    assert not (out / "marker").exists() and (out / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["moe", "out"], "no temporary directory left behind"

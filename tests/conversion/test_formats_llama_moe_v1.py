@@ -221,3 +221,23 @@ def test_v1_options_without_equivalent_are_refused_together(tmp_path):
     with pytest.raises(ValueError, match="not a LLaMA-MoE v1 checkpoint"):
         (tmp_path / "v1" / "config.json").write_text(json.dumps({"model_type": "llama_moe", "num_local_experts": 4}))
         import_llama_moe_v1(tmp_path / "v1", tmp_path / "ours")
+
+
+def test_v1_import_straight_to_mixtral_when_it_fits(tmp_path):
+    from transformers import MixtralForCausalLM
+
+    config, weights = _v1_checkpoint(tmp_path / "v1", **V1_CASES["uneven_experts"])
+    import_llama_moe_v1(tmp_path / "v1", tmp_path / "mixtral", format_name="mixtral")
+    mixtral, info = MixtralForCausalLM.from_pretrained(tmp_path / "mixtral", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    input_ids = torch.randint(0, 128, (1, 9))
+    with torch.no_grad():
+        expected = _v1_reference_model(config, weights)(input_ids).logits
+        got = mixtral.eval()(input_ids).logits
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+
+    # The released recipe uses the Linear-Tanh-Linear gate, which Mixtral cannot express: refused up front.
+    _v1_checkpoint(tmp_path / "v1_mlp", **V1_CASES["released_recipe"])
+    with pytest.raises(ValueError, match="router_type='mlp'.*\n.*noisy_topk"):
+        import_llama_moe_v1(tmp_path / "v1_mlp", tmp_path / "refused", format_name="mixtral")
+    assert not (tmp_path / "refused").exists()
