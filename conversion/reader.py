@@ -130,11 +130,8 @@ class SafetensorsSource(DenseSource):
         self._handles = {}
         for shard in sorted(set(self._shard_of.values())):
             path = os.path.join(folder, shard)
-            try:
-                handle = safe_open(path, framework="pt")
-                names = set(handle.keys())
-            except Exception as error:  # safetensors raises its own error type for a bad header
-                raise ValueError(f"cannot read {path}: {error}; the shard looks corrupt, download it again.") from None
+            handle = open_safetensors(path)
+            names = set(handle.keys())
             expected_size = _data_end(handle, names)
             if os.path.getsize(path) < expected_size:
                 raise ValueError(f"{path} is truncated; download it again.")
@@ -156,8 +153,7 @@ class SafetensorsSource(DenseSource):
             return weight_map
         single = os.path.join(self.folder, "model.safetensors")
         if os.path.isfile(single):
-            with safe_open(single, framework="pt") as handle:
-                return {n: "model.safetensors" for n in handle.keys()}
+            return {n: "model.safetensors" for n in open_safetensors(single).keys()}
         if any(f.endswith(".bin") for f in os.listdir(self.folder)):
             raise ValueError(
                 f"{self.folder} holds only pickle (.bin) weights, which llama-moe does not load (unsafe); convert "
@@ -188,6 +184,13 @@ class SafetensorsSource(DenseSource):
                 shutil.copy(src, os.path.join(folder, fname))
                 copied.append(fname)
         return copied
+
+
+def open_safetensors(path: str):
+    try:
+        return safe_open(path, framework="pt")
+    except Exception as error:  # safetensors raises its own error type for a bad header
+        raise ValueError(f"cannot read {path}: {error}; the file looks corrupt, download it again.") from None
 
 
 def _data_end(handle, names) -> int:
