@@ -17,14 +17,21 @@ from .data import DomainStream, check_domain, domain_size, parse_domains
 from .mixture import MixtureDataset, as_hf_iterable, initial_weights, load_state
 
 
-def _model_config(path: str, trust_remote_code: bool):
-    from transformers import AutoConfig
-
+def from_pretrained(auto_class, path: str, **kwargs):
+    """`auto_class.from_pretrained` for a folder, a Hub id or a `.gguf` file (read from its folder)."""
     import llama_moe.modeling  # noqa: F401  (registers llama_moe with the Auto classes)
 
     if not os.path.exists(path) and (path.startswith(("/", ".", "~")) or os.environ.get("HF_HUB_OFFLINE") == "1"):
         raise FileNotFoundError(f"model {path!r} does not exist (and Hub models cannot be fetched offline).")
-    return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if path.endswith(".gguf") and os.path.isfile(path):
+        return auto_class.from_pretrained(os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path), **kwargs)
+    return auto_class.from_pretrained(path, **kwargs)
+
+
+def _model_config(path: str, trust_remote_code: bool):
+    from transformers import AutoConfig
+
+    return from_pretrained(AutoConfig, path, trust_remote_code=trust_remote_code)
 
 
 def _resolve_resume(config) -> str | None:
@@ -86,10 +93,11 @@ def load_model(options: MoETrainingArguments, config):
             method=options.method,
             num_experts=options.num_experts,
             top_k=options.num_experts_per_tok,
+            seed=config.seed,
         )
     else:
-        model = AutoModelForCausalLM.from_pretrained(
-            options.model_name_or_path, dtype=torch.float32, trust_remote_code=config.trust_remote_code
+        model = from_pretrained(
+            AutoModelForCausalLM, options.model_name_or_path, dtype=torch.float32, trust_remote_code=config.trust_remote_code
         )
     if options.router_z_loss_coef is not None:
         if not hasattr(model.config, "router_z_loss_coef"):
@@ -124,7 +132,7 @@ def _reference_losses(options, model, validation, references):
     if source is None:
         print("[llama-moe train] dynamic sampling: no references given; using the initial model's held-out losses.")
         return held_out_losses(model, validation)
-    reference = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    reference = from_pretrained(AutoModelForCausalLM, source, dtype=torch.float32)
     losses = held_out_losses(reference, validation)
     del reference
     return losses
@@ -140,8 +148,8 @@ def train(options: MoETrainingArguments, config) -> str:
 
     specs, given_weights, references, _ = validate(options, config)
     resume = _resolve_resume(config)
-    tokenizer = AutoTokenizer.from_pretrained(
-        options.upcycle_from or options.model_name_or_path, trust_remote_code=config.trust_remote_code
+    tokenizer = from_pretrained(
+        AutoTokenizer, options.upcycle_from or options.model_name_or_path, trust_remote_code=config.trust_remote_code
     )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -109,6 +109,13 @@ class MoETrainer(SFTTrainer):
     def _save_checkpoint(self, model, trial):
         """Trainer writes checkpoint-N in place, so a crash mid-save leaves a folder that looks complete. We let it
         write under OUTPUT/.staging/checkpoint-N and rename that into place once every process is done."""
+        finite = all(torch.isfinite(p.detach()).all() for p in model.parameters() if p.numel())
+        if not torch.as_tensor(self.accelerator.gather(torch.tensor([finite], device=self.args.device))).all():
+            raise NonFiniteLossError(
+                f"model weights are NaN or infinite at step {self.state.global_step}; this checkpoint was not saved. "
+                f"Last good checkpoint: {self._last_checkpoint() or 'none yet'} (resume from it with a lower "
+                "--learning_rate or --max_grad_norm)."
+            )
         final_dir = self.args.output_dir
         staging_root = os.path.join(final_dir, STAGING_DIR)
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
