@@ -1,4 +1,4 @@
-"""Output formats of an MoE checkpoint: our `llama_moe` layout, or `mixtral` for engines that serve Mixtral natively.
+"""Output formats of an MoE checkpoint: our `llama_moe` layout, or `mixtral` / `qwen2_moe` that engines serve natively.
 
 Each format is a small exporter class (fit check, target config, tensor renaming as a key table) in `EXPORTERS`;
 `export_checkpoint` streams an existing llama_moe directory into another format, one tensor at a time. This module
@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
-from transformers import MixtralConfig, PreTrainedConfig
+from transformers import MixtralConfig, PreTrainedConfig, Qwen2MoeConfig
 from transformers.dynamic_module_utils import custom_object_save
 from transformers.utils.hub import convert_file_size_to_int
 
@@ -225,6 +225,23 @@ MIXTRAL_KEY_MAP: dict[str, tuple[str, ...]] = {
 MIXTRAL_SCALED_KEYS = ("model.layers.{layer}.mlp.experts.down_proj",)
 
 
+# Qwen2-MoE (Qwen1.5-MoE) per-expert names, as vLLM, llama.cpp and transformers 5 ("qwen2_moe" conversion
+# mapping) read them. Shared expert, its gate and dense layers' MLPs already carry Qwen2-MoE's names.
+QWEN2_MOE_KEY_MAP: dict[str, tuple[str, ...]] = {
+    "model.layers.{layer}.mlp.gate.weight": ("model.layers.{layer}.mlp.gate.weight",),
+    "model.layers.{layer}.mlp.experts.gate_up_proj": (
+        "model.layers.{layer}.mlp.experts.{expert}.gate_proj.weight",  # [I, H]
+        "model.layers.{layer}.mlp.experts.{expert}.up_proj.weight",  # [I, H]
+    ),
+    "model.layers.{layer}.mlp.experts.down_proj": ("model.layers.{layer}.mlp.experts.{expert}.down_proj.weight",),
+}
+QWEN2_MOE_SCALED_KEYS = ("model.layers.{layer}.mlp.experts.down_proj",)
+# Qwen2-MoE's q/k/v projections have biases in every engine: ours get zero biases (exact).
+QWEN2_MOE_ZERO_BIAS_KEYS = tuple(f"model.layers.{{layer}}.self_attn.{p}_proj.weight" for p in "qkv")
+# Qwen2-MoE always gates the shared expert by sigmoid(x w): without our gate, w = 0 and down_proj doubles.
+QWEN2_MOE_SHARED_DOWN_KEY = "model.layers.{layer}.mlp.shared_expert.down_proj.weight"
+
+
 def template_regex(template: str) -> re.Pattern:
     return re.compile("^" + re.escape(template).replace(r"\{layer\}", r"(?P<layer>\d+)") + "$")
 
@@ -383,7 +400,97 @@ class MixtralExporter(Exporter):
         return renamed
 
 
-EXPORTERS: dict[str, type[Exporter]] = {cls.name: cls for cls in (LlamaMoEExporter, MixtralExporter)}
+class Qwen2MoeExporter(Exporter):
+    name = "qwen2_moe"
+    description = (
+        "transformers' Qwen2MoeForCausalLM (no remote code): shared experts, dense layers and "
+        "norm_topk_prob False allowed; served natively by vLLM and llama.cpp"
+    )
+    remote_code = False
+
+    @classmethod
+    def supports(cls, config: LlamaMoEConfig, explain: list[str]) -> bool:
+        reasons = []
+        if config.router_type != "linear":
+            reasons.append(
+                f"router_type={config.router_type!r}: Qwen2-MoE's router is a single linear layer (router_type 'linear')"
+            )
+        if config.shared_expert_intermediate_size == 0:
+            reasons.append(
+                "no shared expert: Qwen2-MoE always adds a gated shared expert (upcycle with --shared-experts, or "
+                "use --format mixtral)"
+            )
+        if config.router_noise == "noisy_topk":
+            reasons.append("router_noise='noisy_topk': Qwen2-MoE has no learned noisy gate")
+        if config.capacity_factor is not None:
+            reasons.append(f"capacity_factor={config.capacity_factor}: Qwen2-MoE is dropless (capacity_factor None)")
+        if config.attention_bias:
+            reasons.append("attention_bias=True: Qwen2-MoE's o_proj has no bias")
+        if config.mlp_bias and len(config.moe_layers) < config.num_hidden_layers:
+            reasons.append("mlp_bias=True: Qwen2-MoE's dense MLPs have no bias")
+        if config.head_dim != config.hidden_size // config.num_attention_heads:
+            reasons.append(
+                f"head_dim={config.head_dim}: Qwen2-MoE derives it as hidden_size // num_attention_heads "
+                f"({config.hidden_size // config.num_attention_heads})"
+            )
+        explain.extend(reasons)
+        return not reasons
+
+    def target_config(self, moe_config: LlamaMoEConfig) -> PreTrainedConfig:
+        c = moe_config
+        return Qwen2MoeConfig(
+            vocab_size=c.vocab_size,
+            hidden_size=c.hidden_size,
+            intermediate_size=c.intermediate_size,  # dense (non-MoE) layers
+            num_hidden_layers=c.num_hidden_layers,
+            num_attention_heads=c.num_attention_heads,
+            num_key_value_heads=c.num_key_value_heads,
+            hidden_act=c.hidden_act,
+            max_position_embeddings=c.max_position_embeddings,
+            initializer_range=float(c.initializer_range),
+            rms_norm_eps=float(c.rms_norm_eps),
+            use_cache=c.use_cache,
+            tie_word_embeddings=c.tie_word_embeddings,
+            rope_parameters=dict(c.rope_parameters),
+            use_sliding_window=False,
+            attention_dropout=c.attention_dropout,
+            decoder_sparse_step=1,
+            moe_intermediate_size=c.moe_intermediate_size,
+            shared_expert_intermediate_size=c.shared_expert_intermediate_size,
+            num_experts_per_tok=c.num_experts_per_tok,
+            num_experts=c.num_local_experts,
+            norm_topk_prob=c.norm_topk_prob,
+            output_router_logits=c.output_router_logits,
+            router_aux_loss_coef=float(c.router_aux_loss_coef),
+            mlp_only_layers=[i for i in range(c.num_hidden_layers) if not c.is_moe_layer(i)],
+            qkv_bias=True,
+            pad_token_id=c.pad_token_id,
+            bos_token_id=c.bos_token_id,
+            eos_token_id=c.eos_token_id,
+            architectures=["Qwen2MoeForCausalLM"],
+            dtype=c.dtype,
+        )
+
+    def rename(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        if _matches_any(QWEN2_MOE_ZERO_BIAS_KEYS, name):
+            bias = torch.zeros(tensor.shape[0], dtype=tensor.dtype, device=tensor.device)
+            return [(name, tensor), (name.removesuffix(".weight") + ".bias", bias)]
+        if not self.moe_config.shared_expert_gate and _matches_any((QWEN2_MOE_SHARED_DOWN_KEY,), name):
+            gate_name = name.replace(".shared_expert.down_proj.weight", ".shared_expert_gate.weight")
+            gate = torch.zeros(1, tensor.shape[0], dtype=tensor.dtype, device=tensor.device)
+            return [(name, tensor * 2), (gate_name, gate)]  # sigmoid(0) * 2 == 1, exactly
+        renamed = apply_key_map(QWEN2_MOE_KEY_MAP, name, tensor)
+        if renamed is None:
+            return [(name, tensor)]  # attention, norms, embeddings, lm_head, shared expert, dense MLPs
+        scale = float(self.moe_config.routed_scaling_factor)
+        if scale != 1.0 and _matches_any(QWEN2_MOE_SCALED_KEYS, name):
+            renamed = [(new_name, (t.float() * scale).to(t.dtype)) for new_name, t in renamed]
+        return renamed
+
+
+EXPORTERS: dict[str, type[Exporter]] = {
+    cls.name: cls for cls in (LlamaMoEExporter, MixtralExporter, Qwen2MoeExporter)
+}
 
 
 def formats_that_fit(moe_config: LlamaMoEConfig) -> list[str]:
@@ -497,7 +604,9 @@ __all__ = [
     "Exporter",
     "LlamaMoEExporter",
     "MixtralExporter",
+    "Qwen2MoeExporter",
     "MIXTRAL_KEY_MAP",
+    "QWEN2_MOE_KEY_MAP",
     "get_exporter",
     "formats_that_fit",
     "export_checkpoint",

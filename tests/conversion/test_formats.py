@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, MixtralForCausalLM
+from transformers import AutoModelForCausalLM, MixtralForCausalLM, Qwen2MoeForCausalLM
 
 from llama_moe.conversion.formats import (
     EXPORTERS,
@@ -39,7 +39,10 @@ def _saved_moe(tmp_path, **overrides):
     # Spread router weights so that routing is decisive (no near-ties that rounding could flip).
     with torch.no_grad():
         for layer in model.model.layers:
-            layer.mlp.gate.weight.normal_(0.0, 0.5)
+            if hasattr(layer.mlp, "gate"):  # MoE layers only
+                layer.mlp.gate.weight.normal_(0.0, 0.5)
+            if getattr(layer.mlp, "shared_expert_gate", None) is not None:  # far from sigmoid(0) = 0.5
+                layer.mlp.shared_expert_gate.weight.normal_(0.0, 0.5)
     src = tmp_path / "moe"
     model.save_pretrained(src)
     (src / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 256}))
@@ -118,6 +121,45 @@ def test_mixtral_export_keys_shapes_and_values_follow_the_legacy_table(tmp_path)
     }
 
 
+@pytest.mark.parametrize(
+    "options",
+    [
+        # Sharing-Inter style: ungated shared expert, every other layer dense, no renormalization, scaled.
+        dict(shared_expert_intermediate_size=48, moe_layers=[1], norm_topk_prob=False, routed_scaling_factor=2.0),
+        # Qwen2-MoE's own recipe: gated shared expert on every layer, tied embeddings.
+        dict(shared_expert_intermediate_size=48, shared_expert_gate=True, tie_word_embeddings=True),
+    ],
+    ids=["ungated_partial", "gated_all"],
+)
+def test_qwen2_moe_export_gives_our_logits_without_remote_code(tmp_path, options):
+    ours, src = _saved_moe(tmp_path, **options)
+    out = tmp_path / "qwen2_moe"
+    export_checkpoint(src, out, "qwen2_moe")
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "qwen2_moe" and "auto_map" not in config and not list(out.glob("*.py"))
+    assert config["mlp_only_layers"] == [i for i in range(2) if i not in ours.config.moe_layers]
+
+    qwen, info = Qwen2MoeForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    written = _all_tensors(out)
+    assert "model.layers.1.mlp.experts.3.down_proj.weight" in written  # legacy per-expert names
+    assert torch.all(written["model.layers.0.self_attn.q_proj.bias"] == 0)
+
+    input_ids = torch.randint(0, ours.config.vocab_size, (2, 11))
+    with torch.no_grad():
+        expected = ours(input_ids).logits
+        got = qwen.eval()(input_ids).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_qwen2_moe_refuses_a_model_without_shared_expert():
+    with pytest.raises(ValueError, match=r"no shared expert.*\nFormats that fit it: \['llama_moe', 'mixtral'\]"):
+        get_exporter("qwen2_moe", tiny_moe_config())
+    explain = []
+    assert not EXPORTERS["qwen2_moe"].supports(tiny_moe_config(router_type="mlp", capacity_factor=2.0), explain)
+    assert [reason.split("=")[0].split(":")[0] for reason in explain] == ["router_type", "no shared expert", "capacity_factor"]
+
+
 def test_llama_moe_export_is_identity_with_remote_code(tmp_path):
     ours, src = _saved_moe(tmp_path)
     out = tmp_path / "copy"
@@ -162,7 +204,7 @@ def test_mixtral_refusal_lists_every_reason_and_the_formats_that_fit():
 
 
 def test_unknown_format_and_bad_source_are_refused_before_writing(tmp_path):
-    with pytest.raises(ValueError, match=r"Unknown format 'qwen9'.*\['llama_moe', 'mixtral'\]"):
+    with pytest.raises(ValueError, match=r"Unknown format 'qwen9'.*\['llama_moe', 'mixtral', 'qwen2_moe'\]"):
         get_exporter("qwen9", tiny_moe_config())
     _, src = _saved_moe(tmp_path, router_type="mlp")
     out = tmp_path / "mixtral"
