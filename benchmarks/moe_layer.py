@@ -1,0 +1,239 @@
+"""Benchmark of one MoE layer against a dense SwiGLU FFN of equal active FLOPs and transformers' Mixtral block.
+
+Times forward and forward+backward of every contender in one run, repetitions interleaved (A B C A B C ...), and
+prints medians as ratios to dense plus peak memory of forward+backward. Measures only; changes nothing.
+
+    python benchmarks/moe_layer.py                      # the three issue shapes, float32, 2 threads, CPU
+    python benchmarks/moe_layer.py --dtype bfloat16 --repeats 5
+    python benchmarks/moe_layer.py --tokens 1,8 --contenders dense,dropless,grouped_mm --no-backward  # decoding
+"""
+
+import argparse
+import ctypes
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DEFAULT_SHAPES = "8:2:1024,16:4:256,64:8:128"
+CONTENDERS = {
+    # name: (description, builder key, experts implementation)
+    "dense": ("dense SwiGLU, width top_k * I (equal active FLOPs)", "dense", None),
+    "dropless": ("LlamaMoESparseMoeBlock, dropless (ours)", "llama_moe", "dropless"),
+    "grouped_mm": ("LlamaMoESparseMoeBlock, transformers grouped_mm", "llama_moe", "grouped_mm"),
+    "eager": ("LlamaMoESparseMoeBlock, eager per-expert loop", "llama_moe", "eager"),
+    "mixtral_grouped_mm": ("transformers MixtralSparseMoeBlock, grouped_mm", "mixtral", "grouped_mm"),
+    "mixtral_dropless": ("transformers MixtralSparseMoeBlock, dropless (ours, registered)", "mixtral", "dropless"),
+}
+
+
+class DenseSwiGLU(nn.Module):
+    """The reference: Llama's MLP (three bias-free linears) at the MoE's active width."""
+
+    def __init__(self, hidden, width):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, width, bias=False)
+        self.up_proj = nn.Linear(hidden, width, bias=False)
+        self.down_proj = nn.Linear(width, hidden, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def build(kind, impl, hidden, num_experts, top_k, width, dtype, device):
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    from llama_moe.modeling import LlamaMoEConfig, LlamaMoESparseMoeBlock
+
+    if kind == "dense":
+        module = DenseSwiGLU(hidden, top_k * width)
+    else:
+        options = dict(hidden_size=hidden, num_local_experts=num_experts, num_experts_per_tok=top_k)
+        if kind == "llama_moe":
+            config = LlamaMoEConfig(
+                intermediate_size=width, moe_intermediate_size=width, num_attention_heads=8, **options
+            )
+            module = LlamaMoESparseMoeBlock(config)
+        else:
+            config = MixtralConfig(intermediate_size=width, num_attention_heads=8, **options)
+            module = MixtralSparseMoeBlock(config)
+        config._experts_implementation = impl
+    generator = torch.Generator().manual_seed(0)  # every MoE contender gets the same weights, hence routing
+    with torch.no_grad():
+        for param in module.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * param.shape[-1] ** -0.5)
+    return module.to(device=device, dtype=dtype).train()
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_forward(module, x, device):
+    with torch.no_grad():
+        sync(device)
+        start = time.perf_counter()
+        module(x)
+        sync(device)
+    return time.perf_counter() - start
+
+
+def time_forward_backward(module, x, device):
+    module.zero_grad(set_to_none=True)
+    x = x.detach().requires_grad_()
+    sync(device)
+    start = time.perf_counter()
+    module(x).sum().backward()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def _proc_status_mib(key):
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(key):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def peak_memory_mib(module, x, device):
+    """Extra peak memory of one forward+backward: CUDA allocator peak, or on CPU the resident-set high-water mark
+    (reset through /proc/self/clear_refs; malloc's mmap threshold is pinned so freed buffers go back)."""
+    module.zero_grad(set_to_none=True)
+    x = x.detach().requires_grad_()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        module(x).sum().backward()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    try:
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")
+    except OSError:
+        return float("nan")
+    base = _proc_status_mib("VmRSS")
+    module(x).sum().backward()
+    return _proc_status_mib("VmHWM") - base
+
+
+def machine_info(device):
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    lines = [
+        f"command: {' '.join([os.path.basename(sys.executable)] + sys.argv)}",
+        f"torch {torch.__version__}, transformers {__import__('transformers').__version__}, "
+        f"python {platform.python_version()}, threads {torch.get_num_threads()}, CPU: {cpu} "
+        f"({os.cpu_count()} logical cores), load average {os.getloadavg()[0]:.2f}",
+    ]
+    if device.type == "cuda":
+        lines.append(f"GPU: {torch.cuda.get_device_name(device)}")
+    return lines
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default=DEFAULT_SHAPES, help="experts:top_k:width,... (default %(default)s)")
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--tokens", default="2048", help="comma-separated token counts (default %(default)s)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repetitions per contender (median)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads on CPU (default %(default)s)")
+    parser.add_argument("--contenders", default=",".join(CONTENDERS), help="subset of: " + ",".join(CONTENDERS))
+    parser.add_argument("--no-backward", action="store_true", help="forward only (decoding)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    args = parser.parse_args(argv)
+    args.contenders = args.contenders.split(",")
+    unknown = [name for name in args.contenders if name not in CONTENDERS]
+    if unknown or "dense" not in args.contenders:
+        parser.error(f"--contenders must include dense and only use {', '.join(CONTENDERS)}; got {unknown}")
+    return args
+
+
+def run_shape(args, shape, tokens, device, dtype):
+    num_experts, top_k, width = (int(v) for v in shape.split(":"))
+    modules = {
+        name: build(CONTENDERS[name][1], CONTENDERS[name][2], args.hidden, num_experts, top_k, width, dtype, device)
+        for name in args.contenders
+    }
+    x = torch.randn(tokens, args.hidden, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+    if "llama_moe" in {CONTENDERS[name][1] for name in args.contenders}:
+        x = x.unsqueeze(0)  # (batch, tokens, hidden) as in the model
+    times = {(name, phase): [] for name in modules for phase in ("fwd", "fwd+bwd")}
+    for rep in range(args.warmup + args.repeats):
+        for name, module in modules.items():  # interleaved: A B C A B C ...
+            fwd = time_forward(module, x, device)
+            fwd_bwd = None if args.no_backward else time_forward_backward(module, x, device)
+            if rep >= args.warmup:
+                times[name, "fwd"].append(fwd)
+                if fwd_bwd is not None:
+                    times[name, "fwd+bwd"].append(fwd_bwd)
+    medians = {key: statistics.median(value) for key, value in times.items() if value}
+    memory = {}
+    if not args.no_backward and not args.no_memory:
+        for name, module in modules.items():
+            memory[name] = min(peak_memory_mib(module, x, device) for _ in range(2))
+    return f"{num_experts}x top-{top_k}, I={width}, T={tokens}", medians, memory
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+        try:  # return freed buffers to the OS at once so the resident-set peak measures this run only
+            ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD = 64 KiB
+        except OSError:
+            pass
+    import llama_moe.modeling  # noqa: F401  (registers "dropless")
+
+    print("\n".join(machine_info(device)))
+    print(f"hidden {args.hidden}, {args.dtype} on {device}, median of {args.repeats} interleaved repetitions")
+    print("Shared machine: other work may run at the same time; ratios within one run are what to compare.\n")
+    results = []
+    for tokens in (int(t) for t in args.tokens.split(",")):
+        for shape in args.shapes.split(","):
+            results.append(run_shape(args, shape, tokens, device, dtype))
+            label, medians, _ = results[-1]
+            print(f"  done {label}: dense fwd {medians['dense', 'fwd'] * 1e3:.1f} ms", flush=True)
+
+    for phase in ["fwd"] if args.no_backward else ["fwd", "fwd+bwd"]:
+        print(f"\n{phase}: time as a ratio to the dense SwiGLU of equal active FLOPs (lower is better)\n")
+        header = ["shape", "dense ms"] + [name for name in args.contenders if name != "dense"]
+        print("| " + " | ".join(header) + " |")
+        print("|" + "---|" * len(header))
+        for label, medians, _ in results:
+            dense = medians["dense", phase]
+            cells = [label, f"{dense * 1e3:.1f}"] + [f"{medians[name, phase] / dense:.2f}x" for name in header[2:]]
+            print("| " + " | ".join(cells) + " |")
+    if any(memory for _, _, memory in results):
+        where = "CUDA allocator" if device.type == "cuda" else "resident set"
+        print(f"\nPeak extra memory of one forward+backward, MiB ({where}; ratio to grouped_mm in brackets)\n")
+        print("| shape | " + " | ".join(args.contenders) + " |")
+        print("|" + "---|" * (len(args.contenders) + 1))
+        for label, _, memory in results:
+            base = memory.get("grouped_mm")
+            cells = [
+                f"{memory[name]:.0f}" + (f" ({memory[name] / base:.2f}x)" if base else "") for name in args.contenders
+            ]
+            print(f"| {label} | " + " | ".join(cells) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
