@@ -413,7 +413,7 @@ class Qwen2MoeExporter(Exporter):
         reasons = []
         if config.router_type != "linear":
             reasons.append(
-                f"router_type={config.router_type!r}: Qwen2-MoE's router is a single linear layer (router_type 'linear')"
+                f"router_type={config.router_type!r}: Qwen2-MoE's router is one linear layer (router_type 'linear')"
             )
         if config.shared_expert_intermediate_size == 0:
             reasons.append(
