@@ -253,16 +253,11 @@ def open_gguf(path: str) -> ModelSource:
         import gguf  # noqa: F401
     except ImportError:
         raise ValueError("reading .gguf files needs the gguf package: pip install gguf") from None
-    from gguf import GGUFReader
-
+    # transformers refuses GGUF architectures it cannot map; ModelSource then checks that the result is a Llama.
     try:
-        arch = GGUFReader(path).fields["general.architecture"]
-        arch_name = bytes(arch.parts[arch.data[0]]).decode()
-    except Exception as error:
-        raise ValueError(f"cannot read {path} as GGUF: {error}") from None
-    if arch_name != "llama":
-        raise ValueError(f"{path} is a GGUF {arch_name!r} model; upcycling supports Llama-architecture models only.")
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
+    except (OSError, ValueError, KeyError) as error:
+        raise ValueError(f"cannot load {path} as a GGUF model through transformers: {error}") from None
 
     def save_tokenizer(out_folder):
         AutoTokenizer.from_pretrained(folder, gguf_file=fname).save_pretrained(out_folder)

