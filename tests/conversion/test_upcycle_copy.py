@@ -158,3 +158,24 @@ def test_failure_mid_write_leaves_nothing(dense_dirs, tmp_path, monkeypatch):
         upcycle(dense_dirs["llama2"], tmp_path / "moe", num_experts=4, top_k=2, progress=False)
     assert calls["n"] == 5
     assert os.listdir(tmp_path) == []
+
+
+def test_verify_reports_logit_difference_and_perplexities(dense_dirs, tmp_path, capsys):
+    from llama_moe.cli.main import main
+
+    assert main(["upcycle", dense_dirs["llama3"], str(tmp_path / "copy"), "--num-experts", "4", "--verify",
+                 "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    line = [x for x in err.splitlines() if x.startswith("verify on")][0]
+    diff = float(line.split("max |logit diff| ")[1].split(",")[0])
+    assert diff < 1e-4
+    dense_ppl, moe_ppl = (float(x.split()[0]) for x in line.split("perplexity dense ")[1].split(" vs MoE "))
+    assert dense_ppl == pytest.approx(moe_ppl, rel=1e-4) and dense_ppl > 1
+
+    from llama_moe.conversion.options import UpcycleOptions
+    from llama_moe.conversion.upcycle import run_upcycle
+
+    result = run_upcycle(dense_dirs["llama3"], tmp_path / "random", UpcycleOptions(method="random", num_experts=4),
+                         verify=True, progress=False)
+    assert result.verify["max_abs_logit_diff"] > 1e-3  # random splits change the function
+    assert result.verify["tokens"] == 128
