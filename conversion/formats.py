@@ -7,6 +7,7 @@ must not hold a whole model in memory, import training/evaluation code, or write
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -240,9 +241,14 @@ QWEN2_MOE_SCALED_KEYS = ("model.layers.{layer}.mlp.experts.down_proj",)
 QWEN2_MOE_ZERO_BIAS_KEYS = tuple(f"model.layers.{{layer}}.self_attn.{p}_proj.weight" for p in "qkv")
 # Qwen2-MoE always gates the shared expert by sigmoid(x w): without our gate, w = 0 and down_proj doubles.
 QWEN2_MOE_SHARED_DOWN_KEY = "model.layers.{layer}.mlp.shared_expert.down_proj.weight"
+# Qwen2-MoE always has a shared expert: a model without one gets a zero expert of this width (output exactly 0).
+QWEN2_MOE_ROUTER_KEY = "model.layers.{layer}.mlp.gate.weight"
+NULL_SHARED_EXPERT_SIZE = 1
 
 
+@functools.lru_cache(maxsize=None)
 def template_regex(template: str) -> re.Pattern:
+    """`model.layers.{layer}.x` -> a regex matching `model.layers.<digits>.x`, the index in group `layer`."""
     return re.compile("^" + re.escape(template).replace(r"\{layer\}", r"(?P<layer>\d+)") + "$")
 
 
@@ -281,6 +287,8 @@ class Exporter:
     name: ClassVar[str]
     description: ClassVar[str]
     remote_code: ClassVar[bool]  # True: the checkpoint needs our modeling files (auto_map + trust_remote_code).
+    key_map: ClassVar[dict[str, tuple[str, ...]]] = {}  # our name template -> target name template(s)
+    scaled_keys: ClassVar[tuple[str, ...]] = ()  # tensors that absorb routed_scaling_factor (linear in output)
 
     def __init__(self, moe_config: LlamaMoEConfig):
         self.moe_config = moe_config
@@ -293,7 +301,19 @@ class Exporter:
         raise NotImplementedError
 
     def rename(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-        raise NotImplementedError
+        """Target (name, tensor) pairs for one tensor of our layout, by `key_map`; other names go to
+        `rename_unmapped`. Views are returned where possible: nothing bigger than one tensor is built."""
+        renamed = apply_key_map(self.key_map, name, tensor)
+        if renamed is None:
+            return self.rename_unmapped(name, tensor)
+        scale = float(self.moe_config.routed_scaling_factor)
+        if scale != 1.0 and _matches_any(self.scaled_keys, name):
+            # Per expert slice, so a broadcast (expanded) source is never materialized whole.
+            renamed = [(new_name, (t.float() * scale).to(t.dtype)) for new_name, t in renamed]
+        return renamed
+
+    def rename_unmapped(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        return [(name, tensor)]
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every tensor the target checkpoint must hold, with its shape: our model's tensors (built on the meta
@@ -318,14 +338,13 @@ class LlamaMoEExporter(Exporter):
     def target_config(self, moe_config: LlamaMoEConfig) -> PreTrainedConfig:
         return moe_config
 
-    def rename(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-        return [(name, tensor)]
-
 
 class MixtralExporter(Exporter):
     name = "mixtral"
     description = "transformers' MixtralForCausalLM (no remote code), as vLLM and llama.cpp serve it"
     remote_code = False
+    key_map = MIXTRAL_KEY_MAP
+    scaled_keys = MIXTRAL_SCALED_KEYS
 
     @classmethod
     def supports(cls, config: LlamaMoEConfig, explain: list[str]) -> bool:
@@ -387,26 +406,21 @@ class MixtralExporter(Exporter):
             dtype=c.dtype,
         )
 
-    def rename(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-        renamed = apply_key_map(MIXTRAL_KEY_MAP, name, tensor)
-        if renamed is None:
-            if ".mlp." in name:
-                raise ValueError(f"Tensor {name!r} has no place in a Mixtral checkpoint (not in MIXTRAL_KEY_MAP).")
-            return [(name, tensor)]  # attention, norms, embeddings, lm_head: same names in Mixtral
-        scale = float(self.moe_config.routed_scaling_factor)
-        if scale != 1.0 and _matches_any(MIXTRAL_SCALED_KEYS, name):
-            # Per expert slice, so a broadcast (expanded) source is never materialized whole.
-            renamed = [(new_name, (t.float() * scale).to(t.dtype)) for new_name, t in renamed]
-        return renamed
+    def rename_unmapped(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        if ".mlp." in name:
+            raise ValueError(f"Tensor {name!r} has no place in a Mixtral checkpoint (not in MIXTRAL_KEY_MAP).")
+        return [(name, tensor)]  # attention, norms, embeddings, lm_head: same names in Mixtral
 
 
 class Qwen2MoeExporter(Exporter):
     name = "qwen2_moe"
     description = (
         "transformers' Qwen2MoeForCausalLM (no remote code): shared experts, dense layers and "
-        "norm_topk_prob False allowed; served natively by vLLM and llama.cpp"
+        "norm_topk_prob False allowed; served natively by vLLM, SGLang and llama.cpp"
     )
     remote_code = False
+    key_map = QWEN2_MOE_KEY_MAP
+    scaled_keys = QWEN2_MOE_SCALED_KEYS
 
     @classmethod
     def supports(cls, config: LlamaMoEConfig, explain: list[str]) -> bool:
@@ -414,11 +428,6 @@ class Qwen2MoeExporter(Exporter):
         if config.router_type != "linear":
             reasons.append(
                 f"router_type={config.router_type!r}: Qwen2-MoE's router is one linear layer (router_type 'linear')"
-            )
-        if config.shared_expert_intermediate_size == 0:
-            reasons.append(
-                "no shared expert: Qwen2-MoE always adds a gated shared expert (upcycle with --shared-experts, or "
-                "use --format mixtral)"
             )
         if config.router_noise == "noisy_topk":
             reasons.append("router_noise='noisy_topk': Qwen2-MoE has no learned noisy gate")
@@ -456,7 +465,7 @@ class Qwen2MoeExporter(Exporter):
             attention_dropout=c.attention_dropout,
             decoder_sparse_step=1,
             moe_intermediate_size=c.moe_intermediate_size,
-            shared_expert_intermediate_size=c.shared_expert_intermediate_size,
+            shared_expert_intermediate_size=c.shared_expert_intermediate_size or NULL_SHARED_EXPERT_SIZE,
             num_experts_per_tok=c.num_experts_per_tok,
             num_experts=c.num_local_experts,
             norm_topk_prob=c.norm_topk_prob,
@@ -472,6 +481,21 @@ class Qwen2MoeExporter(Exporter):
         )
 
     def rename(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        renamed = super().rename(name, tensor)
+        router = template_regex(QWEN2_MOE_ROUTER_KEY).match(name)
+        if router and self.moe_config.shared_expert_intermediate_size == 0:
+            # Every Qwen2-MoE layer has a shared expert: ours has none, so it gets an all-zero one of width 1.
+            # Its output is exactly 0 and so are all its gradients, so it stays inert if trained further.
+            hidden, size, layer = tensor.shape[1], NULL_SHARED_EXPERT_SIZE, router.group("layer")
+            zeros = {"gate_proj": (size, hidden), "up_proj": (size, hidden), "down_proj": (hidden, size)}
+            prefix = f"model.layers.{layer}.mlp"
+            renamed += [
+                (f"{prefix}.shared_expert.{proj}.weight", tensor.new_zeros(shape)) for proj, shape in zeros.items()
+            ]
+            renamed.append((f"{prefix}.shared_expert_gate.weight", tensor.new_zeros(1, hidden)))
+        return renamed
+
+    def rename_unmapped(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
         if _matches_any(QWEN2_MOE_ZERO_BIAS_KEYS, name):
             bias = torch.zeros(tensor.shape[0], dtype=tensor.dtype, device=tensor.device)
             return [(name, tensor), (name.removesuffix(".weight") + ".bias", bias)]
@@ -479,13 +503,7 @@ class Qwen2MoeExporter(Exporter):
             gate_name = name.replace(".shared_expert.down_proj.weight", ".shared_expert_gate.weight")
             gate = torch.zeros(1, tensor.shape[0], dtype=tensor.dtype, device=tensor.device)
             return [(name, tensor * 2), (gate_name, gate)]  # sigmoid(0) * 2 == 1, exactly
-        renamed = apply_key_map(QWEN2_MOE_KEY_MAP, name, tensor)
-        if renamed is None:
-            return [(name, tensor)]  # attention, norms, embeddings, lm_head, shared expert, dense MLPs
-        scale = float(self.moe_config.routed_scaling_factor)
-        if scale != 1.0 and _matches_any(QWEN2_MOE_SCALED_KEYS, name):
-            renamed = [(new_name, (t.float() * scale).to(t.dtype)) for new_name, t in renamed]
-        return renamed
+        return [(name, tensor)]  # attention, norms, embeddings, lm_head, shared expert, dense MLPs
 
 
 EXPORTERS: dict[str, type[Exporter]] = {

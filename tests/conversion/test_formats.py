@@ -128,8 +128,10 @@ def test_mixtral_export_keys_shapes_and_values_follow_the_legacy_table(tmp_path)
         dict(shared_expert_intermediate_size=48, moe_layers=[1], norm_topk_prob=False, routed_scaling_factor=2.0),
         # Qwen2-MoE's own recipe: gated shared expert on every layer, tied embeddings.
         dict(shared_expert_intermediate_size=48, shared_expert_gate=True, tie_word_embeddings=True),
+        # NVIDIA-style softmax-then-top-k without shared expert: Qwen2-MoE gets an all-zero one of width 1.
+        dict(norm_topk_prob=False, moe_layers=[0]),
     ],
-    ids=["ungated_partial", "gated_all"],
+    ids=["ungated_partial", "gated_all", "no_shared_expert"],
 )
 def test_qwen2_moe_export_gives_our_logits_without_remote_code(tmp_path, options):
     ours, src = _saved_moe(tmp_path, **options)
@@ -142,8 +144,12 @@ def test_qwen2_moe_export_gives_our_logits_without_remote_code(tmp_path, options
     qwen, info = Qwen2MoeForCausalLM.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     written = _all_tensors(out)
-    assert "model.layers.1.mlp.experts.3.down_proj.weight" in written  # legacy per-expert names
+    moe_layer = ours.config.moe_layers[-1]
+    assert f"model.layers.{moe_layer}.mlp.experts.3.down_proj.weight" in written  # legacy per-expert names
     assert torch.all(written["model.layers.0.self_attn.q_proj.bias"] == 0)
+    if not ours.config.shared_expert_intermediate_size:
+        assert config["shared_expert_intermediate_size"] == 1
+        assert torch.all(written["model.layers.0.mlp.shared_expert.down_proj.weight"] == 0)
 
     input_ids = torch.randint(0, ours.config.vocab_size, (2, 11))
     with torch.no_grad():
@@ -152,13 +158,13 @@ def test_qwen2_moe_export_gives_our_logits_without_remote_code(tmp_path, options
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_qwen2_moe_refuses_a_model_without_shared_expert():
-    with pytest.raises(ValueError, match=r"no shared expert.*\nFormats that fit it: \['llama_moe', 'mixtral'\]"):
-        get_exporter("qwen2_moe", tiny_moe_config())
+def test_qwen2_moe_refusal_lists_every_reason():
+    expected = r"router_type='mlp'.*\n.*capacity_factor=2.0.*\nFormats that fit it: \['llama_moe'\]"
+    with pytest.raises(ValueError, match=expected):
+        get_exporter("qwen2_moe", tiny_moe_config(router_type="mlp", capacity_factor=2.0))
     explain = []
-    assert not EXPORTERS["qwen2_moe"].supports(tiny_moe_config(router_type="mlp", capacity_factor=2.0), explain)
-    fields = [reason.split("=")[0].split(":")[0] for reason in explain]
-    assert fields == ["router_type", "no shared expert", "capacity_factor"]
+    assert not EXPORTERS["qwen2_moe"].supports(tiny_moe_config(router_noise="noisy_topk", head_dim=8), explain)
+    assert [reason.split("=")[0] for reason in explain] == ["router_noise", "head_dim"]
 
 
 def test_llama_moe_export_is_identity_with_remote_code(tmp_path):
