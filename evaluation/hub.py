@@ -105,9 +105,18 @@ def check_files(folder: Path, files: list[str]) -> tuple[list[str], list[str]]:
 
 
 def _safetensors_header(path: Path) -> dict:
-    with open(path, "rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        return json.loads(handle.read(length))
+    try:
+        with open(path, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            if not 2 <= length <= 100_000_000:
+                raise ValueError(f"header length {length}")
+            header = json.loads(handle.read(length))
+    except (OSError, ValueError, struct.error) as error:
+        raise ValueError(f"{path.name} is not a readable safetensors file ({error}): re-save it with "
+                         "save_pretrained.") from error
+    if not isinstance(header, dict):
+        raise ValueError(f"{path.name} is not a readable safetensors file (header is not a mapping).")
+    return header
 
 
 def scan_secrets(folder: Path, files: list[str]) -> list[str]:
@@ -120,7 +129,11 @@ def scan_secrets(folder: Path, files: list[str]) -> list[str]:
         if size <= SCAN_WHOLE_FILE_BYTES:
             data = path.read_bytes()
         elif name.endswith(".safetensors"):
-            data = json.dumps(_safetensors_header(path)).encode()
+            try:
+                data = json.dumps(_safetensors_header(path)).encode()
+            except ValueError as error:
+                found.append(str(error))
+                continue
         else:
             continue
         for kind, pattern in SECRET_PATTERNS.items():

@@ -4,6 +4,7 @@ Only wraps the harness (task loading, few-shot settings, result tables and files
 metric, and it fails with a clear message before loading any model when a task's data cannot be reached.
 """
 
+import functools
 import json
 import math
 import os
@@ -88,19 +89,24 @@ def _offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_DATASETS_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE")
 
 
-def build_task_manager(specs: list[TaskSpec], include_path: list[str] | None = None):
-    """A TaskManager that knows the local tasks, the user's include paths and, only when needed, lm-eval's
-    built-in tasks (indexing those takes ~10 s)."""
+@functools.lru_cache(maxsize=4)
+def _task_manager(paths: tuple[str, ...], include_defaults: bool):
     from lm_eval.tasks import TaskManager
 
-    paths = [str(LOCAL_TASKS_DIR)] + [str(p) for p in include_path or []]
+    return TaskManager(include_path=list(paths), include_defaults=include_defaults)
+
+
+def build_task_manager(specs: list[TaskSpec], include_path: list[str] | None = None):
+    """A TaskManager that knows the local tasks, the user's include paths and, only when needed, lm-eval's
+    built-in tasks (indexing those takes ~10 s, so managers are cached per process)."""
+    paths = (str(LOCAL_TASKS_DIR),) + tuple(str(p) for p in include_path or [])
     for path in paths[1:]:
         if not Path(path).exists():
             raise FileNotFoundError(f"--include-path {path} does not exist: give a folder of lm-eval task YAMLs.")
-    manager = TaskManager(include_path=paths, include_defaults=False)
+    manager = _task_manager(paths, include_defaults=False)
     if all(spec.name in manager.all_tasks for spec in specs):
         return manager
-    manager = TaskManager(include_path=paths)
+    manager = _task_manager(paths, include_defaults=True)
     unknown = [spec.name for spec in specs if spec.name not in manager.all_tasks and not Path(spec.name).is_file()]
     if unknown:
         raise ValueError(

@@ -38,14 +38,15 @@ def load_heatmap(domain: str, routing: dict, path: Path) -> Path:
     num_experts = routing["num_experts"]
     share_EL = np.array([routing["per_layer"][str(layer)]["load_share"] for layer in layers]).T
     uniform = 1.0 / num_experts
-    top = max(float(share_EL.max()), uniform * 1.001)
-    norm = TwoSlopeNorm(vcenter=uniform, vmin=min(float(share_EL.min()), uniform * 0.999), vmax=top)
+    # Fixed floor 0 and a ceiling of at least 2/E, so near-balanced routing looks pale rather than dramatic.
+    norm = TwoSlopeNorm(vcenter=uniform, vmin=0.0, vmax=max(float(share_EL.max()), 2 * uniform))
     width = min(2.0 + 0.55 * len(layers), 22)
     height = min(1.6 + 0.42 * num_experts, 16)
     fig, ax = plt.subplots(figsize=(max(width, 5.5), max(height, 3.2)))
     image = ax.imshow(share_EL, cmap="coolwarm", norm=norm, aspect="auto", interpolation="nearest")
     ax.set_xticks(range(len(layers)), [str(layer) for layer in layers])
-    ax.set_yticks(range(num_experts), [str(e) for e in range(num_experts)])
+    step = 1 if num_experts <= 32 else num_experts // 16  # keep expert labels legible for 64+ experts
+    ax.set_yticks(range(0, num_experts, step), [str(e) for e in range(0, num_experts, step)])
     ax.set_xlabel("MoE layer")
     ax.set_ylabel("expert")
     ax.set_title(f"Expert load share per layer: {domain}\n"
@@ -58,6 +59,9 @@ def load_heatmap(domain: str, routing: dict, path: Path) -> Path:
                 ax.text(col, e, f"{value:.2f}", ha="center", va="center", fontsize=8,
                         color="white" if strong else "black")
     bar = fig.colorbar(image, ax=ax)
+    # The norm is two linear halves around 1/E: tick both halves evenly and name the centre.
+    ticks = sorted(set(np.linspace(norm.vmin, uniform, 3).tolist() + np.linspace(uniform, norm.vmax, 4).tolist()))
+    bar.set_ticks(ticks, labels=[f"{t:.3f}" + (" (uniform)" if t == uniform else "") for t in ticks])
     bar.set_label("share of routed token slots")
     return _save(fig, path)
 

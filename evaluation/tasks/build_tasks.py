@@ -126,7 +126,11 @@ def write_jsonl(rows: list[dict], path: Path) -> None:
     print(f"wrote {len(rows)} rows, {len(data.encode()) // 1024} KiB -> {path.name}")
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    """`build_tasks.py [OUTPUT_DIR]` (default: this folder)."""
+    argv = sys.argv[1:] if argv is None else argv
+    out = Path(argv[0]) if argv else HERE
+    out.mkdir(parents=True, exist_ok=True)
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     modules, sources = [], []
     for path in stdlib_files(stdlib):
@@ -135,9 +139,9 @@ def main() -> int:
             modules.append((module_name(path, stdlib), tree))
             sources.append((module_name(path, stdlib), source))
     print(f"Python {sys.version.split()[0]} standard library: {len(modules)} modules from {stdlib}")
-    write_jsonl(docstring_mc(modules, random.Random(1234), 400), HERE / "stdlib_docstring_mc.jsonl")
-    write_jsonl(next_line_mc(sources, random.Random(1235), 300), HERE / "stdlib_next_line_mc.jsonl")
-    write_jsonl(module_docs(modules, random.Random(1236), 150), HERE / "stdlib_docs_ppl.jsonl")
+    write_jsonl(docstring_mc(modules, random.Random(1234), 400), out / "stdlib_docstring_mc.jsonl")
+    write_jsonl(next_line_mc(sources, random.Random(1235), 300), out / "stdlib_next_line_mc.jsonl")
+    write_jsonl(module_docs(modules, random.Random(1236), 150), out / "stdlib_docs_ppl.jsonl")
     return 0
 
 
