@@ -12,24 +12,29 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
-from typing import ClassVar, Iterator
+from typing import Callable, ClassVar, NamedTuple
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import MixtralConfig, PreTrainedConfig, Qwen2MoeConfig
 from transformers.dynamic_module_utils import custom_object_save
-from transformers.utils.hub import convert_file_size_to_int
 
 from llama_moe.modeling import LlamaMoEConfig, LlamaMoEForCausalLM
 
+from .writer import (
+    INDEX_FILE,
+    SAFETENSORS_DTYPES,
+    ShardedSafetensorsWriter,
+    atomic_output_dir,
+    parse_size,
+    read_written_shapes,
+)
 
-SAFE_WEIGHTS_NAME = "model.safetensors"
-SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+
 DEFAULT_MAX_SHARD_SIZE = "5GB"
+SAFETENSORS_TO_TORCH = {code: dtype for dtype, code in SAFETENSORS_DTYPES.items()}
 
 # Files copied unchanged from a source checkpoint next to the converted weights.
 SIDE_FILE_PATTERNS = (
@@ -44,7 +49,7 @@ SIDE_FILE_PATTERNS = (
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Streaming I/O: read a checkpoint one tensor at a time, write size-capped safetensors shards.
+# Streaming input: a checkpoint's tensors one at a time (output goes through writer.py's planned shard writer).
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -59,7 +64,7 @@ class CheckpointReader:
         self._file_of: dict[str, Path] = {}
         self._handles: dict[Path, object] = {}
         self._bin_cache: dict[Path, dict[str, torch.Tensor]] = {}
-        index = self.src_dir / SAFE_WEIGHTS_INDEX_NAME
+        index = self.src_dir / INDEX_FILE
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
             self._file_of = {name: self.src_dir / file for name, file in weight_map.items()}
@@ -72,7 +77,7 @@ class CheckpointReader:
             if not files and not bin_files:
                 raise FileNotFoundError(
                     f"No weights in {str(self.src_dir)!r}: expected model.safetensors, sharded *.safetensors with "
-                    f"{SAFE_WEIGHTS_INDEX_NAME}, or pytorch_model*.bin."
+                    f"{INDEX_FILE}, or pytorch_model*.bin."
                 )
             for file in files or bin_files:
                 for name in self._keys_of(file):
@@ -109,56 +114,14 @@ class CheckpointReader:
             return self._handle(file).get_tensor(name)
         return self._bin(file)[name]
 
-
-class ShardedSafetensorsWriter:
-    """Writes tensors into safetensors shards of at most `max_shard_size` bytes as they arrive, then names them
-    `model-0000i-of-0000n.safetensors` with an index (or `model.safetensors` when one shard suffices)."""
-
-    def __init__(self, out_dir: str | os.PathLike, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE):
-        self.out_dir = Path(out_dir)
-        self.max_bytes = convert_file_size_to_int(max_shard_size)
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
-        self._shards: list[tuple[Path, list[str]]] = []
-        self.shapes: dict[str, tuple[int, ...]] = {}
-        self.total_bytes = 0
-        self.files: list[str] = []
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        if name in self.shapes:
-            raise ValueError(f"Tensor {name!r} was written twice: the key map sends two tensors to one name.")
-        size = tensor.numel() * tensor.element_size()
-        if self._pending and self._pending_bytes + size > self.max_bytes:
-            self._flush()
-        # A shard must own its storage: views of a larger tensor would make safetensors save the whole base.
-        self._pending[name] = tensor.detach().contiguous().clone() if tensor._base is not None else tensor.contiguous()
-        self._pending_bytes += size
-        self.shapes[name] = tuple(tensor.shape)
-        self.total_bytes += size
-
-    def _flush(self) -> None:
-        path = self.out_dir / f"model-part-{len(self._shards) + 1:05d}.safetensors"
-        save_file(self._pending, str(path), metadata={"format": "pt"})
-        self._shards.append((path, list(self._pending)))
-        self._pending, self._pending_bytes = {}, 0
-
-    def close(self) -> list[str]:
-        """Flush the last shard, give shards their final names, write the index. Returns the file names."""
-        if self._pending or not self._shards:
-            self._flush()
-        if len(self._shards) == 1:
-            self._shards[0][0].rename(self.out_dir / SAFE_WEIGHTS_NAME)
-            return [SAFE_WEIGHTS_NAME]
-        count = len(self._shards)
-        weight_map, names = {}, []
-        for i, (path, keys) in enumerate(self._shards, start=1):
-            final = f"model-{i:05d}-of-{count:05d}.safetensors"
-            path.rename(self.out_dir / final)
-            names.append(final)
-            weight_map.update({key: final for key in keys})
-        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-        (self.out_dir / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-        return names + [SAFE_WEIGHTS_INDEX_NAME]
+    def shape_and_dtype(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        """From the file header: no tensor data is read."""
+        file = self._file_of[name]
+        if file.suffix == ".safetensors":
+            tensor_slice = self._handle(file).get_slice(name)
+            return tuple(tensor_slice.get_shape()), SAFETENSORS_TO_TORCH[tensor_slice.get_dtype()]
+        tensor = self._bin(file)[name]  # memory-mapped
+        return tuple(tensor.shape), tensor.dtype
 
 
 def write_config_and_code(config: PreTrainedConfig, out_dir: str | os.PathLike) -> None:
@@ -179,28 +142,6 @@ def copy_side_files(src_dir: str | os.PathLike, out_dir: str | os.PathLike) -> l
             shutil.copy2(path, Path(out_dir) / path.name)
             copied.append(path.name)
     return copied
-
-
-def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Check that `out_dir` is free (or may be replaced) and create a temporary directory beside it; hand it to
-    `finish_atomic_output` at the end, so an interrupted run never leaves something that looks finished."""
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise ValueError(f"Output directory {str(out)!r} already exists: remove it, choose another path or overwrite.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-
-
-def finish_atomic_output(tmp: Path, out_dir: str | os.PathLike) -> None:
-    """Rename the finished temporary directory to `out_dir`; a previous `out_dir` is moved aside, then deleted."""
-    out = Path(out_dir)
-    if out.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        out.rename(trash / "old")
-        tmp.rename(out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        tmp.rename(out)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -548,32 +489,55 @@ def check_written_tensors(written: dict[str, tuple[int, ...]], expected: dict[st
         raise ValueError("The converted checkpoint does not match its config: " + "; ".join(problems) + ".")
 
 
+class PlannedTensor(NamedTuple):
+    """One tensor of our layout, known by shape and dtype before `load()` produces it."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    load: Callable[[], torch.Tensor]
+
+
+class ConversionResult(NamedTuple):
+    path: str
+    num_tensors: int
+    bytes_written: int
+    num_shards: int
+
+
 def write_converted_checkpoint(
-    tensors: Iterator[tuple[str, torch.Tensor]],
+    tensors: list[PlannedTensor],
     exporter: Exporter,
     src_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
     *,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     overwrite: bool = False,
-) -> ShardedSafetensorsWriter:
-    """Write `tensors` (our layout, streamed) through `exporter` into `out_dir`, atomically: renamed shards,
-    a check of every name and shape, the target config (and remote code), tokenizer files from `src_dir`."""
-    tmp = atomic_output_dir(out_dir, overwrite=overwrite)
-    try:
-        writer = ShardedSafetensorsWriter(tmp, max_shard_size)
-        for name, tensor in tensors:
-            for new_name, new_tensor in exporter.rename(name, tensor):
-                writer.add(new_name, new_tensor)
-        writer.files = writer.close()
-        check_written_tensors(writer.shapes, exporter.expected_shapes())
+    desc: str = "Converting",
+) -> ConversionResult:
+    """Write `tensors` (our layout) through `exporter` into `out_dir`: the target names and shapes are planned
+    and checked before anything is written, then tensors are loaded, renamed and streamed into the shards one
+    at a time; the target config (with remote code for llama_moe) and tokenizer files follow, atomically."""
+    specs = []
+    for item in tensors:
+        for new_name, meta in exporter.rename(item.name, torch.empty(item.shape, dtype=item.dtype, device="meta")):
+            specs.append((new_name, tuple(meta.shape), item.dtype))
+    expected = exporter.expected_shapes()
+    check_written_tensors({name: shape for name, shape, _ in specs}, expected)
+    shard_bytes = parse_size(max_shard_size)
+    with atomic_output_dir(os.fspath(out_dir), overwrite=overwrite) as tmp:
+        writer = ShardedSafetensorsWriter(tmp, specs, shard_bytes)
+        try:
+            for item in tqdm(tensors, desc=desc, unit="tensor"):
+                for new_name, new_tensor in exporter.rename(item.name, item.load()):
+                    writer.write(new_name, new_tensor)
+        finally:
+            writer.abort()
+        writer.close()
+        check_written_tensors(read_written_shapes(tmp), expected)
         write_config_and_code(exporter.target_config(exporter.moe_config), tmp)
         copy_side_files(src_dir, tmp)
-        finish_atomic_output(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return writer
+    return ConversionResult(os.fspath(out_dir), len(specs), writer.bytes_written, len(writer.file_names))
 
 
 def export_checkpoint(
@@ -603,18 +567,22 @@ def export_checkpoint(
     moe_config = LlamaMoEConfig.from_pretrained(src)
     exporter = get_exporter(format_name, moe_config)
     reader = CheckpointReader(src)
-    names = [n for n in reader.keys() if not n.endswith("rotary_emb.inv_freq")]  # old buffer, recomputed at load
-    tensors = ((name, reader.get(name)) for name in tqdm(names, desc=f"Exporting to {format_name}", unit="tensor"))
-    writer = write_converted_checkpoint(
-        tensors, exporter, src, out_dir, max_shard_size=max_shard_size, overwrite=overwrite
+    tensors = [
+        PlannedTensor(name, *reader.shape_and_dtype(name), functools.partial(reader.get, name))
+        for name in reader.keys()
+        if not name.endswith("rotary_emb.inv_freq")  # a buffer some old checkpoints stored; recomputed at load
+        and not (name == "lm_head.weight" and moe_config.tie_word_embeddings)  # tied: the embedding is the head
+    ]
+    result = write_converted_checkpoint(
+        tensors, exporter, src, out_dir, max_shard_size=max_shard_size, overwrite=overwrite,
+        desc=f"Exporting to {format_name}",
     )
     if verbose:
-        shards = len([f for f in writer.files if f.endswith(".safetensors")])
         tqdm.write(
-            f"Wrote {format_name} checkpoint {str(out_dir)!r}: {len(writer.shapes)} tensors, "
-            f"{writer.total_bytes / 1e9:.2f} GB in {shards} shard(s)."
+            f"Wrote {format_name} checkpoint {result.path!r}: {result.num_tensors} tensors, "
+            f"{result.bytes_written / 1e9:.2f} GB in {result.num_shards} shard(s)."
         )
-    return str(out_dir)
+    return result.path
 
 
 __all__ = [
@@ -631,10 +599,9 @@ __all__ = [
     "apply_key_map",
     "check_written_tensors",
     "CheckpointReader",
-    "ShardedSafetensorsWriter",
+    "PlannedTensor",
+    "ConversionResult",
     "write_config_and_code",
     "copy_side_files",
-    "atomic_output_dir",
-    "finish_atomic_output",
     "write_converted_checkpoint",
 ]

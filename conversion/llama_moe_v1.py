@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ from llama_moe.modeling import LlamaMoEConfig
 from .formats import (
     DEFAULT_MAX_SHARD_SIZE,
     CheckpointReader,
+    PlannedTensor,
     get_exporter,
     template_regex,
     write_converted_checkpoint,
@@ -133,39 +135,55 @@ def llama_moe_v1_config(v1: dict) -> tuple[LlamaMoEConfig, list[float]]:
     return config, fold
 
 
-def _fused_experts(reader: CheckpointReader, layer: int, num_experts: int, width: int, fold: float):
-    """One layer's v1 experts as our fused (gate_up_proj [E, 2I, H], down_proj [E, H, I]), zero-padded to I."""
-    gate_up, down = [], []
+def _expert_names(layer: int, expert: int) -> dict[str, str]:
+    return {part: template.format(layer=layer, expert=expert) for part, template in V1_EXPERT_KEYS.items()}
+
+
+def _fused_gate_up(reader: CheckpointReader, layer: int, num_experts: int, width: int) -> torch.Tensor:
+    """Our gate_up_proj [E, 2I, H] from v1's per-expert gate and up [size_j, H], zero-padded to I rows each."""
+    blocks = []
     for expert in range(num_experts):
-        names = {part: t.format(layer=layer, expert=expert) for part, t in V1_EXPERT_KEYS.items()}
-        missing = [n for n in names.values() if n not in reader]
-        if missing:
-            raise ValueError(f"LLaMA-MoE v1 checkpoint lacks {missing}.")
-        gate, up, down_j = (reader.get(names[p]) for p in ("gate", "up", "down"))
-        pad = width - gate.shape[0]
-        gate_up.append(torch.cat([F.pad(gate, (0, 0, 0, pad)), F.pad(up, (0, 0, 0, pad))]))
+        names = _expert_names(layer, expert)
+        for part in ("gate", "up"):
+            weight = reader.get(names[part])
+            blocks.append(F.pad(weight, (0, 0, 0, width - weight.shape[0])))
+    return torch.stack(blocks).view(num_experts, 2 * width, -1)
+
+
+def _fused_down(reader: CheckpointReader, layer: int, num_experts: int, width: int, fold: float) -> torch.Tensor:
+    """Our down_proj [E, H, I] from v1's per-expert down [H, size_j], zero-padded, times `fold`."""
+    blocks = []
+    for expert in range(num_experts):
+        weight = reader.get(_expert_names(layer, expert)["down"])
         if fold != 1.0:
-            down_j = (down_j.float() * fold).to(down_j.dtype)
-        down.append(F.pad(down_j, (0, pad)))
-    return torch.stack(gate_up), torch.stack(down)
+            weight = (weight.float() * fold).to(weight.dtype)
+        blocks.append(F.pad(weight, (0, width - weight.shape[1])))
+    return torch.stack(blocks)
 
 
-def _our_tensors(reader: CheckpointReader, config: LlamaMoEConfig, fold: list[float]):
-    """Yield the checkpoint's tensors in our layout, one layer's fused experts at a time."""
+def plan_our_tensors(reader: CheckpointReader, config: LlamaMoEConfig, fold: list[float]) -> list[PlannedTensor]:
+    """The checkpoint's tensors in our layout, in file order; each layer's experts are fused when loaded."""
     keep_noise = config.router_noise == "noisy_topk"
-    done_layers = set()
-    for name in tqdm(reader.keys(), desc="Importing LLaMA-MoE v1", unit="tensor"):
+    E, width, H = config.num_local_experts, config.moe_intermediate_size, config.hidden_size
+    planned, fused_layers = [], set()
+    for name in reader.keys():
         if name.endswith(_DROPPED_SUFFIXES):
             continue
         expert = _EXPERT_KEY.match(name)
         if expert:
             layer = int(expert.group(1))
-            if layer not in done_layers:
-                done_layers.add(layer)
-                width = config.moe_intermediate_size
-                gate_up, down = _fused_experts(reader, layer, config.num_local_experts, width, fold[layer])
-                yield f"model.layers.{layer}.mlp.experts.gate_up_proj", gate_up
-                yield f"model.layers.{layer}.mlp.experts.down_proj", down
+            if layer in fused_layers:
+                continue
+            fused_layers.add(layer)
+            missing = [n for j in range(E) for n in _expert_names(layer, j).values() if n not in reader]
+            if missing:
+                raise ValueError(f"LLaMA-MoE v1 checkpoint lacks {len(missing)} expert tensors, e.g. {missing[:3]}.")
+            dtype = reader.shape_and_dtype(name)[1]
+            prefix = f"model.layers.{layer}.mlp.experts"
+            gate_up = partial(_fused_gate_up, reader, layer, E, width)
+            down = partial(_fused_down, reader, layer, E, width, fold[layer])
+            planned.append(PlannedTensor(f"{prefix}.gate_up_proj", (E, 2 * width, H), dtype, gate_up))
+            planned.append(PlannedTensor(f"{prefix}.down_proj", (E, H, width), dtype, down))
             continue
         target = _v1_target_name(name)
         if target is None:
@@ -174,7 +192,8 @@ def _our_tensors(reader: CheckpointReader, config: LlamaMoEConfig, fold: list[fl
             target = name
         if target.endswith("noise_weight") and not keep_noise:
             continue  # v1 always stores the noise projection; it is unused when gate_add_noise is off
-        yield target, reader.get(name)
+        planned.append(PlannedTensor(target, *reader.shape_and_dtype(name), partial(reader.get, name)))
+    return planned
 
 
 def import_llama_moe_v1(
@@ -205,15 +224,22 @@ def import_llama_moe_v1(
     config, fold = llama_moe_v1_config(v1)
     exporter = get_exporter(format_name, config)
     reader = CheckpointReader(src)
-    writer = write_converted_checkpoint(
-        _our_tensors(reader, config, fold), exporter, src, out_dir, max_shard_size=max_shard_size, overwrite=overwrite
+    result = write_converted_checkpoint(
+        plan_our_tensors(reader, config, fold),
+        exporter,
+        src,
+        out_dir,
+        max_shard_size=max_shard_size,
+        overwrite=overwrite,
+        desc="Importing LLaMA-MoE v1",
     )
     if verbose:
         tqdm.write(
-            f"Imported LLaMA-MoE v1 into {str(out_dir)!r} ({format_name}): {config.num_hidden_layers} MoE layers, "
-            f"{config.num_local_experts} experts, top-{config.num_experts_per_tok}, {writer.total_bytes / 1e9:.2f} GB."
+            f"Imported LLaMA-MoE v1 into {result.path!r} ({format_name}): {config.num_hidden_layers} MoE layers, "
+            f"{config.num_local_experts} experts, top-{config.num_experts_per_tok}, "
+            f"{result.bytes_written / 1e9:.2f} GB in {result.num_shards} shard(s)."
         )
-    return str(out_dir)
+    return result.path
 
 
 def _v1_target_name(name: str) -> str | None:
@@ -224,4 +250,11 @@ def _v1_target_name(name: str) -> str | None:
     return None
 
 
-__all__ = ["import_llama_moe_v1", "llama_moe_v1_config", "is_llama_moe_v1_config", "V1_KEY_MAP", "V1_EXPERT_KEYS"]
+__all__ = [
+    "import_llama_moe_v1",
+    "llama_moe_v1_config",
+    "is_llama_moe_v1_config",
+    "plan_our_tensors",
+    "V1_KEY_MAP",
+    "V1_EXPERT_KEYS",
+]
