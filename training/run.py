@@ -28,6 +28,26 @@ def from_pretrained(auto_class, path: str, **kwargs):
     return auto_class.from_pretrained(path, **kwargs)
 
 
+def plain_copy(model):
+    """A model loaded from a .gguf file keeps a GGUF quantizer, which Trainer refuses to train and save_pretrained
+    refuses to write: copy its (dequantized) weights into a fresh model of the same class."""
+    if getattr(model, "hf_quantizer", None) is None:
+        return model
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        fresh = type(model)(config)
+    fresh.load_state_dict(model.state_dict(), strict=False, assign=True)
+    fresh.tie_weights()
+    for name, buffer in list(fresh.named_buffers()):
+        if buffer.is_meta:  # non-persistent buffers (rotary inv_freq): take the loaded model's
+            module_name, _, buffer_name = name.rpartition(".")
+            source = model.get_submodule(module_name).get_buffer(buffer_name)
+            fresh.get_submodule(module_name).register_buffer(buffer_name, source.clone(), persistent=False)
+    return fresh
+
+
 def _model_config(path: str, trust_remote_code: bool):
     from transformers import AutoConfig
 
@@ -96,9 +116,9 @@ def load_model(options: MoETrainingArguments, config):
             seed=config.seed,
         )
     else:
-        model = from_pretrained(
+        model = plain_copy(from_pretrained(
             AutoModelForCausalLM, options.model_name_or_path, dtype=torch.float32, trust_remote_code=config.trust_remote_code
-        )
+        ))
     if options.router_z_loss_coef is not None:
         if not hasattr(model.config, "router_z_loss_coef"):
             raise ValueError("--router_z_loss_coef is set but the model has no router z-loss (not a LlamaMoE model).")
@@ -132,7 +152,7 @@ def _reference_losses(options, model, validation, references):
     if source is None:
         print("[llama-moe train] dynamic sampling: no references given; using the initial model's held-out losses.")
         return held_out_losses(model, validation)
-    reference = from_pretrained(AutoModelForCausalLM, source, dtype=torch.float32)
+    reference = plain_copy(from_pretrained(AutoModelForCausalLM, source, dtype=torch.float32))
     losses = held_out_losses(reference, validation)
     del reference
     return losses
