@@ -128,6 +128,7 @@ class SafetensorsSource(DenseSource):
         self.config = dense_config_from_dict(config_dict)
         self._shard_of = self._weight_map()
         self._handles = {}
+        self._unread = {}
         for shard in sorted(set(self._shard_of.values())):
             path = os.path.join(folder, shard)
             handle = open_safetensors(path)
@@ -164,15 +165,32 @@ class SafetensorsSource(DenseSource):
     def _names(self):
         return list(self._shard_of)
 
+    def _handle(self, shard):
+        if shard not in self._handles:
+            self._handles[shard] = open_safetensors(os.path.join(self.folder, shard))
+        return self._handles[shard]
+
     def _load(self, name):
-        return self._handles[self._shard_of[name]].get_tensor(name)
+        shard = self._shard_of[name]
+        tensor = self._handle(shard).get_tensor(name)
+        # Unmap a shard once all its tensors were read: its pages would otherwise stay in resident memory.
+        unread = self._unread.setdefault(
+            shard, {n for n, s in self._shard_of.items() if s == shard and not IGNORED_KEYS.search(n)}
+        )
+        unread.discard(name)
+        if not unread:
+            self._handles.pop(shard, None)
+        return tensor
 
     def _shape(self, name):
-        return self._handles[self._shard_of[name]].get_slice(name).get_shape()
+        return self._handle(self._shard_of[name]).get_slice(name).get_shape()
 
     def _dtype(self, name):
-        dtype = self._handles[self._shard_of[name]].get_slice(name).get_dtype()
+        dtype = self._handle(self._shard_of[name]).get_slice(name).get_dtype()
         return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(dtype, torch.float32)
+
+    def close(self) -> None:
+        self._handles.clear()
 
     def save_tokenizer(self, folder: str) -> list[str]:
         import shutil

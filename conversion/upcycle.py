@@ -112,7 +112,7 @@ def layer_generator(seed: int, layer: int) -> torch.Generator:
 
 
 def build_moe_layer(plan: UpcyclePlan, layer: int) -> list[tuple[str, torch.Tensor]]:
-    """Read one dense FFN, run the method, return the layer's MoE tensors (our names) in the output dtype."""
+    """Read one dense FFN, run the method, return the layer's MoE tensors (our names)."""
     prefix = f"model.layers.{layer}.mlp."
     ffn = DenseFFN(*(plan.source.get(f"{prefix}{p}_proj.weight").float() for p in ("gate", "up", "down")))
     generator = layer_generator(plan.options.seed, layer)
@@ -123,10 +123,11 @@ def build_moe_layer(plan: UpcyclePlan, layer: int) -> list[tuple[str, torch.Tens
         router = torch.randn(E, H, generator=generator) * plan.options.router_std
         if plan.options.router_init == "zeros":
             router = torch.zeros(E, H)
+    # Expert tensors stay as the method made them (copy: broadcast views); consumers cast expert by expert.
     out = [
         (prefix + "gate.weight", router.to(plan.dtype)),
-        (prefix + "experts.gate_up_proj", init.gate_up.to(plan.dtype)),
-        (prefix + "experts.down_proj", init.down.to(plan.dtype)),
+        (prefix + "experts.gate_up_proj", init.gate_up),
+        (prefix + "experts.down_proj", init.down),
     ]
     if plan.moe_config.shared_expert_intermediate_size:
         shared = init.shared
@@ -139,7 +140,8 @@ def build_moe_layer(plan: UpcyclePlan, layer: int) -> list[tuple[str, torch.Tens
 
 
 def iter_moe_tensors(plan: UpcyclePlan, progress: bool = True):
-    """Yield (name, tensor) of the MoE model in plan order, one dense layer in memory at a time."""
+    """Yield (name, tensor) of the MoE model in plan order, one dense layer in memory at a time. Expert tensors
+    may be float32 broadcast views: cast them piece by piece (the writer does), never whole."""
     plan.method.prepare(plan.source, plan.options, plan.moe_layers)
     bar = tqdm(total=len(plan.moe_layers), desc=f"Upcycling ({plan.method.name})", unit="layer", disable=not progress)
     for kind, what in plan.steps:
@@ -228,6 +230,7 @@ def run_upcycle(
         finally:
             writer.abort()
         writer.close()
+        plan.source.close()
         check_written_tensors(read_written_shapes(tmp), expected)
         write_config_and_code(exporter.target_config(plan.moe_config), tmp)
         plan.source.save_tokenizer(tmp)
@@ -288,7 +291,9 @@ def upcycle_in_memory(dense_model_or_path, model_class=None, progress: bool = Fa
     state = {}
     for name, tensor in iter_moe_tensors(plan, progress=progress):
         # Own the memory: broadcast copies become real, trainable tensors, and nothing is shared with the dense model.
-        state[name] = tensor.clone(memory_format=torch.contiguous_format)
+        cast = tensor.to(plan.dtype)
+        fresh = cast is not tensor and cast.is_contiguous()
+        state[name] = cast if fresh else cast.clone(memory_format=torch.contiguous_format)
     with torch.device("meta"):
         model = model_class(plan.moe_config)
     result = model.load_state_dict(state, strict=False, assign=True)

@@ -111,11 +111,16 @@ class ShardedSafetensorsWriter:
             )
         if self._file is None or self._position > self._shard_end:
             self._open_next_shard()
-        # Row blocks of the leading dimension: a broadcast (expanded) tensor is never materialized whole.
         rows = tensor.unsqueeze(0) if tensor.dim() == 0 else tensor
-        for block in rows.split(1 if rows.dim() >= 3 else max(1, rows.shape[0]), dim=0):
-            data = block.to(dtype).contiguous().view(torch.uint8).numpy()
-            self._file.write(memoryview(data))
+        if rows.dim() >= 3 and rows.stride(0) == 0:
+            # A broadcast copy (every expert the same): cast one expert once, write it E times.
+            data = memoryview(rows[0].to(dtype).contiguous().view(torch.uint8).numpy())
+            for _ in range(rows.shape[0]):
+                self._file.write(data)
+        else:
+            # Expert by expert for 3-D tensors, so a cast never materializes a whole [E, ...] tensor.
+            for block in rows.split(1 if rows.dim() >= 3 else max(1, rows.shape[0]), dim=0):
+                self._file.write(memoryview(block.to(dtype).contiguous().view(torch.uint8).numpy()))
         self.bytes_written += tensor_bytes(shape, dtype)
         self._position += 1
 
