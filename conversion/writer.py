@@ -1,4 +1,4 @@
-"""Atomic, streaming, sharded safetensors output plus the model folder's config and remote code.
+"""Atomic, streaming, sharded safetensors output.
 
 Shards are planned from tensor shapes before any weight exists; each shard's header is written first and tensor
 bytes are then appended as they are produced, so memory stays at one tensor, never one shard. Output is built in
@@ -165,33 +165,6 @@ def atomic_output_dir(out: str, overwrite: bool = False):
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.rename(tmp, out)
-
-
-def remote_code_files() -> list[str]:
-    """The modeling files a checkpoint needs: modeling_llama_moe.py and everything it imports relatively."""
-    from transformers.dynamic_module_utils import get_relative_import_files
-
-    from llama_moe.modeling import modeling_llama_moe
-
-    main = modeling_llama_moe.__file__
-    return [main] + sorted(get_relative_import_files(main))
-
-
-def write_config_and_code(folder: str, config, remote_code: bool) -> list[str]:
-    """config.json (with auto_map when remote_code) and the remote-code .py files, as save_pretrained would."""
-    if remote_code:
-        config.auto_map = {
-            "AutoConfig": "configuration_llama_moe.LlamaMoEConfig",
-            "AutoModel": "modeling_llama_moe.LlamaMoEModel",
-            "AutoModelForCausalLM": "modeling_llama_moe.LlamaMoEForCausalLM",
-        }
-    config.save_pretrained(folder)
-    written = ["config.json"]
-    if remote_code:
-        for path in remote_code_files():
-            shutil.copy(path, os.path.join(folder, os.path.basename(path)))
-            written.append(os.path.basename(path))
-    return written
 
 
 def read_written_shapes(folder: str) -> dict[str, tuple]:

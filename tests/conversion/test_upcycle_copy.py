@@ -179,3 +179,19 @@ def test_verify_reports_logit_difference_and_perplexities(dense_dirs, tmp_path, 
                          verify=True, progress=False)
     assert result.verify["max_abs_logit_diff"] > 1e-3  # random splits change the function
     assert result.verify["tokens"] == 128
+
+
+def test_mixtral_format_loads_without_remote_code(dense_dirs, tmp_path):
+    from transformers import MixtralForCausalLM
+
+    out = upcycle(dense_dirs["llama2"], tmp_path / "mixtral", method="random", num_experts=4, top_k=2,
+                  format="mixtral", progress=False)
+    assert not [f for f in os.listdir(out) if f.endswith(".py")]
+    config = json.load(open(os.path.join(out, "config.json")))
+    assert config["model_type"] == "mixtral" and "auto_map" not in config
+    mixtral = MixtralForCausalLM.from_pretrained(out).eval()
+    ours = upcycle_in_memory(dense_dirs["llama2"], method="random", num_experts=4, top_k=2)
+    ids = tokens()
+    torch.testing.assert_close(logits_of(mixtral, ids), logits_of(ours, ids), atol=1e-5, rtol=1e-5)
+    card = open(os.path.join(out, "README.md")).read()
+    assert "trust_remote_code" not in card and "- custom_code" not in card
