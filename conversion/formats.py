@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Callable, ClassVar, NamedTuple
 
 import torch
-from safetensors import safe_open
 from tqdm.auto import tqdm
 from transformers import MixtralConfig, PreTrainedConfig, Qwen2MoeConfig
 from transformers.dynamic_module_utils import custom_object_save
@@ -53,6 +52,49 @@ SIDE_FILE_PATTERNS = (
 # ----------------------------------------------------------------------------------------------------------------
 
 
+class SafetensorsFile:
+    """One safetensors file read with plain positioned reads instead of a memory map: a tensor's bytes go into a
+    fresh buffer, so resident memory holds the tensors in use, not every page of the file touched so far."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            with open(path, "rb") as f:
+                header_size = int.from_bytes(f.read(8), "little")
+                if not 0 < header_size <= os.path.getsize(path) - 8:
+                    raise ValueError(f"header size {header_size} does not fit the file")
+                header = json.loads(f.read(header_size))
+        except (OSError, ValueError, UnicodeDecodeError) as error:
+            raise ValueError(f"Cannot read {path}: {error}. The file is corrupt or not safetensors.") from error
+        header.pop("__metadata__", None)
+        self.data_start = 8 + header_size
+        self.entries = header
+        data_end = max((entry["data_offsets"][1] for entry in header.values()), default=0)
+        if os.path.getsize(path) < self.data_start + data_end:
+            raise ValueError(f"{path} is truncated (shorter than its header says); download or copy it again.")
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def shape_and_dtype(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        entry = self.entries[name]
+        if entry["dtype"] not in SAFETENSORS_TO_TORCH:
+            raise ValueError(
+                f"{self.path}: tensor {name!r} has dtype {entry['dtype']}; supported: {sorted(SAFETENSORS_TO_TORCH)}."
+            )
+        return tuple(entry["shape"]), SAFETENSORS_TO_TORCH[entry["dtype"]]
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        shape, dtype = self.shape_and_dtype(name)
+        start, end = self.entries[name]["data_offsets"]
+        buffer = torch.empty(end - start, dtype=torch.uint8)
+        with open(self.path, "rb") as f:
+            f.seek(self.data_start + start)
+            if f.readinto(buffer.numpy()) != end - start:
+                raise ValueError(f"{self.path} ended inside tensor {name!r}: the file is truncated.")
+        return buffer.view(dtype).reshape(shape)
+
+
 class CheckpointReader:
     """Lazy access to the tensors of a Hugging Face checkpoint directory (sharded or single safetensors files;
     `pytorch_model*.bin` only as a fallback, read with `weights_only=True`). `get` loads one tensor."""
@@ -62,7 +104,7 @@ class CheckpointReader:
         if not self.src_dir.is_dir():
             raise FileNotFoundError(f"Checkpoint directory {str(self.src_dir)!r} does not exist.")
         self._file_of: dict[str, Path] = {}
-        self._handles: dict[Path, object] = {}
+        self._handles: dict[Path, SafetensorsFile] = {}
         self._bin_cache: dict[Path, dict[str, torch.Tensor]] = {}
         index = self.src_dir / INDEX_FILE
         if index.is_file():
@@ -88,12 +130,9 @@ class CheckpointReader:
             return list(self._handle(file).keys())
         return list(self._bin(file).keys())
 
-    def _handle(self, file: Path):
+    def _handle(self, file: Path) -> SafetensorsFile:
         if file not in self._handles:
-            try:
-                self._handles[file] = safe_open(str(file), framework="pt")
-            except Exception as error:  # safetensors raises its own error types for corrupt headers
-                raise ValueError(f"Cannot read {file}: {error}. The file is corrupt or not safetensors.") from error
+            self._handles[file] = SafetensorsFile(file)
         return self._handles[file]
 
     def _bin(self, file: Path) -> dict[str, torch.Tensor]:
@@ -118,8 +157,7 @@ class CheckpointReader:
         """From the file header: no tensor data is read."""
         file = self._file_of[name]
         if file.suffix == ".safetensors":
-            tensor_slice = self._handle(file).get_slice(name)
-            return tuple(tensor_slice.get_shape()), SAFETENSORS_TO_TORCH[tensor_slice.get_dtype()]
+            return self._handle(file).shape_and_dtype(name)
         tensor = self._bin(file)[name]  # memory-mapped
         return tuple(tensor.shape), tensor.dtype
 
@@ -249,8 +287,9 @@ class Exporter:
             return self.rename_unmapped(name, tensor)
         scale = float(self.moe_config.routed_scaling_factor)
         if scale != 1.0 and _matches_any(self.scaled_keys, name):
-            # Per expert slice, so a broadcast (expanded) source is never materialized whole.
-            renamed = [(new_name, (t.float() * scale).to(t.dtype)) for new_name, t in renamed]
+            # Per expert slice, so a broadcast (expanded) source is never materialized whole. torch computes a
+            # bf16/fp16 product in float32 and rounds once: the same bits as an explicit float32 round trip.
+            renamed = [(new_name, t * scale) for new_name, t in renamed]
         return renamed
 
     def rename_unmapped(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
@@ -505,6 +544,12 @@ class ConversionResult(NamedTuple):
     num_shards: int
 
 
+def _write_renamed(writer: ShardedSafetensorsWriter, exporter: Exporter, item: PlannedTensor) -> None:
+    # A function of its own so that the source tensor and its views are freed before the next one loads.
+    for new_name, new_tensor in exporter.rename(item.name, item.load()):
+        writer.write(new_name, new_tensor)
+
+
 def write_converted_checkpoint(
     tensors: list[PlannedTensor],
     exporter: Exporter,
@@ -529,8 +574,7 @@ def write_converted_checkpoint(
         writer = ShardedSafetensorsWriter(tmp, specs, shard_bytes)
         try:
             for item in tqdm(tensors, desc=desc, unit="tensor"):
-                for new_name, new_tensor in exporter.rename(item.name, item.load()):
-                    writer.write(new_name, new_tensor)
+                _write_renamed(writer, exporter, item)
         finally:
             writer.abort()
         writer.close()

@@ -14,7 +14,6 @@ from functools import partial
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from llama_moe.modeling import LlamaMoEConfig
@@ -140,25 +139,27 @@ def _expert_names(layer: int, expert: int) -> dict[str, str]:
 
 
 def _fused_gate_up(reader: CheckpointReader, layer: int, num_experts: int, width: int) -> torch.Tensor:
-    """Our gate_up_proj [E, 2I, H] from v1's per-expert gate and up [size_j, H], zero-padded to I rows each."""
-    blocks = []
+    """Our gate_up_proj [E, 2I, H] from v1's per-expert gate and up [size_j, H]; rows past size_j stay zero."""
+    fused = None
     for expert in range(num_experts):
         names = _expert_names(layer, expert)
-        for part in ("gate", "up"):
-            weight = reader.get(names[part])
-            blocks.append(F.pad(weight, (0, 0, 0, width - weight.shape[0])))
-    return torch.stack(blocks).view(num_experts, 2 * width, -1)
+        gate, up = reader.get(names["gate"]), reader.get(names["up"])
+        if fused is None:
+            fused = torch.zeros(num_experts, 2 * width, gate.shape[1], dtype=gate.dtype)
+        fused[expert, : gate.shape[0]] = gate
+        fused[expert, width : width + up.shape[0]] = up
+    return fused
 
 
 def _fused_down(reader: CheckpointReader, layer: int, num_experts: int, width: int, fold: float) -> torch.Tensor:
-    """Our down_proj [E, H, I] from v1's per-expert down [H, size_j], zero-padded, times `fold`."""
-    blocks = []
+    """Our down_proj [E, H, I] from v1's per-expert down [H, size_j] times `fold`; columns past size_j stay 0."""
+    fused = None
     for expert in range(num_experts):
-        weight = reader.get(_expert_names(layer, expert)["down"])
-        if fold != 1.0:
-            weight = (weight.float() * fold).to(weight.dtype)
-        blocks.append(F.pad(weight, (0, width - weight.shape[1])))
-    return torch.stack(blocks)
+        down = reader.get(_expert_names(layer, expert)["down"])
+        if fused is None:
+            fused = torch.zeros(num_experts, down.shape[0], width, dtype=down.dtype)
+        fused[expert, :, : down.shape[1]] = down * fold if fold != 1.0 else down  # fold: float32 math, one rounding
+    return fused
 
 
 def plan_our_tensors(reader: CheckpointReader, config: LlamaMoEConfig, fold: list[float]) -> list[PlannedTensor]:
