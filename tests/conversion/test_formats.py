@@ -289,3 +289,28 @@ def test_smollm2_copy_experts_exported_to_mixtral_give_the_dense_logits(tmp_path
     assert expected.abs().max() > 1.0
     print(f"SmolLM2 dense vs Mixtral export: max |logit diff| {(got - expected).abs().max().item():.2e}")
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_corrupt_or_truncated_shards_are_refused_before_writing(tmp_path):
+    _, src = _saved_moe(tmp_path)
+    weights = src / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:-100])
+    with pytest.raises(ValueError, match="truncated"):
+        export_checkpoint(src, tmp_path / "out", "mixtral")
+    weights.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(ValueError, match="corrupt or not safetensors"):
+        export_checkpoint(src, tmp_path / "out", "mixtral")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_source_missing_tensors_is_refused_before_writing(tmp_path):
+    from safetensors.torch import save_file
+
+    _, src = _saved_moe(tmp_path)
+    tensors = _all_tensors(src)
+    del tensors["model.layers.1.mlp.experts.down_proj"]
+    save_file(tensors, str(src / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"missing 4 tensors, e.g. \['model.layers.1.block_sparse_moe.experts.0.w2"):
+        export_checkpoint(src, tmp_path / "out", "mixtral")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["moe"]
