@@ -88,8 +88,10 @@ def check_common(options: UpcycleOptions, dense_config) -> None:
         raise ValueError(f"--aux-loss-coef must be >= 0, got {options.aux_loss_coef}.")
     if options.router_init not in ROUTER_INITS:
         raise ValueError(f"--router-init {options.router_init!r} is unknown; choose one of {list(ROUTER_INITS)}.")
-    if options.router_init == "centroids" and options.method != "clustering":
-        raise ValueError("--router-init centroids needs --method clustering (the centroids come from clustering).")
+    if options.router_init == "centroids" and options.method not in ("clustering", "gradient"):
+        raise ValueError(
+            "--router-init centroids needs --method clustering or gradient (the centroids come from clustering)."
+        )
     if options.expert_noise < 0:
         raise ValueError(f"--expert-noise must be >= 0, got {options.expert_noise}.")
     if options.dtype != "auto" and options.dtype not in DTYPES:

@@ -109,6 +109,22 @@ class DenseSource:
     def save_tokenizer(self, folder: str) -> list[str]:
         return []
 
+    def load_tokenizer(self):
+        """The base model's tokenizer, or None when the checkpoint has none."""
+        return None
+
+    def dense_model(self):
+        """The whole dense LlamaForCausalLM in float32 (for methods that need calibration forward passes)."""
+        from transformers import LlamaForCausalLM
+
+        with torch.device("meta"):
+            model = LlamaForCausalLM(self.config)
+        state = {name: self.get(name).float() for name in self.keys()}
+        model.load_state_dict(state, strict=False, assign=True)
+        model.model.rotary_emb = type(model.model.rotary_emb)(config=self.config)
+        model.tie_weights()
+        return model.eval()
+
     def close(self) -> None:
         pass
 
@@ -192,6 +208,14 @@ class SafetensorsSource(DenseSource):
     def close(self) -> None:
         self._handles.clear()
 
+    def load_tokenizer(self):
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(self.folder)
+        except (OSError, ValueError):
+            return None
+
     def save_tokenizer(self, folder: str) -> list[str]:
         import shutil
 
@@ -229,14 +253,15 @@ _DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I1
 class ModelSource(DenseSource):
     """An in-memory dense model (or its state dict), e.g. a GGUF file dequantized by transformers."""
 
-    def __init__(self, model, name: str, tokenizer_saver=None):
+    def __init__(self, model, name: str, tokenizer_loader=None):
         config_dict = model.config.to_dict()
         check_llama_config(config_dict, name)
         self.name = name
         self.config = dense_config_from_dict(config_dict)
         self._state = {k: v.detach() for k, v in model.state_dict().items()}
+        self._model = model
         self._generation_config = getattr(model, "generation_config", None)
-        self._tokenizer_saver = tokenizer_saver
+        self._tokenizer_loader = tokenizer_loader
         self.check_complete()
 
     def _names(self):
@@ -253,13 +278,22 @@ class ModelSource(DenseSource):
 
     def save_tokenizer(self, folder: str) -> list[str]:
         saved = []
-        if self._tokenizer_saver is not None:
-            self._tokenizer_saver(folder)
+        tokenizer = self.load_tokenizer()
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
             saved.append("tokenizer")
         if self._generation_config is not None:
             self._generation_config.save_pretrained(folder)
             saved.append("generation_config.json")
         return saved
+
+    def load_tokenizer(self):
+        return self._tokenizer_loader() if self._tokenizer_loader is not None else None
+
+    def dense_model(self):
+        if all(p.dtype == torch.float32 for p in self._model.parameters()):
+            return self._model  # used as is (no copy, no mode change)
+        return super().dense_model()
 
 
 def open_gguf(path: str) -> ModelSource:
@@ -277,10 +311,10 @@ def open_gguf(path: str) -> ModelSource:
     except (OSError, ValueError, KeyError) as error:
         raise ValueError(f"cannot load {path} as a GGUF model through transformers: {error}") from None
 
-    def save_tokenizer(out_folder):
-        AutoTokenizer.from_pretrained(folder, gguf_file=fname).save_pretrained(out_folder)
+    def load_tokenizer():
+        return AutoTokenizer.from_pretrained(folder, gguf_file=fname)
 
-    return ModelSource(model, name=fname, tokenizer_saver=save_tokenizer)
+    return ModelSource(model, name=fname, tokenizer_loader=load_tokenizer)
 
 
 def download_hub(repo_id: str) -> str:
@@ -306,7 +340,19 @@ def open_dense(base) -> DenseSource:
     """A local folder, a .gguf file, a Hub id, or an in-memory LlamaForCausalLM."""
     if not isinstance(base, (str, os.PathLike)):
         if hasattr(base, "state_dict") and hasattr(base, "config"):
-            return ModelSource(base, name=getattr(base.config, "_name_or_path", "") or type(base).__name__)
+            name_or_path = getattr(base.config, "_name_or_path", "") or ""
+
+            def load_tokenizer():
+                if not os.path.isdir(name_or_path):
+                    return None
+                from transformers import AutoTokenizer
+
+                try:
+                    return AutoTokenizer.from_pretrained(name_or_path)
+                except (OSError, ValueError):
+                    return None
+
+            return ModelSource(base, name=name_or_path or type(base).__name__, tokenizer_loader=load_tokenizer)
         raise ValueError(f"cannot upcycle a {type(base).__name__}: pass a path, a Hub id or a LlamaForCausalLM.")
     base = os.fspath(base)
     if os.path.isdir(base):

@@ -111,12 +111,12 @@ def layer_generator(seed: int, layer: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + layer)
 
 
-def build_moe_layer(plan: UpcyclePlan, layer: int) -> list[tuple[str, torch.Tensor]]:
+def build_moe_layer(plan: UpcyclePlan, layer: int, context=None) -> list[tuple[str, torch.Tensor]]:
     """Read one dense FFN, run the method, return the layer's MoE tensors (our names)."""
     prefix = f"model.layers.{layer}.mlp."
     ffn = DenseFFN(*(plan.source.get(f"{prefix}{p}_proj.weight").float() for p in ("gate", "up", "down")))
     generator = layer_generator(plan.options.seed, layer)
-    init = plan.method.build(ffn, plan.options, generator, layer)
+    init = plan.method.build(ffn, plan.options, generator, layer, context)
     router = init.router
     if router is None:
         E, H = plan.moe_config.num_local_experts, plan.moe_config.hidden_size
@@ -142,13 +142,13 @@ def build_moe_layer(plan: UpcyclePlan, layer: int) -> list[tuple[str, torch.Tens
 def iter_moe_tensors(plan: UpcyclePlan, progress: bool = True):
     """Yield (name, tensor) of the MoE model in plan order, one dense layer in memory at a time. Expert tensors
     may be float32 broadcast views: cast them piece by piece (the writer does), never whole."""
-    plan.method.prepare(plan.source, plan.options, plan.moe_layers)
+    context = plan.method.prepare(plan.source, plan.options, plan.moe_layers)
     bar = tqdm(total=len(plan.moe_layers), desc=f"Upcycling ({plan.method.name})", unit="layer", disable=not progress)
     for kind, what in plan.steps:
         if kind == "copy":
             yield what, plan.source.get(what).to(plan.dtype)
         else:
-            yield from build_moe_layer(plan, what)
+            yield from build_moe_layer(plan, what, context)
             bar.update(1)
     bar.close()
 

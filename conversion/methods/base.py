@@ -66,8 +66,11 @@ class UpcycleMethod:
         """LlamaMoEConfig fields this method decides (expert width, scaling, ...), known before any weight."""
         return {"moe_intermediate_size": dense_config.intermediate_size}
 
-    def prepare(self, source, options, moe_layers: list[int]) -> None:
-        """Whole-model work done once before the layer loop (only the gradient method needs it)."""
+    def prepare(self, source, options, moe_layers: list[int]):
+        """Whole-model work done once before the layer loop (only the gradient method needs it); what it returns
+        reaches `build` as `context`."""
+        return None
 
-    def build(self, ffn: DenseFFN, options, generator: torch.Generator, layer_idx: int) -> ExpertInit:
+    def build(self, ffn: DenseFFN, options, generator: torch.Generator, layer_idx: int, context=None) -> ExpertInit:
+        """One MoE layer from one dense FFN. `context` is what `prepare` returned (None for most methods)."""
         raise NotImplementedError

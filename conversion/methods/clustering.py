@@ -72,7 +72,7 @@ class ClusteringMethod(UpcycleMethod):
             "routed_scaling_factor": options.num_experts / options.top_k,
         }
 
-    def build(self, ffn: DenseFFN, options, generator: torch.Generator, layer_idx: int) -> ExpertInit:
+    def build(self, ffn: DenseFFN, options, generator: torch.Generator, layer_idx: int, context=None) -> ExpertInit:
         rows = ffn.up if options.cluster_on == "up" else ffn.gate
         groups, centroids_EH = balanced_kmeans(F.normalize(rows, dim=1), options.num_experts, generator)
         init = experts_from_groups(ffn, groups, groups[:0])

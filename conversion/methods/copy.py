@@ -13,7 +13,7 @@ class CopyMethod(UpcycleMethod):
     name = "copy"
     summary = "every expert is a copy of the dense FFN (exact at init with renormalized top-k)"
 
-    def build(self, ffn: DenseFFN, options, generator: torch.Generator, layer_idx: int) -> ExpertInit:
+    def build(self, ffn: DenseFFN, options, generator: torch.Generator, layer_idx: int, context=None) -> ExpertInit:
         E = options.num_experts
         gate_up = torch.cat([ffn.gate, ffn.up], dim=0)[None].expand(E, -1, -1)
         down = ffn.down[None].expand(E, -1, -1)

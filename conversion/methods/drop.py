@@ -18,7 +18,7 @@ class DropMethod(UpcycleMethod):
         if not 0.0 <= options.drop_ratio <= 1.0:
             raise ValueError(f"--drop-ratio must be in [0, 1], got {options.drop_ratio}.")
 
-    def build(self, ffn: DenseFFN, options, generator: torch.Generator, layer_idx: int) -> ExpertInit:
+    def build(self, ffn: DenseFFN, options, generator: torch.Generator, layer_idx: int, context=None) -> ExpertInit:
         E, I = options.num_experts, ffn.intermediate_size
         num_dropped = round(options.drop_ratio * I)
         gate = ffn.gate[None].repeat(E, 1, 1)

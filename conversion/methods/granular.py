@@ -70,7 +70,7 @@ class GranularMethod(UpcycleMethod):
             changes["routed_scaling_factor"] = float(options.granularity)
         return changes
 
-    def build(self, ffn: DenseFFN, options, generator: torch.Generator, layer_idx: int) -> ExpertInit:
+    def build(self, ffn: DenseFFN, options, generator: torch.Generator, layer_idx: int, context=None) -> ExpertInit:
         E, G = options.num_experts, options.granularity
         if options.granular_scaling == "paper":
             scale = activation_scale(options, self._norm_topk_prob(options)) ** (1 / 3)

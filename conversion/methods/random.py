@@ -40,7 +40,7 @@ class RandomMethod(UpcycleMethod):
             "routed_scaling_factor": E / options.top_k,
         }
 
-    def build(self, ffn: DenseFFN, options, generator: torch.Generator, layer_idx: int) -> ExpertInit:
+    def build(self, ffn: DenseFFN, options, generator: torch.Generator, layer_idx: int, context=None) -> ExpertInit:
         E, N = options.num_experts, options.shared_experts
         groups = random_partition(ffn.intermediate_size, E + N, generator)
         return experts_from_groups(ffn, groups[N:], groups[:N])

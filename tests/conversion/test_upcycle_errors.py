@@ -36,8 +36,10 @@ def test_option_errors(dense_dir, tmp_path):
             granularity=5)
     refused(tmp_path, dense_dir, r"--drop-ratio must be in \[0, 1\]", method="drop", drop_ratio=1.5)
     refused(tmp_path, dense_dir, r"--shared-experts needs a method that splits", shared_experts=1)
-    refused(tmp_path, dense_dir, r"--router-init centroids needs --method clustering", router_init="centroids")
-    refused(tmp_path, dense_dir, r"gradient is not implemented yet", method="gradient")
+    refused(tmp_path, dense_dir, r"--router-init centroids needs --method clustering or gradient", router_init="centroids")
+    refused(tmp_path, dense_dir, r"--method gradient needs --calibration-data", method="gradient")
+    refused(tmp_path, dense_dir, r"--calibration-data .*nothing.txt does not exist", method="gradient",
+            calibration_data=str(tmp_path / "nothing.txt"))
     refused(tmp_path, dense_dir, r"unknown upcycling option\(s\) \['num_expert'\]", num_expert=4)
     refused(tmp_path, dense_dir, r"Unknown format 'gguf'", format="gguf")
     refused(tmp_path, dense_dir, r"(?s)does not fit format 'mixtral'.*no shared expert", format="mixtral",
