@@ -86,11 +86,12 @@ def perplexity_bars(analysis: dict, path: Path) -> Path:
     ax.set_xticks(x, domains)
     ax.set_ylabel("perplexity (lower is better)")
     values = [r["domains"][d]["perplexity"] for _, r, _ in series for d in domains]
-    if max(values) / max(min(values), 1e-9) > 50:
+    log_scale = max(values) / max(min(values), 1e-9) > 50
+    if log_scale:
         ax.set_yscale("log")
-    ax.set_ylim(top=ax.get_ylim()[1] * 1.15)
-    ax.set_title("Perplexity per domain")
-    ax.legend(loc="upper left", fontsize=8)
+    ax.set_ylim(top=max(values) * (4 if log_scale else 1.15))  # room for the value labels
+    ax.set_title("Perplexity per domain" + (" (log scale)" if log_scale else ""))
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=len(series), fontsize=8, frameon=False)
     return _save(fig, path)
 
 

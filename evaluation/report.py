@@ -50,7 +50,8 @@ def _perplexity_section(results: dict) -> list[str]:
         row = f"| {domain} | {scores['tokens']} | {scores['perplexity']:.4g} |"
         if has_base:
             base = results["base"]["domains"][domain]["perplexity"]
-            row += f" {base:.4g} | {100 * (scores['perplexity'] / base - 1):+.2f} % |"
+            ratio = scores["perplexity"] / base
+            row += f" {base:.4g} | " + (f"{100 * (ratio - 1):+.2f} % |" if ratio < 10 else f"{ratio:,.3g}x |")
         lines.append(row)
     return lines + ["", "![perplexity per domain](perplexity.png)", ""]
 
