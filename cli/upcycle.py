@@ -9,6 +9,7 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from llama_moe.conversion.formats import EXPORTERS
     from llama_moe.conversion.methods import GRANULAR_SCALING, METHODS
 
     methods = "\n".join(f"  {name:<11} {m.summary}" for name, m in METHODS.items())
@@ -36,7 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="renormalize the top-k routing weights (default: yes; granular's paper mode: no)",
     )
     parser.add_argument(
-        "--routed-scaling-factor", type=float, default=None, help="scale of the routed output (random: E/k)"
+        "--routed-scaling-factor",
+        type=float,
+        default=None,
+        help="scale of the routed output (default: random and clustering E/k, gradient the uncovered share, "
+        "granular exact G, otherwise 1)",
     )
     parser.add_argument("--capacity-factor", type=float, default=None, help="expert capacity (default: dropless)")
     parser.add_argument("--aux-loss-coef", type=float, default=0.01, help="load-balancing loss weight (0.01)")
@@ -44,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--router-init",
         default="normal",
         choices=["normal", "zeros", "centroids"],
-        help="router weights: normal (seeded, std --router-std), zeros, or centroids (clustering only)",
+        help="router weights: normal (seeded, std --router-std), zeros, or centroids (clustering, gradient)",
     )
     parser.add_argument("--router-std", type=float, default=None, help="std of the normal router init "
                         "(default: the model's initializer_range)")
@@ -61,11 +66,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--cluster-on", default="up", choices=["up", "gate"], help="clustering: rows to cluster")
     parser.add_argument("--calibration-data", default=None, help="gradient: text or JSONL file")
-    parser.add_argument("--expert-size", type=int, default=None, help="gradient: neurons per expert")
+    parser.add_argument(
+        "--expert-size", type=int, default=None, help="gradient: neurons per expert (default I / (E + shared))"
+    )
+    parser.add_argument(
+        "--calibration-tokens", type=int, default=4096, help="gradient: calibration tokens used (default 4096)"
+    )
     parser.add_argument("--dtype", default="auto", help="auto (the base model's), float32, bfloat16 or float16")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
-    parser.add_argument("--format", default="llama_moe", help="output architecture: llama_moe (default) or mixtral")
+    parser.add_argument(
+        "--format", default="llama_moe", help=f"output architecture: {', '.join(EXPORTERS)} (default llama_moe)"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     parser.add_argument(
         "--verify", action="store_true", help="run dense and MoE on real tokens: max logit difference, perplexities"
@@ -77,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 OPTION_FIELDS = (
     "method", "num_experts", "top_k", "moe_layers", "shared_experts", "norm_topk_prob", "routed_scaling_factor",
     "capacity_factor", "aux_loss_coef", "router_init", "router_std", "expert_noise", "drop_ratio", "granularity",
-    "granular_scaling", "cluster_on", "calibration_data", "expert_size", "dtype", "seed",
+    "granular_scaling", "cluster_on", "calibration_data", "expert_size", "calibration_tokens", "dtype", "seed",
 )  # fmt: skip
 
 

@@ -12,7 +12,7 @@ METHOD_OPTIONS = {
     "copy": ("expert_noise",),
     "random": ("shared_experts",),
     "clustering": ("cluster_on",),
-    "gradient": ("calibration_data", "expert_size", "shared_experts"),
+    "gradient": ("calibration_data", "calibration_tokens", "expert_size", "shared_experts"),
     "granular": ("granularity", "granular_scaling"),
     "drop": ("drop_ratio",),
 }
@@ -73,7 +73,8 @@ def render_model_card(plan, *, format: str, total_params: int, active_params: in
         "",
     ]
     if command:
-        lines += ["## How it was made", "", "```bash", command, "```", ""]
+        language = "bash" if command.startswith("llama-moe ") else "python"
+        lines += ["## How it was made", "", f"```{language}", command, "```", ""]
     return "\n".join(lines)
 
 

@@ -270,6 +270,13 @@ def upcycle(
     norm_topk_prob, routed_scaling_factor, capacity_factor, aux_loss_coef, router_init, expert_noise, drop_ratio,
     granularity, granular_scaling, cluster_on, calibration_data, expert_size, dtype, seed)."""
     options = UpcycleOptions.from_kwargs(method=method, num_experts=num_experts, top_k=top_k, **moe_options)
+    arguments = dict(method=method, num_experts=num_experts, top_k=top_k, **moe_options)
+    if format != "llama_moe":
+        arguments["format"] = format
+    base_text = repr(os.fspath(base)) if isinstance(base, (str, os.PathLike)) else type(base).__name__
+    command = "from llama_moe.conversion import upcycle\nupcycle({}, {!r}, {})".format(
+        base_text, os.fspath(out), ", ".join(f"{k}={v!r}" for k, v in arguments.items())
+    )
     return run_upcycle(
         base,
         out,
@@ -278,6 +285,7 @@ def upcycle(
         max_shard_size=max_shard_size,
         overwrite=overwrite,
         verify=verify,
+        command=command,
         progress=progress,
     ).path
 

@@ -4,6 +4,7 @@ Reports the largest absolute logit difference (0 up to float rounding for copy, 
 ratio 0) and both perplexities. Loads both models in float32: meant for models that fit in memory twice.
 """
 
+import copy
 import math
 import os
 
@@ -58,7 +59,10 @@ def perplexity(logits: torch.Tensor, ids: torch.Tensor) -> float:
 def verify_upcycled(base, out: str, max_tokens: int = 128) -> dict:
     from transformers import AutoModelForCausalLM
 
-    dense = load_dense(base).float().eval()
+    dense = load_dense(base)
+    if any(p.dtype != torch.float32 for p in dense.parameters()):
+        dense = copy.deepcopy(dense).float()  # never change the caller's model
+    dense.eval()
     moe = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
     ids, what = token_ids(out, dense.config.vocab_size, max_tokens)
     dense_logits = dense(ids).logits

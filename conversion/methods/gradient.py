@@ -148,6 +148,8 @@ class GradientMethod(UpcycleMethod):
             raise ValueError("--method gradient needs --calibration-data (a text or JSONL file) to measure importance.")
         if not os.path.isfile(options.calibration_data):
             raise FileNotFoundError(f"--calibration-data {options.calibration_data} does not exist.")
+        if options.calibration_tokens < SEQUENCE_LENGTH:
+            raise ValueError(f"--calibration-tokens must be >= {SEQUENCE_LENGTH}, got {options.calibration_tokens}.")
         size, I = self._expert_size(dense_config, options), dense_config.intermediate_size
         shared = options.shared_experts * size
         if size < 1 or size + shared > I:

@@ -53,7 +53,8 @@ def test_output_folder_contents(dense_dirs, tmp_path):
     assert tensors["model.layers.0.mlp.gate.weight"].shape == (4, 32)
     card = open(os.path.join(out, "README.md")).read()
     for needle in ("library_name: transformers", "pipeline_tag: text-generation", "- moe", "- custom_code",
-                   "- upcycling", "`copy`", "| top-k | 2", "active per token"):
+                   "- upcycling", "`copy`", "| top-k | 2", "active per token",
+                   "upcycle('" + dense_dirs["llama3"] + "', '" + out + "', method='copy', num_experts=4, top_k=2)"):
         assert needle in card, needle
 
 
