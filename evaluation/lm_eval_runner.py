@@ -174,10 +174,15 @@ def load_lm(model, tokenizer=None, device: str | None = None, dtype: str = "auto
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if isinstance(model, (str, os.PathLike)):
         model = str(model)
-        if os.path.isdir(model) and not os.path.isfile(os.path.join(model, "config.json")):
+        options = {}
+        if model.endswith(".gguf"):  # a dense base as GGUF: transformers dequantizes it
+            if not os.path.isfile(model):
+                raise FileNotFoundError(f"GGUF file {model} does not exist.")
+            model, options["gguf_file"] = os.path.dirname(os.path.abspath(model)), os.path.basename(model)
+        elif os.path.isdir(model) and not os.path.isfile(os.path.join(model, "config.json")):
             raise FileNotFoundError(f"{model} has no config.json: give a Hugging Face model directory or Hub id.")
         return HFLM(pretrained=model, tokenizer=tokenizer, device=device, dtype=dtype, batch_size=batch_size,
-                    trust_remote_code=trust_remote_code)
+                    trust_remote_code=trust_remote_code, **options)
     return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, trust_remote_code=trust_remote_code)
 
 
