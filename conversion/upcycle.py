@@ -247,7 +247,7 @@ def run_upcycle(
     if verify:
         from .verify import verify_upcycled
 
-        result.verify = verify_upcycled(base if not isinstance(base, DenseSource) else plan.source, out)
+        result.verify = verify_upcycled(plan.source, out)  # the dense model already opened (no second GGUF parse)
     return result
 
 

@@ -24,6 +24,8 @@ def sample_text() -> str:
 def load_dense(base):
     from transformers import AutoModelForCausalLM
 
+    if hasattr(base, "dense_model"):  # an opened DenseSource
+        return base.dense_model()
     if not isinstance(base, (str, os.PathLike)):
         return base
     base = os.fspath(base)
