@@ -1,13 +1,41 @@
 """Dropless sparse MoE experts kernel ("dropless"), registered with transformers' experts interface.
 
-Sorts token slots by expert, gathers the tokens once, runs each expert's GEMMs on a contiguous slice (no
-padding, no token dropped), and scatters the weighted results back with one index_add. The backward pass is
-written by hand: it recomputes the SwiGLU from the saved gate/up activations, never copies expert weights,
-and gives empty experts zero gradients. Part of the remote-code bundle: imports only torch and transformers.
+Sorts token slots by expert, gathers the tokens once, runs each expert's GEMMs on a contiguous slice (no padding,
+no token dropped), and reduces the results back to tokens with one weighted gather-sum (embedding_bag: no second
+copy of the tokens, no atomics, deterministic). The backward pass is written by hand: it recomputes the SwiGLU from
+the saved gate/up projections (megablocks' memory-optimized MLP), never copies expert weights, and gives experts
+without tokens zero gradients. Part of the remote-code bundle: imports only torch and transformers.
 """
+
+import threading
 
 import torch
 import torch.nn.functional as F
+
+# How the per-expert GEMMs run: "loop" (one torch.mm per expert with tokens) or "grouped" (torch's grouped_mm).
+# None picks per device: measured on CPU (MKL, float32 and bfloat16) the loop is as fast or faster; on CUDA
+# torch's grouped GEMM avoids one kernel launch per expert.
+GEMM_BACKEND: str | None = None
+
+
+_WORKSPACE = threading.local()
+
+
+def _workspace(name: str, rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
+    """A (rows, cols) scratch buffer reused across calls on CPU, one per name, thread, dtype and device.
+
+    Buffers of tens of megabytes come from mmap and pay one page fault per 4 KiB page at every call (about as long
+    as the gather that fills them); reusing them avoids that. Only temporaries that never leave one forward or
+    backward call live here, so nested or concurrent layers cannot see each other's data.
+    """
+    if like.device.type != "cpu":
+        return like.new_empty(rows, cols)
+    cache = _WORKSPACE.__dict__.setdefault("buffers", {})
+    key = (name, like.dtype, like.device)
+    buffer = cache.get(key)
+    if buffer is None or buffer.numel() < rows * cols:
+        buffer = cache[key] = like.new_empty(rows * cols)
+    return buffer[: rows * cols].view(rows, cols)
 
 
 def sort_slots_by_expert(top_k_index: torch.Tensor, num_experts: int):
@@ -26,18 +54,96 @@ def sort_slots_by_expert(top_k_index: torch.Tensor, num_experts: int):
     return order_S, token_S, counts_E
 
 
-def _expert_slices(counts: list[int], num_experts: int):
-    start = 0
-    for expert in range(num_experts):
-        end = start + counts[expert]
-        if end > start:
-            yield expert, start, end
-        start = end
+def _gemm_backend(device: torch.device) -> str:
+    if GEMM_BACKEND is not None:
+        return GEMM_BACKEND
+    return "grouped" if device.type == "cuda" and hasattr(F, "grouped_mm") else "loop"
 
 
-def _silu_and_grad(gate):
-    sig = torch.sigmoid(gate)
-    return gate * sig, sig * (1 + gate * (1 - sig))
+class _Plan:
+    """Where every kept slot goes: its sorted position, its token, the per-expert row ranges, and the bags
+    (token-major lists of sorted positions) the weighted reduction sums over."""
+
+    def __init__(self, top_k_index: torch.Tensor, num_experts: int, backend: str):
+        num_tokens, top_k = top_k_index.shape
+        order_S, token_S, counts_E = sort_slots_by_expert(top_k_index, num_experts)
+        counts = counts_E.tolist()  # the one host sync: buffer sizes and slice bounds
+        self.counts = counts[:num_experts]
+        self.kept = sum(self.counts)
+        self.dropped = counts[num_experts]
+        self.order_S = order_S[: self.kept]
+        self.token_S = token_S[: self.kept]
+        self.num_experts = num_experts
+        self.backend = backend
+        self.offsets_E = None
+        if backend == "grouped":
+            self.offsets_E = torch.cumsum(counts_E[:num_experts], 0, dtype=torch.int32)
+        # Sorted position of every (token, slot) pair in token-major order; dropped slots sit at positions >= kept.
+        position_S = torch.empty_like(order_S)
+        position_S[order_S] = torch.arange(order_S.numel(), device=order_S.device)
+        if self.dropped:
+            keep_S = top_k_index.reshape(-1) < num_experts
+            self.bag_positions = position_S[keep_S]
+            per_token = keep_S.view(num_tokens, top_k).sum(1)
+            self.bag_offsets = torch.cumsum(per_token, 0) - per_token
+            self.bag_keep = keep_S
+        else:
+            self.bag_positions = position_S
+            self.bag_offsets = torch.arange(0, num_tokens * top_k, top_k, device=order_S.device)
+            self.bag_keep = None
+
+    def slices(self):
+        start = 0
+        for expert, count in enumerate(self.counts):
+            if count:
+                yield expert, start, start + count
+            start += count
+
+    def reduce(self, rows_SH: torch.Tensor, weights_TK: torch.Tensor | None = None) -> torch.Tensor:
+        """out[t] = sum over t's kept slots j of weights[t, j] * rows[position of (t, j)]: one pass, no atomics."""
+        per_sample = None
+        if weights_TK is not None:
+            per_sample = weights_TK.reshape(-1)
+            if self.bag_keep is not None:
+                per_sample = per_sample[self.bag_keep]
+            per_sample = per_sample.to(rows_SH.dtype)
+        if rows_SH.shape[0] == 0:  # nothing kept: embedding_bag refuses an empty table
+            return rows_SH.new_zeros(self.bag_offsets.shape[0], rows_SH.shape[1])
+        return F.embedding_bag(
+            self.bag_positions, rows_SH, self.bag_offsets, mode="sum", per_sample_weights=per_sample
+        )
+
+    def mm(self, a_SK: torch.Tensor, weight_EKN, out_SN: torch.Tensor) -> torch.Tensor:
+        """out[rows of e] = a[rows of e] @ weight[e] for every expert e; weight_EKN is [E, K, N] (views allowed)."""
+        if self.backend == "grouped":
+            return F.grouped_mm(a_SK, weight_EKN, offs=self.offsets_E, out_dtype=out_SN.dtype)
+        for expert, start, end in self.slices():
+            torch.mm(a_SK[start:end], weight_EKN[expert], out=out_SN[start:end])
+        return out_SN
+
+    def weight_grad(self, a_SM: torch.Tensor, b_SN: torch.Tensor, like_EMN: torch.Tensor) -> torch.Tensor:
+        """grad[e] = a[rows of e]^T @ b[rows of e]; experts without rows get zeros."""
+        if self.backend == "grouped":
+            grad = F.grouped_mm(a_SM.t(), b_SN, offs=self.offsets_E, out_dtype=like_EMN.dtype)
+        else:
+            grad = torch.empty_like(like_EMN)
+            for expert, start, end in self.slices():
+                torch.mm(a_SM[start:end].t(), b_SN[start:end], out=grad[expert])
+        idle = [expert for expert, count in enumerate(self.counts) if count == 0]
+        if idle:
+            grad[idle] = 0
+        return grad
+
+
+def _scale_rows_(rows_SN: torch.Tensor, weights_S1: torch.Tensor) -> torch.Tensor:
+    """rows * weights, in place when the rows already have the accumulation dtype."""
+    if rows_SN.dtype == weights_S1.dtype:
+        return rows_SN.mul_(weights_S1)
+    return (rows_SN * weights_S1).to(rows_SN.dtype)
+
+
+def _is_silu(act_fn) -> bool:
+    return act_fn is F.silu or act_fn.__class__.__name__ == "SiLUActivation"
 
 
 class DroplessExpertsFunction(torch.autograd.Function):
@@ -45,51 +151,43 @@ class DroplessExpertsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden_TH, top_k_index, top_k_weights, gate_up_proj, down_proj, act_fn):
-        num_experts = gate_up_proj.shape[0]
-        intermediate = down_proj.shape[-1]
-        order_S, token_S, counts_E = sort_slots_by_expert(top_k_index, num_experts)
-        counts = counts_E.tolist()
-        kept = sum(counts[:num_experts])
-        order_S, token_S = order_S[:kept], token_S[:kept]
-        acc_dtype = torch.promote_types(hidden_TH.dtype, torch.float32)
-        weights_S = top_k_weights.reshape(-1)[order_S].to(acc_dtype)
+        num_experts, intermediate = gate_up_proj.shape[0], down_proj.shape[-1]
+        plan = _Plan(top_k_index, num_experts, _gemm_backend(hidden_TH.device))
 
-        x_SH = hidden_TH[token_S]
-        gate_up_S2I = x_SH.new_empty(kept, 2 * intermediate)
-        for expert, start, end in _expert_slices(counts, num_experts):
-            torch.mm(x_SH[start:end], gate_up_proj[expert].t(), out=gate_up_S2I[start:end])
+        x_SH = _workspace("rows", plan.kept, hidden_TH.shape[1], hidden_TH)
+        torch.index_select(hidden_TH, 0, plan.token_S, out=x_SH)
+        gate_up_S2I = plan.mm(x_SH, gate_up_proj.transpose(1, 2), x_SH.new_empty(plan.kept, 2 * intermediate))
         gate_SI, up_SI = gate_up_S2I.split(intermediate, dim=-1)
-        act_SI = act_fn(gate_SI) * up_SI
+        act_SI = act_fn(gate_SI).mul_(up_SI)
+        y_SH = plan.mm(act_SI, down_proj.transpose(1, 2), x_SH)  # x is not needed any more: reuse its buffer
+        acc_dtype = torch.promote_types(hidden_TH.dtype, torch.float32)
+        if y_SH.dtype != acc_dtype:
+            y_SH = y_SH.to(acc_dtype)  # bf16/fp16: sum the k expert outputs in float32
+        out_TH = plan.reduce(y_SH, top_k_weights)
 
-        y_SH = x_SH  # the gathered tokens are not needed any more: reuse their buffer for the output
-        for expert, start, end in _expert_slices(counts, num_experts):
-            torch.mm(act_SI[start:end], down_proj[expert].t(), out=y_SH[start:end])
-        out_TH = torch.zeros(hidden_TH.shape, dtype=acc_dtype, device=hidden_TH.device)
-        out_TH.index_add_(0, token_S, y_SH.to(acc_dtype).mul_(weights_S.unsqueeze(-1)))
-
-        ctx.save_for_backward(hidden_TH, order_S, token_S, weights_S, gate_up_S2I, gate_up_proj, down_proj)
-        ctx.counts = counts
-        ctx.act_fn = act_fn
-        ctx.weights_shape, ctx.weights_dtype = top_k_weights.shape, top_k_weights.dtype
+        ctx.save_for_backward(hidden_TH, top_k_weights, gate_up_S2I, gate_up_proj, down_proj)
+        ctx.plan, ctx.act_fn = plan, act_fn
         return out_TH.to(hidden_TH.dtype)
 
     @staticmethod
     def backward(ctx, grad_out_TH):
-        hidden_TH, order_S, token_S, weights_S, gate_up_S2I, gate_up_proj, down_proj = ctx.saved_tensors
-        counts, act_fn = ctx.counts, ctx.act_fn
-        num_experts, intermediate = gate_up_proj.shape[0], down_proj.shape[-1]
+        hidden_TH, top_k_weights, gate_up_S2I, gate_up_proj, down_proj = ctx.saved_tensors
+        plan, act_fn = ctx.plan, ctx.act_fn
+        intermediate = down_proj.shape[-1]
         dtype = hidden_TH.dtype
-        kept = token_S.shape[0]
+        acc_dtype = torch.promote_types(dtype, torch.float32)
+        weights_S1 = top_k_weights.reshape(-1)[plan.order_S].to(acc_dtype).unsqueeze(-1)
 
-        grad_y_SH = grad_out_TH.to(dtype)[token_S]
+        grad_y_SH = torch.index_select(
+            grad_out_TH.to(dtype), 0, plan.token_S, out=_workspace("rows", plan.kept, hidden_TH.shape[1], hidden_TH)
+        )
         # d(out)/d(act) before the routing weight: grad_y @ down_e, one GEMM per expert slice.
-        grad_act_unweighted_SI = grad_y_SH.new_empty(kept, intermediate)
-        for expert, start, end in _expert_slices(counts, num_experts):
-            torch.mm(grad_y_SH[start:end], down_proj[expert], out=grad_act_unweighted_SI[start:end])
+        grad_act_SI = plan.mm(grad_y_SH, down_proj, _workspace("act", plan.kept, intermediate, grad_y_SH))
 
         gate_SI, up_SI = gate_up_S2I.split(intermediate, dim=-1)
-        if act_fn.__class__.__name__ == "SiLUActivation" or act_fn is F.silu:
-            act_gate_SI, act_gate_grad_SI = _silu_and_grad(gate_SI)
+        silu = _is_silu(act_fn)
+        if silu:
+            act_gate_SI = F.silu(gate_SI)  # recomputed, not stored (memory-optimized MLP)
         else:
             with torch.enable_grad():
                 gate_leaf = gate_SI.detach().requires_grad_()
@@ -98,43 +196,51 @@ class DroplessExpertsFunction(torch.autograd.Function):
             act_gate_SI = act_gate_SI.detach()
         act_SI = act_gate_SI * up_SI
 
-        acc_dtype = weights_S.dtype
-        grad_weights_S = (grad_act_unweighted_SI.to(acc_dtype) * act_SI.to(acc_dtype)).sum(-1)
-        weights_col = weights_S.unsqueeze(-1)
-        grad_act_SI = (grad_act_unweighted_SI.to(acc_dtype) * weights_col).to(dtype)
-
-        grad_gate_up_proj = grad_down_proj = grad_hidden_TH = grad_top_k_weights = None
-        if ctx.needs_input_grad[4]:
-            weighted_act_SI = (act_SI.to(acc_dtype) * weights_col).to(dtype)
-            grad_down_proj = torch.zeros_like(down_proj)
-            for expert, start, end in _expert_slices(counts, num_experts):
-                torch.mm(grad_y_SH[start:end].t(), weighted_act_SI[start:end], out=grad_down_proj[expert])
-
-        grad_gate_up_S2I = torch.cat([grad_act_SI * up_SI * act_gate_grad_SI, grad_act_SI * act_gate_SI], dim=-1)
-        if ctx.needs_input_grad[0]:
-            grad_x_SH = grad_y_SH  # grad_y is not needed once grad_down_proj is done: reuse its buffer
-            for expert, start, end in _expert_slices(counts, num_experts):
-                torch.mm(grad_gate_up_S2I[start:end], gate_up_proj[expert], out=grad_x_SH[start:end])
-            grad_hidden_TH = torch.zeros_like(hidden_TH).index_add_(0, token_S, grad_x_SH)
-        if ctx.needs_input_grad[3]:
-            x_SH = hidden_TH[token_S]
-            grad_gate_up_proj = torch.zeros_like(gate_up_proj)
-            for expert, start, end in _expert_slices(counts, num_experts):
-                torch.mm(grad_gate_up_S2I[start:end].t(), x_SH[start:end], out=grad_gate_up_proj[expert])
+        grad_top_k_weights = grad_gate_up_proj = grad_down_proj = grad_hidden_TH = None
         if ctx.needs_input_grad[2]:
-            grad_flat = torch.zeros(ctx.weights_shape.numel(), dtype=acc_dtype, device=weights_S.device)
-            grad_flat[order_S] = grad_weights_S
-            grad_top_k_weights = grad_flat.view(ctx.weights_shape).to(ctx.weights_dtype)
+            grad_weights_S = torch.linalg.vecdot(grad_act_SI.to(acc_dtype), act_SI.to(acc_dtype))
+            grad_flat = torch.zeros(top_k_weights.numel(), dtype=acc_dtype, device=grad_weights_S.device)
+            grad_flat[plan.order_S] = grad_weights_S
+            grad_top_k_weights = grad_flat.view(top_k_weights.shape).to(top_k_weights.dtype)
+        if ctx.needs_input_grad[4]:
+            weighted_act_SI = _scale_rows_(act_SI, weights_S1)
+            grad_down_proj = plan.weight_grad(grad_y_SH, weighted_act_SI, down_proj)
+        del act_SI
+        grad_act_SI = _scale_rows_(grad_act_SI, weights_S1)
+
+        grad_gate_up_S2I = _workspace("gate_up", plan.kept, 2 * intermediate, gate_up_S2I)
+        grad_gate_SI, grad_up_SI = grad_gate_up_S2I.split(intermediate, dim=-1)
+        torch.mul(grad_act_SI, act_gate_SI, out=grad_up_SI)
+        torch.mul(grad_act_SI, up_SI, out=grad_gate_SI)
+        if silu:  # one fused pass: grad * silu'(gate)
+            torch.ops.aten.silu_backward.grad_input(grad_gate_SI, gate_SI, grad_input=grad_gate_SI)
+        else:
+            grad_gate_SI.mul_(act_gate_grad_SI)
+        del grad_act_SI, act_gate_SI
+        if ctx.needs_input_grad[0]:
+            grad_x_SH = plan.mm(grad_gate_up_S2I, gate_up_proj, grad_y_SH)  # grad_y is done: reuse its buffer
+            grad_hidden_TH = plan.reduce(grad_x_SH.to(acc_dtype)).to(dtype)
+        if ctx.needs_input_grad[3]:
+            x_SH = _workspace("rows", plan.kept, hidden_TH.shape[1], hidden_TH)
+            torch.index_select(hidden_TH, 0, plan.token_S, out=x_SH)
+            grad_gate_up_proj = plan.weight_grad(grad_gate_up_S2I, x_SH, gate_up_proj)
         return grad_hidden_TH, None, grad_top_k_weights, grad_gate_up_proj, grad_down_proj, None
 
 
 def dropless_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     """Experts-interface entry point: `self` is an experts module with fused `gate_up_proj [E, 2I, H]` and
     `down_proj [E, H, I]` (transformers v5 layout, no bias). Slots whose index is `num_experts` are skipped."""
-    if getattr(self, "has_bias", False) or getattr(self, "is_transposed", False) or not getattr(self, "has_gate", True):
+    unsupported = (
+        getattr(self, "has_bias", False)
+        or getattr(self, "is_transposed", False)
+        or not getattr(self, "has_gate", True)
+        or not getattr(self, "is_concatenated", True)
+        or getattr(self, "has_post_expert_norm", False)
+    )
+    if unsupported:
         raise NotImplementedError(
-            f"experts_implementation='dropless' supports gated, non-transposed experts without bias; "
-            f"{type(self).__name__} is not one. Use experts_implementation='grouped_mm' for it."
+            f"experts_implementation='dropless' supports gated, concatenated, non-transposed experts without bias "
+            f"or post-expert norm; {type(self).__name__} is not one. Use experts_implementation='grouped_mm' for it."
         )
     return DroplessExpertsFunction.apply(
         hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj, self.act_fn
