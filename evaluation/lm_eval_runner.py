@@ -16,7 +16,7 @@ from .io import atomic_write_text
 LOCAL_TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 LOCAL_TASK_TAG = "llama_moe_local"
 
-# The seeds' benchmark sets: (lm-eval task, few-shot). LLaMA-MoE (Zhu et al., 2024), table 2.
+# The seeds' benchmark sets as (lm-eval task, few-shot). LLaMA-MoE (Zhu et al., 2024) reports these ten.
 PRESETS: dict[str, list[tuple[str, int]]] = {
     "llama-moe-v1": [
         ("sciq", 0),
@@ -30,7 +30,8 @@ PRESETS: dict[str, list[tuple[str, int]]] = {
         ("lambada_openai", 0),
         ("mmlu", 5),
     ],
-    # "Llama 3 Meets MoE: Efficient Upcycling" (Vavre et al., 2024): MMLU 0/5-shot and zero-shot commonsense.
+    # "Llama 3 Meets MoE: Efficient Upcycling" (Vavre et al., 2024): MMLU 0/5-shot and zero-shot commonsense;
+    # TruthfulQA as lm-eval's multiple-choice truthfulqa_mc2 (the generative variant needs extra judge models).
     "llama3-meets-moe": [
         ("mmlu", 0),
         ("mmlu", 5),
@@ -54,10 +55,6 @@ def local_tasks_dir() -> Path:
 class TaskSpec:
     name: str
     num_fewshot: int | None = None  # None: the task's own default
-
-    @property
-    def label(self) -> str:
-        return self.name if self.num_fewshot is None else f"{self.name} ({self.num_fewshot}-shot)"
 
 
 def parse_task_specs(tasks: list[str] | None, preset: str | None, num_fewshot: int | None) -> list[TaskSpec]:
@@ -120,11 +117,30 @@ def local_task_names() -> list[str]:
     return [LOCAL_TASK_TAG] + sorted(p.stem for p in LOCAL_TASKS_DIR.glob("*.yaml"))
 
 
+NETWORK_ERROR_NAMES = ("ConnectionError", "ConnectError", "ConnectTimeout", "Timeout", "OfflineModeIsEnabled",
+                       "LocalEntryNotFoundError", "DatasetNotFoundError", "HfHubHTTPError")
+
+
+def _is_network_error(error: BaseException | None) -> bool:
+    """Whether an exception (or one it was raised from) comes from not reaching the Hub: datasets, requests
+    and httpx each raise their own classes, so match by class name along the chain."""
+    seen = 0
+    while error is not None and seen < 10:
+        if any(cls.__name__ in NETWORK_ERROR_NAMES for cls in type(error).__mro__):
+            return True
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return False
+
+
 def check_tasks_reachable(manager, specs: list[TaskSpec]) -> None:
     """Load every task's data once, before any model is loaded, so missing data fails fast and clearly."""
     try:
         manager.load(sorted({spec.name for spec in specs}))
-    except (ConnectionError, OSError) as error:
+    except FileNotFoundError:
+        raise
+    except Exception as error:
+        if not _is_network_error(error):
+            raise
         hint = (
             "HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set, so nothing can be downloaded"
             if _offline()
