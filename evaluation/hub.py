@@ -265,6 +265,17 @@ def _evaluation_section(folder: Path) -> str:
                 lines += [f"| {task} | {m} | {v:.4f} |" for m, v in metrics.items()
                           if "_stderr" not in m and m != "sample_len"]
         lines += ["", "Full results: [eval/results.md](eval/results.md).", ""]
+    analysis_file = folder / "analysis" / "analysis.json"
+    if analysis_file.is_file():
+        results = json.loads(analysis_file.read_text())["results"]
+        base = results.get("base")
+        lines += ["Perplexity per domain (`llama-moe analyze`):", "",
+                  "| domain | tokens | perplexity |" + (" dense base |" if base else ""),
+                  "|---|---:|---:|" + ("---:|" if base else "")]
+        for domain, scores in results["model"]["domains"].items():
+            row = f"| {domain} | {scores['tokens']} | {scores['perplexity']:.4g} |"
+            lines.append(row + (f" {base['domains'][domain]['perplexity']:.4g} |" if base else ""))
+        lines.append("")
     if (folder / "analysis" / "report.md").is_file():
         lines += ["Perplexity per domain, routing statistics (expert load heatmaps), parameter counts and speed: "
                   "[analysis/report.md](analysis/report.md).", ""]

@@ -27,6 +27,9 @@ def model_dir(upcycled_dir, tmp_path):
     write_results(folder / "eval", run)
     (folder / "analysis").mkdir()
     (folder / "analysis" / "report.md").write_text("# Analysis\n")
+    domains = {"model": {"domains": {"code": {"perplexity": 12.34, "tokens": 512}}},
+               "base": {"domains": {"code": {"perplexity": 12.3, "tokens": 512}}}}
+    (folder / "analysis" / "analysis.json").write_text(json.dumps({"results": domains}))
     return folder
 
 
@@ -86,7 +89,8 @@ def test_patched_upload_sends_the_checked_files_and_a_merged_card(model_dir, mon
     assert sent == sorted(["README.md", "config.json", "configuration_llama_moe.py", "dropless_moe.py",
                            "generation_config.json", "model.safetensors", "modeling_llama_moe.py",
                            "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-                           "eval/results.json", "eval/results.md", "analysis/report.md"])
+                           "eval/results.json", "eval/results.md", "analysis/report.md",
+                           "analysis/analysis.json"])
     assert json.loads((model_dir / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"]
 
     card = calls["card"]
@@ -97,6 +101,7 @@ def test_patched_upload_sends_the_checked_files_and_a_merged_card(model_dir, mon
     assert "upcycled to a Mixture of Experts (copy)" in card  # the converter's text is kept
     assert "| experts per MoE layer | 4 routed |" in card and "top-k | 2" in card
     assert "| llama_moe_docstring_mc | acc | 0.2500 |" in card and "analysis/report.md" in card
+    assert "| code | 512 | 12.34 | 12.3 |" in card
     assert 'from_pretrained("me/tiny-moe", trust_remote_code=True)' in card
     # Pushing again replaces the evaluation section instead of appending a second one.
     hub_card, _ = hub.build_card(model_dir, "me/tiny-moe")
