@@ -65,7 +65,8 @@ def _routing_section(results: dict) -> list[str]:
         routing = scores.get("routing")
         if routing is None:
             continue
-        lines += [f"### {domain}", "", "| layer | load CV | entropy (norm.) | top-1 agreement | most used | least used |",
+        lines += [f"### {domain}", "",
+                  "| layer | load CV | entropy (norm.) | top-1 agreement | most used | least used |",
                   "|---:|---:|---:|---:|---|---|"]
         for layer in routing["layers"]:
             stats = routing["per_layer"][str(layer)]
@@ -83,16 +84,16 @@ def _eval_section(eval_json: Path, relative_to: Path) -> list[str]:
     markdown = eval_json.with_suffix(".md")
     link = Path(os.path.relpath(markdown.resolve(), relative_to.resolve()))
     data = json.loads(eval_json.read_text())
-    lines = ["## Benchmarks (lm-evaluation-harness)", "", "| task | metric | value |" +
-             (" base | delta |" if "comparison" in data else ""), "|---|---|---:|" + ("---:|---:|" if "comparison" in data else "")]
+    lines = ["## Benchmarks (lm-evaluation-harness)", ""]
     if "comparison" in data:
-        for row in data["comparison"]:
-            lines.append(f"| {row['task']} | {row['metric']} | {row['moe']:.4f} | {row['base']:.4f} | {row['delta']:+.4f} |")
+        lines += ["| task | metric | value | base | delta |", "|---|---|---:|---:|---:|"]
+        lines += [f"| {r['task']} | {r['metric']} | {r['moe']:.4f} | {r['base']:.4f} | {r['delta']:+.4f} |"
+                  for r in data["comparison"]]
     else:
+        lines += ["| task | metric | value |", "|---|---|---:|"]
         for task, metrics in data["model"]["scores"].items():
-            for metric, value in metrics.items():
-                if "_stderr" not in metric and metric != "sample_len":
-                    lines.append(f"| {task} | {metric} | {value:.4f} |")
+            lines += [f"| {task} | {metric} | {value:.4f} |" for metric, value in metrics.items()
+                      if "_stderr" not in metric and metric != "sample_len"]
     return lines + ["", f"Full table: [{markdown.name}]({link.as_posix()})", ""]
 
 

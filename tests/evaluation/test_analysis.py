@@ -16,7 +16,7 @@ from llama_moe.evaluation.plots import make_plots
 from llama_moe.evaluation.report import write_report
 from llama_moe.evaluation.routing import RoutingStats
 from llama_moe.evaluation.speed import parameter_counts
-from llama_moe.evaluation.lm_eval_runner import local_tasks_dir
+from llama_moe.evaluation.lm_eval_runner import EvalRun, local_tasks_dir, write_results
 from tests.conftest import tiny_moe_config
 
 
@@ -189,3 +189,9 @@ def test_plots_and_report_come_from_the_json_alone(tmp_path):
     report = write_report(path).read_text()
     assert "| web | 4096 | 12.5 | 11 | +13.64 % |" in report
     assert "## Generation speed" not in report  # no speed numbers in this JSON: no empty section
+    assert "## Benchmarks" not in report
+    moe = EvalRun("moe", scores={"t": {"acc": 0.5, "acc_stderr": 0.1, "sample_len": 3}},
+                  higher_is_better={"t": {"acc": True}})
+    write_results(tmp_path / "eval", moe, EvalRun("base", scores={"t": {"acc": 0.25}}))
+    report = write_report(path, tmp_path / "eval" / "results.json").read_text()
+    assert "| t | acc | 0.5000 | 0.2500 | +0.2500 |" in report and "(eval/results.md)" in report
