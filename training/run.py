@@ -219,6 +219,12 @@ def train(options: MoETrainingArguments, config) -> str:
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(staged, final)
+        staging_root = os.path.dirname(staged)
+        card = os.path.join(staging_root, "README.md")  # TRL writes its model card beside the checkpoints
+        if os.path.isfile(card):
+            os.replace(card, os.path.join(config.output_dir, "README.md"))
+        if not os.listdir(staging_root):
+            os.rmdir(staging_root)
         loss = next((e["loss"] for e in reversed(trainer.state.log_history) if "loss" in e), math.nan)
         print(f"[llama-moe train] {trainer.state.global_step} steps, last loss {loss:.4f}; model written to {final}")
     trainer.accelerator.wait_for_everyone()
