@@ -126,7 +126,7 @@ class MoELoggingCallback(TrainerCallback):
         )
         if self._start is not None and self._tokens:
             tokens_per_second = self._tokens / max(now - self._start, 1e-9)
-            logs["tokens_per_second"] = round(tokens_per_second, 1)
+            logs["tokens_per_second"] = tokens_per_second
             if self.peak_flops:
                 logs["mfu"] = tokens_per_second * self.flops_per_token / (self.peak_flops * self.num_processes)
         self._counts, self._dropped, self._tokens, self._start = {}, {}, 0, now

@@ -179,3 +179,29 @@ def test_trainer_loss_is_token_loss_plus_weighted_router_losses(steps):
     model.eval()
     eval_loss = MoETrainer.compute_loss(fake, model, {"input_ids": ids, "labels": ids})
     assert eval_loss.item() == pytest.approx((token_sum / 30).item(), rel=1e-5)  # evaluation: token loss only
+
+
+def test_moe_logging_counts_drops_and_mfu_from_active_parameters():
+    from llama_moe.modeling import LlamaMoEForCausalLM
+    from llama_moe.training.callbacks import MoELoggingCallback, flops_per_token
+
+    model = LlamaMoEForCausalLM(tiny_moe_config(capacity_factor=0.5))
+    logger = MoELoggingCallback(model, sequence_length=16, num_processes=1, peak_flops=1e9)
+    logger.on_train_begin(None, None, None)
+    model.train()
+    ids = torch.randint(0, 128, (2, 16))
+    model(input_ids=ids)
+    dropped = model.dropped_slots()
+    loads = model.expert_load()
+    logger.add_tokens(ids.numel())
+    logs = logger.metrics()
+    slots = ids.numel() * model.config.num_experts_per_tok
+    assert logs["moe/dropped_fraction"] == pytest.approx(sum(dropped.values()) / (slots * len(dropped)))
+    assert logs["moe/dropped_fraction"] > 0  # capacity 0.5 must drop slots
+    assert logs["moe/layer_1/expert_0"] == pytest.approx(loads[1][0].item() / loads[1].sum().item(), abs=1e-4)
+    expected_flops = 6 * active_parameters(model) + 12 * 2 * 64 * 16
+    assert flops_per_token(model, 16) == expected_flops
+    assert logs["mfu"] == pytest.approx(logs["tokens_per_second"] * expected_flops / 1e9, rel=1e-3)
+    model.eval()
+    model(input_ids=ids)  # evaluation passes are not counted
+    assert "moe/dropped_fraction" not in logger.metrics()
