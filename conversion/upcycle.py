@@ -21,13 +21,15 @@ from .reader import CONFIG_KEYS_TO_DROP, DenseSource, layer_of, open_dense
 
 @dataclass
 class UpcyclePlan:
+    """Everything decided before any tensor is read: what to read, what to build, every output's shape."""
+
     source: DenseSource
     options: UpcycleOptions  # resolved: router_std filled in
     method: UpcycleMethod
     moe_config: LlamaMoEConfig
     moe_layers: list[int]
     dtype: torch.dtype
-    # Our layout, in streaming order: (name, shape). A `None` name marks nothing; MoE layers expand in place.
+    # Our layout, in streaming order: (name, shape); an MoE layer's tensors sit where its dense MLP was.
     tensors: list[tuple[str, tuple]]
     # Streaming steps: ("copy", source_name) or ("moe", layer_idx).
     steps: list[tuple[str, object]]
