@@ -12,7 +12,8 @@ import sys
 # so `llama-moe --help` stays fast.
 SUBCOMMANDS = {
     "quickstart": ("quickstart", "Upcycle, train and evaluate a real small Llama on this machine; write a report."),
-    "upcycle": ("upcycle", "Convert a dense Llama checkpoint into an MoE checkpoint."),
+    "upcycle": ("upcycle", "Convert a dense Llama checkpoint into an MoE checkpoint (or import LLaMA-MoE v1)."),
+    "export": ("export", "Rewrite an MoE checkpoint as Mixtral or Qwen2-MoE for vLLM, llama.cpp and others."),
     "train": ("train", "Continual pre-training with TRL and accelerate."),
     "eval": ("eval", "Benchmark a model with lm-evaluation-harness."),
     "analyze": ("analyze", "Perplexity per domain, routing statistics, plots and a report."),

@@ -78,6 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--format", default="llama_moe", help=f"output architecture: {', '.join(EXPORTERS)} (default llama_moe)"
     )
+    parser.add_argument(
+        "--from",
+        dest="source_format",
+        choices=["dense", "llama-moe-v1"],
+        default="dense",
+        help="dense (default): upcycle BASE; llama-moe-v1: import a released LLaMA-MoE v1 checkpoint as it is "
+        "(same eval logits; the method options are ignored)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     parser.add_argument(
         "--verify", action="store_true", help="run dense and MoE on real tokens: max logit difference, perplexities"
@@ -95,6 +103,14 @@ OPTION_FIELDS = (
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    if args.source_format == "llama-moe-v1":
+        from llama_moe.conversion.llama_moe_v1 import import_llama_moe_v1
+
+        out = import_llama_moe_v1(
+            args.base, args.out, format_name=args.format, max_shard_size=args.max_shard_size, overwrite=args.overwrite
+        )
+        print(f"Imported LLaMA-MoE v1 checkpoint {args.base} -> {out} ({args.format})")
+        return 0
     from llama_moe.conversion.options import UpcycleOptions
     from llama_moe.conversion.upcycle import run_upcycle
 
