@@ -10,9 +10,11 @@ prints medians as ratios to dense plus peak memory of forward+backward. Measures
 
 import argparse
 import ctypes
+import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 
@@ -76,23 +78,23 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def time_forward(module, x, device):
+def time_forward(module, x, device, clock):
     with torch.no_grad():
         sync(device)
-        start = time.perf_counter()
+        start = clock()
         module(x)
         sync(device)
-    return time.perf_counter() - start
+    return clock() - start
 
 
-def time_forward_backward(module, x, device):
+def time_forward_backward(module, x, device, clock):
     module.zero_grad(set_to_none=True)
     x = x.detach().requires_grad_()
     sync(device)
-    start = time.perf_counter()
+    start = clock()
     module(x).sum().backward()
     sync(device)
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def _proc_status_mib(key):
@@ -108,6 +110,9 @@ def peak_memory_mib(module, x, device):
     (reset through /proc/self/clear_refs; malloc's mmap threshold is pinned so freed buffers go back)."""
     module.zero_grad(set_to_none=True)
     x = x.detach().requires_grad_()
+    from llama_moe.modeling import dropless_moe
+
+    dropless_moe._WORKSPACE.__dict__.clear()  # count the kernel's reusable scratch buffers too
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -156,6 +161,14 @@ def parse_args(argv):
     parser.add_argument("--contenders", default=",".join(CONTENDERS), help="subset of: " + ",".join(CONTENDERS))
     parser.add_argument("--no-backward", action="store_true", help="forward only (decoding)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--clock",
+        default="wall",
+        choices=["wall", "cpu"],
+        help="wall: elapsed time (the default); cpu: process CPU time, robust to other jobs on a shared machine "
+        "when --threads 1 (with more threads it counts spin-waiting too)",
+    )
     args = parser.parse_args(argv)
     args.contenders = args.contenders.split(",")
     unknown = [name for name in args.contenders if name not in CONTENDERS]
@@ -170,24 +183,30 @@ def run_shape(args, shape, tokens, device, dtype):
         name: build(CONTENDERS[name][1], CONTENDERS[name][2], args.hidden, num_experts, top_k, width, dtype, device)
         for name in args.contenders
     }
-    x = torch.randn(tokens, args.hidden, generator=torch.Generator().manual_seed(1)).to(device, dtype)
-    if "llama_moe" in {CONTENDERS[name][1] for name in args.contenders}:
-        x = x.unsqueeze(0)  # (batch, tokens, hidden) as in the model
+    x = torch.randn(1, tokens, args.hidden, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     times = {(name, phase): [] for name in modules for phase in ("fwd", "fwd+bwd")}
     for rep in range(args.warmup + args.repeats):
         for name, module in modules.items():  # interleaved: A B C A B C ...
-            fwd = time_forward(module, x, device)
-            fwd_bwd = None if args.no_backward else time_forward_backward(module, x, device)
+            fwd = time_forward(module, x, device, clock)
+            fwd_bwd = None if args.no_backward else time_forward_backward(module, x, device, clock)
             if rep >= args.warmup:
                 times[name, "fwd"].append(fwd)
                 if fwd_bwd is not None:
                     times[name, "fwd+bwd"].append(fwd_bwd)
     medians = {key: statistics.median(value) for key, value in times.items() if value}
+    return f"{num_experts}x top-{top_k}, I={width}, T={tokens}", medians
+
+
+def measure_memory(args, shape, tokens, device, dtype):
+    num_experts, top_k, width = (int(v) for v in shape.split(":"))
+    x = torch.randn(1, tokens, args.hidden, generator=torch.Generator().manual_seed(1)).to(device, dtype)
     memory = {}
-    if not args.no_backward and not args.no_memory:
-        for name, module in modules.items():
-            memory[name] = min(peak_memory_mib(module, x, device) for _ in range(2))
-    return f"{num_experts}x top-{top_k}, I={width}, T={tokens}", medians, memory
+    for name in args.contenders:
+        module = build(CONTENDERS[name][1], CONTENDERS[name][2], args.hidden, num_experts, top_k, width, dtype, device)
+        time_forward_backward(module, x, device, time.perf_counter)  # warm-up
+        memory[name] = min(peak_memory_mib(module, x, device) for _ in range(2))
+    return memory
 
 
 def main(argv=None):
@@ -196,37 +215,48 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
-        try:  # return freed buffers to the OS at once so the resident-set peak measures this run only
-            ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD = 64 KiB
-        except OSError:
-            pass
     import llama_moe.modeling  # noqa: F401  (registers "dropless")
 
+    cases = [(shape, int(tokens)) for tokens in args.tokens.split(",") for shape in args.shapes.split(",")]
+    if args.memory_child:
+        if device.type == "cpu":  # freed buffers go back to the OS at once: the resident-set peak is one step's
+            ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD = 64 KiB
+        print(json.dumps([measure_memory(args, shape, tokens, device, dtype) for shape, tokens in cases]))
+        return 0
     print("\n".join(machine_info(device)))
-    print(f"hidden {args.hidden}, {args.dtype} on {device}, median of {args.repeats} interleaved repetitions")
+    print(f"hidden {args.hidden}, {args.dtype} on {device}, median of {args.repeats} interleaved repetitions, "
+          f"{args.clock} clock")
     print("Shared machine: other work may run at the same time; ratios within one run are what to compare.\n")
     results = []
-    for tokens in (int(t) for t in args.tokens.split(",")):
-        for shape in args.shapes.split(","):
-            results.append(run_shape(args, shape, tokens, device, dtype))
-            label, medians, _ = results[-1]
-            print(f"  done {label}: dense fwd {medians['dense', 'fwd'] * 1e3:.1f} ms", flush=True)
+    for shape, tokens in cases:
+        results.append(run_shape(args, shape, tokens, device, dtype))
+        print(f"  timed {results[-1][0]}", flush=True)
+    memories = []
+    if not args.no_backward and not args.no_memory:
+        # A fresh process, so the allocator holds no freed buffers from the timing above.
+        child = subprocess.run(
+            [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--memory-child"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        memories = json.loads(child.stdout.strip().splitlines()[-1])
 
     for phase in ["fwd"] if args.no_backward else ["fwd", "fwd+bwd"]:
         print(f"\n{phase}: time as a ratio to the dense SwiGLU of equal active FLOPs (lower is better)\n")
         header = ["shape", "dense ms"] + [name for name in args.contenders if name != "dense"]
         print("| " + " | ".join(header) + " |")
         print("|" + "---|" * len(header))
-        for label, medians, _ in results:
+        for label, medians in results:
             dense = medians["dense", phase]
             cells = [label, f"{dense * 1e3:.1f}"] + [f"{medians[name, phase] / dense:.2f}x" for name in header[2:]]
             print("| " + " | ".join(cells) + " |")
-    if any(memory for _, _, memory in results):
+    if memories:
         where = "CUDA allocator" if device.type == "cuda" else "resident set"
         print(f"\nPeak extra memory of one forward+backward, MiB ({where}; ratio to grouped_mm in brackets)\n")
         print("| shape | " + " | ".join(args.contenders) + " |")
         print("|" + "---|" * (len(args.contenders) + 1))
-        for label, _, memory in results:
+        for (label, _), memory in zip(results, memories):
             base = memory.get("grouped_mm")
             cells = [
                 f"{memory[name]:.0f}" + (f" ({memory[name] / base:.2f}x)" if base else "") for name in args.contenders
