@@ -62,7 +62,7 @@ def domain_perplexity(model, blocks: list[list[int]], on_outputs: Callable | Non
 
     total_nll, total_tokens = 0.0, 0
     device = next(model.parameters()).device
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference_mode: tensors it creates cannot be reused outside it
         for block in tqdm(blocks, desc=progress, disable=progress is None, leave=False):
             input_ids = torch.tensor([block], device=device)
             outputs = model(input_ids=input_ids, **(forward_kwargs or {}))

@@ -33,7 +33,7 @@ def _timed_generate(model, input_ids, new_tokens: int) -> float:
     import torch
 
     start = time.perf_counter()
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference_mode: tensors it creates cannot be reused outside it
         model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens,
                        min_new_tokens=new_tokens, do_sample=False, use_cache=True,
                        pad_token_id=model.config.eos_token_id if model.config.pad_token_id is None else None)
