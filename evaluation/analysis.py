@@ -6,9 +6,11 @@ the report are made from that file alone (plots.py, report.py), never from live 
 
 import gc
 import json
+import os
 import re
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 from .io import atomic_write_text
 from .perplexity import domain_perplexity, read_domain_texts, token_blocks
@@ -91,11 +93,17 @@ def run_analysis(model_path: str, domains: dict[str, Path], output: Path, base_p
         raise ValueError(f"--max-tokens must be >= 2, got {max_tokens}.")
     options = dict(max_tokens=max_tokens, block_size=block_size, speed=speed, new_tokens=new_tokens,
                    prompt_tokens=prompt_tokens)
+    for path in filter(None, (model_path, base_path)):  # fail on a wrong path before loading anything
+        if (os.path.isabs(path) or path.startswith(".") or path.endswith(".gguf")) and not os.path.exists(path):
+            raise FileNotFoundError(f"Model {path} not found.")
+    if not str(model_path).endswith(".gguf"):
+        from transformers import AutoConfig
+
+        if not _is_moe(SimpleNamespace(config=AutoConfig.from_pretrained(model_path, trust_remote_code=True))):
+            raise ValueError(f"{model_path} is not an MoE model (no num_local_experts/num_experts_per_tok in its "
+                             "config): analyze the MoE model and pass the dense one as --base.")
     started = time.time()
     model, tokenizer = load_model_and_tokenizer(model_path, device=device, dtype=dtype)
-    if not _is_moe(model):
-        raise ValueError(f"{model_path} is not an MoE model (no num_local_experts/num_experts_per_tok in its "
-                         "config): analyze the MoE model and pass the dense one as --base.")
     payload = {"model": str(model_path), "base": str(base_path) if base_path else None,
                "config": _config_summary(model.config),
                "settings": {**options, "device": device, "dtype": dtype},

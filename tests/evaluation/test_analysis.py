@@ -195,3 +195,12 @@ def test_plots_and_report_come_from_the_json_alone(tmp_path):
     write_results(tmp_path / "eval", moe, EvalRun("base", scores={"t": {"acc": 0.25}}))
     report = write_report(path, tmp_path / "eval" / "results.json").read_text()
     assert "| t | acc | 0.5000 | 0.2500 | +0.2500 |" in report and "(eval/results.md)" in report
+
+
+def test_analyze_refuses_a_dense_model_and_a_missing_base_before_loading(dense_dir, upcycled_dir, tmp_path):
+    data = ["--data", f"docs={local_tasks_dir() / 'stdlib_docs_ppl.jsonl'}", "--output", str(tmp_path)]
+    with pytest.raises(ValueError, match="is not an MoE model.*--base"):
+        analyze_cli.main([str(dense_dir)] + data)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        analyze_cli.main([str(upcycled_dir), "--base", str(tmp_path / "missing")] + data)
+    assert not (tmp_path / "analysis.json").exists()
