@@ -194,7 +194,10 @@ class DroplessExpertsFunction(torch.autograd.Function):
                 act_gate_SI = act_fn(gate_leaf)
                 (act_gate_grad_SI,) = torch.autograd.grad(act_gate_SI.sum(), gate_leaf)
             act_gate_SI = act_gate_SI.detach()
-        act_SI = act_gate_SI * up_SI
+        # The up half of the input-gradient scratch holds act until grad_up overwrites it (one S x I less at peak).
+        grad_gate_up_S2I = _workspace("gate_up", plan.kept, 2 * intermediate, gate_up_S2I)
+        grad_gate_SI, grad_up_SI = grad_gate_up_S2I.split(intermediate, dim=-1)
+        act_SI = torch.mul(act_gate_SI, up_SI, out=grad_up_SI)
 
         grad_top_k_weights = grad_gate_up_proj = grad_down_proj = grad_hidden_TH = None
         if ctx.needs_input_grad[2]:
@@ -208,8 +211,6 @@ class DroplessExpertsFunction(torch.autograd.Function):
         del act_SI
         grad_act_SI = _scale_rows_(grad_act_SI, weights_S1)
 
-        grad_gate_up_S2I = _workspace("gate_up", plan.kept, 2 * intermediate, gate_up_S2I)
-        grad_gate_SI, grad_up_SI = grad_gate_up_S2I.split(intermediate, dim=-1)
         torch.mul(grad_act_SI, act_gate_SI, out=grad_up_SI)
         torch.mul(grad_act_SI, up_SI, out=grad_gate_SI)
         if silu:  # one fused pass: grad * silu'(gate)
