@@ -18,7 +18,8 @@ from benchmarks.moe_layer import CONTENDERS, DEFAULT_SHAPES, build
 # aten op -> stage; anything else is "other".
 STAGES = {
     "routing": ("aten::linear", "aten::addmm", "aten::softmax", "aten::_softmax", "aten::topk", "aten::div",
-                "aten::sum", "aten::_softmax_backward_data", "aten::topk_backward", "aten::value_selecting_reduction_backward"),
+                "aten::sum", "aten::_softmax_backward_data", "aten::topk_backward",
+                "aten::value_selecting_reduction_backward"),
     "sort": ("aten::argsort", "aten::sort", "aten::bincount", "aten::histc", "aten::cumsum", "aten::floor_divide",
              "aten::_local_scalar_dense", "aten::item", "aten::masked_fill"),
     "gather": ("aten::index", "aten::index_select", "aten::gather", "aten::take"),
