@@ -31,7 +31,8 @@ def _workspace(name: str, rows: int, cols: int, like: torch.Tensor) -> torch.Ten
     if like.device.type != "cpu":
         return like.new_empty(rows, cols)
     cache = _WORKSPACE.__dict__.setdefault("buffers", {})
-    key = (name, like.dtype, like.device)
+    # Tensors made under inference_mode may not be written outside it (and vice versa): keep separate buffers.
+    key = (name, like.dtype, like.device, torch.is_inference_mode_enabled())
     buffer = cache.get(key)
     if buffer is None or buffer.numel() < rows * cols:
         buffer = cache[key] = like.new_empty(rows * cols)

@@ -332,3 +332,20 @@ def test_gpu_experts_and_block_match_eager(shape, dtype):
     _check_experts(shape, dtype, device="cuda", only=[0, 1], dropped=5)
     num_experts, top_k, hidden, width, tokens = shape
     _check_block(_config(num_experts, top_k, hidden, width, capacity_factor=0.5), dtype, tokens, device="cuda")
+
+
+def test_inference_mode_then_normal_forward_and_backward():
+    """Scratch buffers made under inference_mode must not leak into later autograd forwards (regression)."""
+    from llama_moe.modeling import LlamaMoEForCausalLM
+    from tests.conftest import tiny_moe_config
+
+    model = LlamaMoEForCausalLM(tiny_moe_config()).eval()
+    ids = torch.randint(0, 128, (1, 16))
+    with torch.inference_mode():
+        expected = model(ids).logits.clone()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, expected)
+    model.train()
+    model(ids, labels=ids).loss.backward()
+    with torch.inference_mode():
+        torch.testing.assert_close(model.eval()(ids).logits, expected)
