@@ -12,6 +12,7 @@ import time
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
 
 from .mixture import dynamic_update
 
@@ -253,3 +254,18 @@ class MixtureCallback(TrainerCallback):
         self.dataset.load_state(state)
         self.references = dict(state.get("references") or self.references)
         self.updates = int(state.get("updates", 0))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Console
+
+
+class MoEProgressCallback(ProgressCallback):
+    """The usual progress bar and log lines, without the per-layer expert loads on the console: with 30 layers
+    x 8 experts they would bury the loss. They stay in the Trainer's log history and in every `--report_to`."""
+
+    CONSOLE_HIDDEN = re.compile(r"^moe/layer_\d+/")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        shown = {key: value for key, value in (logs or {}).items() if not self.CONSOLE_HIDDEN.match(key)}
+        return super().on_log(args, state, control, logs=shown, **kwargs)

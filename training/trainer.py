@@ -14,8 +14,11 @@ import os
 import shutil
 
 import torch
+from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTTrainer
+
+from .callbacks import MoEProgressCallback
 
 STAGING_DIR = ".staging"
 
@@ -27,6 +30,8 @@ class NonFiniteLossError(ValueError):
 class MoETrainer(SFTTrainer):
     def __init__(self, *args, moe_logging=None, freezer=None, mixture=None, **kwargs):
         super().__init__(*args, **kwargs)
+        if self.pop_callback(ProgressCallback) is not None:
+            self.add_callback(MoEProgressCallback)
         self.moe_logging, self.freezer, self.mixture = moe_logging, freezer, mixture
         self._router_metrics = {"aux_loss": [], "z_loss": []}
 
