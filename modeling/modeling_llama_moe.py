@@ -326,9 +326,14 @@ class LlamaMoEModel(LlamaMoEPreTrainedModel):
         return MoeModelOutputWithPast(last_hidden_state=hidden_states, cache=cache)
 
 
+def _masks_tokens(attention_mask: torch.Tensor | None, num_tokens: int) -> bool:
+    """True when `attention_mask` is a 2-D padding mask over exactly the routed tokens (else every token counts)."""
+    return attention_mask is not None and attention_mask.dim() == 2 and attention_mask.numel() == num_tokens
+
+
 def _token_mask(attention_mask: torch.Tensor | None, num_tokens: int, device) -> torch.Tensor | None:
     """A flat float mask of real (non-padding) tokens, or None when every token counts."""
-    if attention_mask is None or attention_mask.dim() != 2 or attention_mask.numel() != num_tokens:
+    if not _masks_tokens(attention_mask, num_tokens):
         return None
     return attention_mask.reshape(-1).to(device=device, dtype=torch.float32)
 
@@ -480,7 +485,7 @@ class LlamaMoEForCausalLM(LlamaMoEPreTrainedModel, GenerationMixin):
                 self.config.norm_topk_prob,
                 attention_mask,
             )
-        mask = attention_mask if _token_mask(attention_mask, router_logits[0].shape[0], "cpu") is not None else None
+        mask = attention_mask if _masks_tokens(attention_mask, router_logits[0].shape[0]) else None
         return load_balancing_loss_func(
             tuple(router_logits), self.config.num_local_experts, self.config.num_experts_per_tok, mask
         )

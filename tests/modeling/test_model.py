@@ -8,7 +8,7 @@ from transformers.models.llama.modeling_llama import LlamaMLP
 
 from llama_moe.modeling import LlamaMoEConfig, LlamaMoEForCausalLM, LlamaMoESparseMoeBlock
 from llama_moe.modeling.modeling_llama_moe import cv2_load_balancing_loss, router_z_loss
-from tests.conftest import tiny_moe_config
+from tests.conftest import LLAMA3_ROPE, tiny_moe_config
 
 
 def _ids(batch=2, length=12, vocab=128, seed=0):
@@ -38,9 +38,7 @@ def test_copied_experts_reproduce_the_dense_llama(style):
     common = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                   num_attention_heads=4, max_position_embeddings=256)
     if style == "llama3":
-        common.update(num_key_value_heads=2, tie_word_embeddings=True, rope_parameters={
-            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+        common.update(num_key_value_heads=2, tie_word_embeddings=True, rope_parameters=dict(LLAMA3_ROPE))
     dense = LlamaForCausalLM(LlamaConfig(**common)).eval()
     moe = _copy_upcycled_from(dense, LlamaMoEConfig(**common, num_local_experts=8, num_experts_per_tok=2))
     ids = _ids(length=20)
@@ -108,6 +106,7 @@ def test_norm_topk_prob_and_routed_scaling():
     torch.testing.assert_close(weights, F.softmax(logits.gather(1, index), -1))  # softmax over top-k logits
 
     scaled = LlamaMoESparseMoeBlock(tiny_moe_config(routed_scaling_factor=2.5))
+    torch.nn.init.normal_(scaled.gate.weight, std=0.05)  # a bare block's parameters start uninitialized
     torch.nn.init.normal_(scaled.experts.gate_up_proj, std=0.1)
     torch.nn.init.normal_(scaled.experts.down_proj, std=0.1)
     renormalized.load_state_dict(scaled.state_dict())
