@@ -10,6 +10,17 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
+# Llama 3.1's rope scaling, shrunk to tiny context lengths, for Llama-3-style test configs.
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
+
+
 def tiny_moe_config(**overrides):
     from llama_moe.modeling import LlamaMoEConfig
 

@@ -8,6 +8,8 @@ import torch
 from safetensors import safe_open
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from tests.conftest import LLAMA3_ROPE
+
 
 def llama2_config(**overrides):
     options = dict(
@@ -37,14 +39,7 @@ def llama3_config(**overrides):
         num_key_value_heads=2,
         max_position_embeddings=256,
         tie_word_embeddings=True,
-        rope_parameters={
-            "rope_type": "llama3",
-            "rope_theta": 500000.0,
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 64,
-        },
+        rope_parameters=dict(LLAMA3_ROPE),
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=None,

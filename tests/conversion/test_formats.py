@@ -15,21 +15,14 @@ from llama_moe.conversion.formats import (
     get_exporter,
 )
 from llama_moe.modeling import LlamaMoEForCausalLM
-from tests.conftest import tiny_moe_config
+from tests.conftest import LLAMA3_ROPE, tiny_moe_config
 
 
 LLAMA2_STYLE = dict(num_key_value_heads=4, tie_word_embeddings=False)
 LLAMA3_STYLE = dict(
     num_key_value_heads=2,
     tie_word_embeddings=True,
-    rope_parameters={
-        "rope_type": "llama3",
-        "rope_theta": 500000.0,
-        "factor": 8.0,
-        "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 64,
-    },
+    rope_parameters=dict(LLAMA3_ROPE),
 )
 
 

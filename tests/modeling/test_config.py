@@ -3,7 +3,7 @@
 import pytest
 
 from llama_moe.modeling import LlamaMoEConfig
-from tests.conftest import tiny_moe_config
+from tests.conftest import LLAMA3_ROPE, tiny_moe_config
 
 
 def test_defaults_and_alias():
@@ -18,8 +18,7 @@ def test_defaults_and_alias():
 
 
 def test_llama_fields_round_trip(tmp_path):
-    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    rope = dict(LLAMA3_ROPE)
     config = tiny_moe_config(
         rope_parameters=rope, tie_word_embeddings=True, attention_bias=True, moe_layers=[1],
         router_type="mlp", norm_topk_prob=False, routed_scaling_factor=4.0, capacity_factor=2.0,
