@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2, help="logged steps left out of the averages")
     parser.add_argument("--max-length", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per step (8 x 256 = 2048 tokens)")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
     parser.add_argument("--peak-flops", type=float, default=None, help="device peak FLOP/s (default: measured)")
     parser.add_argument("--json", default=None, help="also write the results here")

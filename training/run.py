@@ -13,6 +13,7 @@ import shutil
 import torch
 
 from .arguments import MoETrainingArguments, parse_mapping
+from .cpu_memory import keep_freed_memory
 from .data import DomainStream, check_domain, domain_size, parse_domains
 from .mixture import MixtureDataset, as_hf_iterable, initial_weights, load_state
 
@@ -168,6 +169,8 @@ def train(options: MoETrainingArguments, config) -> str:
 
     specs, given_weights, references, _ = validate(options, config)
     resume = _resolve_resume(config)
+    if config.use_cpu or not torch.cuda.is_available():
+        keep_freed_memory()  # each step re-allocates GiBs of activations and gradients: reuse, do not re-fault
     tokenizer = from_pretrained(
         AutoTokenizer, options.upcycle_from or options.model_name_or_path, trust_remote_code=config.trust_remote_code
     )
