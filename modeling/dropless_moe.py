@@ -229,6 +229,44 @@ class DroplessExpertsFunction(torch.autograd.Function):
         return grad_hidden_TH, None, grad_top_k_weights, grad_gate_up_proj, grad_down_proj, None
 
 
+# Up to this many routed slots, a forward without autograd (decoding) takes the few-slots path: no sort, no plan,
+# no autograd.Function, one GEMV pair per selected expert straight on the weights. Above it the sorted path wins.
+FEW_SLOTS = 64
+
+
+def few_slots_forward(hidden_TH, top_k_index, top_k_weights, gate_up_proj, down_proj, act_fn):
+    """Inference for a handful of tokens (decoding): per-call work is what costs there, not FLOPs, so read the
+    routing on the host once and run each selected expert on the rows that chose it, reading only its weights."""
+    num_experts, intermediate = gate_up_proj.shape[0], down_proj.shape[-1]
+    acc_dtype = torch.promote_types(hidden_TH.dtype, torch.float32)
+    out_TH = torch.zeros(hidden_TH.shape, dtype=acc_dtype, device=hidden_TH.device)
+    rows_of_expert: dict[int, list[tuple[int, float]]] = {}
+    for token, (experts, weights) in enumerate(zip(top_k_index.tolist(), top_k_weights.tolist())):
+        for expert, weight in zip(experts, weights):
+            if expert < num_experts:  # the sentinel num_experts marks a capacity-dropped slot
+                rows_of_expert.setdefault(expert, []).append((token, weight))
+    for expert, rows in rows_of_expert.items():
+        if len(rows) == 1:
+            token, weight = rows[0]
+            x_RH = hidden_TH[token : token + 1]
+        else:
+            tokens = torch.tensor([token for token, _ in rows], device=hidden_TH.device)
+            x_RH = hidden_TH.index_select(0, tokens)
+        gate_up_R2I = F.linear(x_RH, gate_up_proj[expert])
+        act_RI = act_fn(gate_up_R2I[:, :intermediate]).mul_(gate_up_R2I[:, intermediate:])
+        y_RH = F.linear(act_RI, down_proj[expert])
+        if len(rows) == 1:
+            out_TH[token : token + 1].add_(y_RH, alpha=weight)
+        else:
+            weights_R1 = torch.tensor([w for _, w in rows], dtype=acc_dtype, device=hidden_TH.device).unsqueeze(1)
+            out_TH.index_add_(0, tokens, y_RH.to(acc_dtype) * weights_R1)
+    return out_TH.to(hidden_TH.dtype)
+
+
+def _needs_autograd(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def dropless_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     """Experts-interface entry point: `self` is an experts module with fused `gate_up_proj [E, 2I, H]` and
     `down_proj [E, H, I]` (transformers v5 layout, no bias). Slots whose index is `num_experts` are skipped."""
@@ -244,9 +282,12 @@ def dropless_experts_forward(self, hidden_states, top_k_index, top_k_weights):
             f"experts_implementation='dropless' supports gated, concatenated, non-transposed experts without bias "
             f"or post-expert norm; {type(self).__name__} is not one. Use experts_implementation='grouped_mm' for it."
         )
-    return DroplessExpertsFunction.apply(
-        hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj, self.act_fn
-    )
+    arguments = (hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj, self.act_fn)
+    if top_k_index.numel() <= FEW_SLOTS and not _needs_autograd(
+        hidden_states, top_k_weights, self.gate_up_proj, self.down_proj
+    ):
+        return few_slots_forward(*arguments)
+    return DroplessExpertsFunction.apply(*arguments)
 
 
 def register_dropless_experts():

@@ -159,6 +159,37 @@ def test_decode_sizes(tokens):
     _check_experts((16, 4, 32, 16, tokens), torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("tokens,dropped", [(1, 0), (3, 2), (8, 5)])
+def test_few_slots_inference_path_matches_eager(monkeypatch, tokens, dropped, dtype):
+    # Decoding (no autograd, few slots) skips the sort and the autograd.Function: same outputs as eager, and as the
+    # sorted path, under no_grad and inference_mode, with capacity-dropped (sentinel) slots.
+    from llama_moe.modeling import dropless_moe
+
+    calls = []
+    few_slots_forward = dropless_moe.few_slots_forward
+    monkeypatch.setattr(dropless_moe, "few_slots_forward", lambda *a: calls.append(1) or few_slots_forward(*a))
+    num_experts = 16
+    experts = _init_(LlamaMoEExperts(_config(num_experts, 4, 32, 16))).to(dtype)
+    experts._is_expert_parallel = True
+    index_TK, weights_TK = _routing(tokens, num_experts, 4, dropped=dropped)
+    hidden_TH, weights_TK = torch.randn(tokens, 32, dtype=dtype), weights_TK.to(dtype)
+    outputs = {}
+    for impl, context in (("eager", torch.no_grad), ("dropless", torch.no_grad), ("dropless", torch.inference_mode)):
+        experts.config._experts_implementation = impl
+        with context():
+            outputs[impl, context.__name__] = experts(hidden_TH, index_TK, weights_TK).clone()
+    monkeypatch.setattr(dropless_moe, "FEW_SLOTS", 0)
+    experts.config._experts_implementation = "dropless"
+    with torch.no_grad():
+        sorted_path = experts(hidden_TH, index_TK, weights_TK)
+    assert len(calls) == 2
+    expected = outputs["eager", "no_grad"]
+    for (impl, context), value in outputs.items():
+        _assert_same(value, expected, dtype, f"{impl} under {context}")
+    _assert_same(sorted_path, expected, dtype, "sorted path")
+
+
 def test_no_tokens():
     experts = _init_(LlamaMoEExperts(_config(4, 2, 16, 8)))
     experts.config._experts_implementation = "dropless"
