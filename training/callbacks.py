@@ -12,7 +12,7 @@ import time
 
 import torch
 from transformers import TrainerCallback
-from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from .mixture import dynamic_update
 
@@ -260,12 +260,24 @@ class MixtureCallback(TrainerCallback):
 # Console
 
 
-class MoEProgressCallback(ProgressCallback):
-    """The usual progress bar and log lines, without the per-layer expert loads on the console: with 30 layers
-    x 8 experts they would bury the loss. They stay in the Trainer's log history and in every `--report_to`."""
+# Per-layer expert loads: 30 layers x 8 experts would bury the loss on the console. They stay in the Trainer's log
+# history and in every `--report_to`.
+CONSOLE_HIDDEN = re.compile(r"^moe/layer_\d+/")
 
-    CONSOLE_HIDDEN = re.compile(r"^moe/layer_\d+/")
+
+def console_logs(logs: dict | None) -> dict:
+    return {key: value for key, value in (logs or {}).items() if not CONSOLE_HIDDEN.match(key)}
+
+
+class MoEProgressCallback(ProgressCallback):
+    """The usual progress bar and log lines, without the per-layer expert loads."""
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        shown = {key: value for key, value in (logs or {}).items() if not self.CONSOLE_HIDDEN.match(key)}
-        return super().on_log(args, state, control, logs=shown, **kwargs)
+        return super().on_log(args, state, control, logs=console_logs(logs), **kwargs)
+
+
+class MoEPrinterCallback(PrinterCallback):
+    """The plain log printer (`--disable_tqdm true`), without the per-layer expert loads."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        return super().on_log(args, state, control, logs=console_logs(logs), **kwargs)

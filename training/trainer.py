@@ -14,11 +14,11 @@ import os
 import shutil
 
 import torch
-from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTTrainer
 
-from .callbacks import MoEProgressCallback
+from .callbacks import MoEPrinterCallback, MoEProgressCallback
 
 STAGING_DIR = ".staging"
 
@@ -32,6 +32,8 @@ class MoETrainer(SFTTrainer):
         super().__init__(*args, **kwargs)
         if self.pop_callback(ProgressCallback) is not None:
             self.add_callback(MoEProgressCallback)
+        if self.pop_callback(PrinterCallback) is not None:
+            self.add_callback(MoEPrinterCallback)
         self.moe_logging, self.freezer, self.mixture = moe_logging, freezer, mixture
         self._router_metrics = {"aux_loss": [], "z_loss": []}
 
