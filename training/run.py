@@ -159,6 +159,18 @@ def _reference_losses(options, model, validation, references):
     return losses
 
 
+def check_processes_connected(config) -> None:
+    """A launcher started several processes, but they did not join one process group: `accelerate launch` with an
+    FSDP/DeepSpeed config on a machine without GPUs does that (accelerate falls back to one process each unless
+    ACCELERATE_USE_CPU is set), and every process would train alone and overwrite the others' checkpoints."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and config.world_size == 1:
+        raise ValueError(
+            f"{launched} processes were launched (WORLD_SIZE={launched}) but they are not connected: no GPU backend "
+            "was found. On CPU set ACCELERATE_USE_CPU=1 so they join over gloo (DDP), or launch one process."
+        )
+
+
 def train(options: MoETrainingArguments, config) -> str:
     """Run continual pre-training; returns the folder of the final model (OUTPUT/final)."""
     from datasets import Dataset
@@ -169,6 +181,7 @@ def train(options: MoETrainingArguments, config) -> str:
 
     specs, given_weights, references, _ = validate(options, config)
     resume = _resolve_resume(config)
+    check_processes_connected(config)
     if config.use_cpu or not torch.cuda.is_available():
         keep_freed_memory()  # each step re-allocates GiBs of activations and gradients: reuse, do not re-fault
     tokenizer = from_pretrained(
@@ -211,6 +224,12 @@ def train(options: MoETrainingArguments, config) -> str:
         freezer=freezer,
         mixture=mixture,
     )
+    fsdp_asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if fsdp_asked and not trainer.is_fsdp_enabled and trainer.accelerator.is_main_process:
+        print(  # accelerate 1.15 (state.py, AcceleratorState) picks FSDP only for GPU-like backends, never MULTI_CPU
+            "[llama-moe train] warning: FSDP was requested but accelerate does not shard on CPU; this run is plain DDP "
+            "(every process holds the whole model)."
+        )
     trainer.train(resume_from_checkpoint=resume)
     final = os.path.join(config.output_dir, "final")
     staged = os.path.join(config.output_dir, ".staging", "final")

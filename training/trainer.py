@@ -10,6 +10,7 @@ transformers' Trainer does) and log the two router losses separately.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 
@@ -25,6 +26,26 @@ STAGING_DIR = ".staging"
 
 class NonFiniteLossError(ValueError):
     """The training loss became NaN or infinite; the last checkpoint on disk is the last good one."""
+
+
+@contextlib.contextmanager
+def plain_class(model):
+    """FSDP2's fully_shard swaps the model's class for a generated `FSDP<Name>(FSDPModule, Name)` defined in torch's
+    _fsdp_init.py. save_pretrained of remote code then writes `_fsdp_init.FSDPLlamaMoEForCausalLM` into auto_map and
+    copies torch's _fsdp_*.py files instead of modeling_llama_moe.py (transformers strips the prefix only for
+    `architectures`), and that checkpoint fails to load. save_pretrained gets the already gathered full state dict
+    and runs no forward, so it runs under the plain class; the FSDP class is restored afterwards."""
+    from torch.distributed.fsdp import FSDPModule
+
+    wrapped = type(model)
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    model.__class__ = next(c for c in wrapped.__mro__[1:] if not issubclass(c, FSDPModule))
+    try:
+        yield
+    finally:
+        model.__class__ = wrapped
 
 
 class MoETrainer(SFTTrainer):
@@ -112,6 +133,10 @@ class MoETrainer(SFTTrainer):
         from transformers.trainer_utils import get_last_checkpoint
 
         return get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
+
+    def _save(self, output_dir=None, state_dict=None):
+        with plain_class(self.model):
+            super()._save(output_dir, state_dict)
 
     def _save_checkpoint(self, model, trial):
         """Trainer writes checkpoint-N in place, so a crash mid-save leaves a folder that looks complete. We let it
