@@ -1,4 +1,5 @@
-"""Figures from `analysis.json`: an experts-by-layers load heatmap per domain and a perplexity bar chart.
+"""Figures from `analysis.json`: per domain an experts-by-layers load heatmap and expert co-activation matrices, and
+a perplexity bar chart.
 
 Reads only the JSON the analysis wrote (never a model) and renders with matplotlib's Agg backend, so it
 runs headless; each figure is written atomically as PNG.
@@ -66,6 +67,46 @@ def load_heatmap(domain: str, routing: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
+def coactivation_layers(layers: list[int], count: int = 4) -> list[int]:
+    """Up to `count` MoE layers spread from the first to the last."""
+    if len(layers) <= count:
+        return list(layers)
+    return [layers[round(i * (len(layers) - 1) / (count - 1))] for i in range(count)]
+
+
+def coactivation_heatmaps(domain: str, routing: dict, path: Path) -> Path:
+    """For a few layers, P(expert j chosen | expert i chosen) for i != j (OLMoE's co-activation), from the
+    co-selection counts: which experts tend to fire together beyond what the top-k of uniform routing gives."""
+    import numpy as np
+
+    plt = _pyplot()
+    num_experts, top_k = routing["num_experts"], routing["top_k"]
+    shown = coactivation_layers(routing["layers"])
+    size = min(max(2.6, 0.22 * num_experts), 5.0)
+    fig, axes = plt.subplots(1, len(shown), figsize=(size * len(shown) + 1.2, size + 0.8), squeeze=False)
+    chance = (top_k - 1) / (num_experts - 1) if num_experts > 1 else 0.0  # uniform, independent routing
+    image = None
+    for ax, layer in zip(axes[0], shown):
+        both_EE = np.array(routing["per_layer"][str(layer)]["coselection"], dtype=float)
+        chosen_E = np.diag(both_EE).copy()
+        given_EE = np.divide(both_EE, chosen_E[:, None], out=np.zeros_like(both_EE), where=chosen_E[:, None] > 0)
+        np.fill_diagonal(given_EE, np.nan)
+        image = ax.imshow(given_EE, cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+        ax.set_title(f"layer {layer}", fontsize=9)
+        ax.set_xlabel("expert j", fontsize=8)
+        if ax is axes[0][0]:
+            ax.set_ylabel("expert i", fontsize=8)
+        step = 1 if num_experts <= 16 else num_experts // 8
+        ax.set_xticks(range(0, num_experts, step), [str(e) for e in range(0, num_experts, step)], fontsize=7)
+        ax.set_yticks(range(0, num_experts, step), [str(e) for e in range(0, num_experts, step)], fontsize=7)
+    bar = fig.colorbar(image, ax=axes[0].tolist(), shrink=0.85)
+    bar.set_label("P(j chosen | i chosen)")
+    bar.ax.axhline(chance, color="white", linewidth=1.5)
+    fig.suptitle(f"Expert co-activation: {domain} (top-{top_k} of {num_experts}; "
+                 f"white line = {chance:.2f}, uniform independent routing)", fontsize=10)
+    return _save(fig, path)
+
+
 def perplexity_bars(analysis: dict, path: Path) -> Path:
     """Perplexity per domain, the MoE model beside its base when one was analyzed (lower is better)."""
     import numpy as np
@@ -104,5 +145,9 @@ def make_plots(analysis_json: str | Path) -> dict[str, Path]:
     for domain, scores in analysis["results"]["model"]["domains"].items():
         if "routing" in scores:
             written[f"load_{domain}"] = load_heatmap(domain, scores["routing"], folder / f"expert_load_{domain}.png")
+            if scores["routing"]["top_k"] > 1:  # top-1 routing never co-activates
+                written[f"coactivation_{domain}"] = coactivation_heatmaps(
+                    domain, scores["routing"], folder / f"expert_coactivation_{domain}.png"
+                )
     written["perplexity"] = perplexity_bars(analysis, folder / "perplexity.png")
     return written

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 from .io import atomic_write_text
+from .plots import coactivation_layers
 
 
 def _millions(n: int | None) -> str:
@@ -75,6 +76,10 @@ def _routing_section(results: dict) -> list[str]:
             lines.append(f"| {layer} | {stats['load_cv']:.3f} | {stats['load_entropy_normalized']:.3f} | "
                          f"{stats['top1_agreement']:.3f} | {most} ({share[most]:.3f}) | {least} ({share[least]:.3f}) |")
         lines += ["", f"![expert load, {domain}](expert_load_{domain}.png)", ""]
+        if routing["top_k"] > 1:
+            lines += [f"Co-activation: how often expert j is chosen when expert i is, for layers "
+                      f"{', '.join(str(layer) for layer in coactivation_layers(routing['layers']))}.", "",
+                      f"![expert co-activation, {domain}](expert_coactivation_{domain}.png)", ""]
     return lines
 
 

@@ -146,16 +146,26 @@ def test_analyze_writes_json_plots_and_report(dense_dir, upcycled_dir, tmp_path,
     for result in (model, base):
         assert result["speed"]["prefill_tokens_per_s"] > 0 and result["speed"]["decode_tokens_per_s"] > 0
     assert model["parameters"]["active"] < model["parameters"]["total"]
-    for name in ("expert_load_code.png", "expert_load_docs.png", "perplexity.png"):
+    for name in ("expert_load_code.png", "expert_load_docs.png", "expert_coactivation_code.png", "perplexity.png"):
         width, height = _png_size(out / name)
         assert width >= 400 and height >= 300
     report = (out / "report.md").read_text()
     for heading in ("## Parameters", "## Perplexity", "## Generation speed", "## Routing", "### code", "### docs"):
         assert heading in report
-    for link in ("perplexity.png", "expert_load_code.png", "expert_load_docs.png", "analysis.json"):
+    for link in ("perplexity.png", "expert_load_code.png", "expert_load_docs.png", "expert_coactivation_docs.png",
+                 "analysis.json"):
         assert f"({link})" in report and (out / link).is_file()
     assert "+0.00 %" in report or "-0.00 %" in report  # the perplexity change column
-    assert "llama-moe analyze: 2 domain(s), 3 figure(s)" in capsys.readouterr().out
+    assert "llama-moe analyze: 2 domain(s), 5 figure(s)" in capsys.readouterr().out
+
+
+def _coselection(share: list[float], generator) -> list[list[float]]:
+    """A symmetric top-2 co-selection matrix whose diagonal is each expert's token fraction."""
+    fraction = 2 * torch.tensor(share, dtype=torch.float64)
+    both = torch.rand(len(share), len(share), generator=generator, dtype=torch.float64)
+    both = torch.minimum((both + both.T) / 2 * fraction[:, None] * fraction[None, :], fraction[:, None] / 2)
+    both.fill_diagonal_(0.0)
+    return (both + torch.diag(fraction)).tolist()
 
 
 def _synthetic_analysis(layers: int, experts: int) -> dict:
@@ -165,7 +175,7 @@ def _synthetic_analysis(layers: int, experts: int) -> dict:
         share = torch.softmax(torch.randn(experts, generator=generator), 0).tolist()
         per_layer[str(layer)] = {"load_share": share, "token_fraction": [2 * s for s in share], "load_cv": 0.5,
                                  "load_entropy": 1.0, "load_entropy_normalized": 0.9, "top1_expert": 0,
-                                 "top1_agreement": 0.3, "coselection": [[0.0] * experts] * experts}
+                                 "top1_agreement": 0.3, "coselection": _coselection(share, generator)}
     routing = {"layers": list(range(layers)), "num_experts": experts, "top_k": 2, "tokens": 4096,
                "per_layer": per_layer}
     params = {"total": 10**9, "active": 4 * 10**8, "routed_experts": 8 * 10**8, "embedding": 10**8}
@@ -183,7 +193,7 @@ def test_plots_and_report_come_from_the_json_alone(tmp_path):
     path = tmp_path / "analysis.json"
     path.write_text(json.dumps(_synthetic_analysis(layers=32, experts=16)))
     figures = make_plots(path)
-    assert sorted(figures) == ["load_code", "load_web", "perplexity"]
+    assert sorted(figures) == ["coactivation_code", "coactivation_web", "load_code", "load_web", "perplexity"]
     width, height = _png_size(figures["load_web"])
     assert width > height * 0.8 and width >= 1000  # 32 layers across, 16 experts down
     report = write_report(path).read_text()
