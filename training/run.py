@@ -160,14 +160,20 @@ def _reference_losses(options, model, validation, references):
 
 
 def check_processes_connected(config) -> None:
-    """A launcher started several processes, but they did not join one process group: `accelerate launch` with an
-    FSDP/DeepSpeed config on a machine without GPUs does that (accelerate falls back to one process each unless
-    ACCELERATE_USE_CPU is set), and every process would train alone and overwrite the others' checkpoints."""
+    """A launcher started several processes that accelerate did not join for training. Without GPUs it happens with
+    `accelerate launch` of an FSDP/DeepSpeed config (no backend found: one process each) and with --ddp_backend gloo
+    under FSDP (a process group, but DistributedType.NO: nothing wraps the model, gradients are never averaged).
+    Every process would then train alone and overwrite the others' checkpoints."""
+    from accelerate.utils import DistributedType
+
     launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched > 1 and config.world_size == 1:
+    state = getattr(config, "distributed_state", None)
+    kind = getattr(state, "distributed_type", None)
+    if launched > 1 and (config.world_size == 1 or kind == DistributedType.NO):
         raise ValueError(
-            f"{launched} processes were launched (WORLD_SIZE={launched}) but they are not connected: no GPU backend "
-            "was found. On CPU set ACCELERATE_USE_CPU=1 so they join over gloo (DDP), or launch one process."
+            f"{launched} processes were launched but accelerate did not connect them for training (world size "
+            f"{config.world_size}, {kind}): no GPU backend was found. On CPU set ACCELERATE_USE_CPU=1 (DDP over gloo; "
+            "accelerate ignores FSDP on CPU), or --ddp_backend gloo with a DeepSpeed config, or launch one process."
         )
 
 

@@ -101,13 +101,23 @@ def test_fsdp2_shards_saves_loadable_checkpoints_matches_ddp_and_resumes(tmp_pat
 
 
 def test_unconnected_processes_fail_before_loading(monkeypatch):
-    """`accelerate launch` of an FSDP config without GPUs and without ACCELERATE_USE_CPU starts processes that each
-    train alone (state.py finds no backend) and write over each other: train() stops them first."""
+    """Without GPUs, `accelerate launch` of an FSDP config starts processes that each train alone (no
+    ACCELERATE_USE_CPU: world size 1) or that never average gradients (--ddp_backend gloo: DistributedType.NO);
+    train() stops both before loading anything. DDP on CPU and DeepSpeed over gloo pass."""
     from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
 
     from llama_moe.training.run import check_processes_connected
 
+    def config(world, kind):
+        return SimpleNamespace(world_size=world, distributed_state=SimpleNamespace(distributed_type=kind))
+
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ValueError, match="ACCELERATE_USE_CPU=1"):
-        check_processes_connected(SimpleNamespace(world_size=1))
-    check_processes_connected(SimpleNamespace(world_size=2))
+    for world, kind in ((1, DistributedType.NO), (2, DistributedType.NO)):
+        with pytest.raises(ValueError, match="ACCELERATE_USE_CPU=1"):
+            check_processes_connected(config(world, kind))
+    for kind in (DistributedType.MULTI_CPU, DistributedType.DEEPSPEED, DistributedType.FSDP):
+        check_processes_connected(config(2, kind))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    check_processes_connected(config(1, DistributedType.NO))
