@@ -190,6 +190,34 @@ def test_few_slots_inference_path_matches_eager(monkeypatch, tokens, dropped, dt
     _assert_same(sorted_path, expected, dtype, "sorted path")
 
 
+@pytest.mark.parametrize("mode", ["grad", "no_grad", "inference_mode"])
+def test_expert_parallel_matches_one_thread_per_call(monkeypatch, mode):
+    # CPU expert parallelism (experts spread over threads, single-threaded GEMMs) against the serial loop; the
+    # worker threads must inherit grad / inference mode and leave the thread count as it was.
+    from llama_moe.modeling import dropless_moe
+
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        results = {}
+        for parallel in (False, True):
+            monkeypatch.setattr(dropless_moe, "EXPERT_PARALLEL", parallel)
+            torch.manual_seed(0)
+            if mode == "grad":
+                results[parallel] = _check_experts(SHAPES["fine-64x8"], torch.float32, impls=("dropless",))["dropless"]
+                continue
+            experts = _init_(LlamaMoEExperts(_config(64, 8, 32, 8)))
+            experts.config._experts_implementation = "dropless"
+            index_TK, weights_TK = _routing(48, 64, 8)
+            with getattr(torch, mode)():
+                results[parallel] = {"output": experts(torch.randn(48, 32), index_TK, weights_TK).clone()}
+            assert torch.get_num_threads() == 2
+        for name, value in results[True].items():
+            torch.testing.assert_close(value, results[False][name], rtol=1e-5, atol=1e-6)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
 def test_no_tokens():
     experts = _init_(LlamaMoEExperts(_config(4, 2, 16, 8)))
     experts.config._experts_implementation = "dropless"
