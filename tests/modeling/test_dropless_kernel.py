@@ -169,6 +169,7 @@ def test_few_slots_inference_path_matches_eager(monkeypatch, tokens, dropped, dt
     calls = []
     few_slots_forward = dropless_moe.few_slots_forward
     monkeypatch.setattr(dropless_moe, "few_slots_forward", lambda *a: calls.append(1) or few_slots_forward(*a))
+    monkeypatch.setattr(dropless_moe, "FEW_SLOTS", max(dropless_moe.FEW_SLOTS, tokens * 4))  # cover several rows
     num_experts = 16
     experts = _init_(LlamaMoEExperts(_config(num_experts, 4, 32, 16))).to(dtype)
     experts._is_expert_parallel = True
