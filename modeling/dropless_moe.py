@@ -248,11 +248,23 @@ class DroplessExpertsFunction(torch.autograd.Function):
         plan = _Plan(top_k_index, num_experts, _gemm_backend(hidden_TH.device))
 
         x_SH = _workspace("rows", plan.kept, hidden_TH.shape[1], hidden_TH)
-        torch.index_select(hidden_TH, 0, plan.token_S, out=x_SH)
-        gate_up_S2I = plan.mm(x_SH, gate_up_proj.transpose(1, 2), x_SH.new_empty(plan.kept, 2 * intermediate))
-        gate_SI, up_SI = gate_up_S2I.split(intermediate, dim=-1)
-        act_SI = act_fn(gate_SI).mul_(up_SI)
-        y_SH = plan.mm(act_SI, down_proj.transpose(1, 2), x_SH)  # x is not needed any more: reuse its buffer
+        gate_up_S2I = x_SH.new_empty(plan.kept, 2 * intermediate)
+        if plan.backend == "grouped":
+            torch.index_select(hidden_TH, 0, plan.token_S, out=x_SH)
+            gate_up_S2I = plan.mm(x_SH, gate_up_proj.transpose(1, 2), gate_up_S2I)
+            act_SI = act_fn(gate_up_S2I[:, :intermediate]).mul_(gate_up_S2I[:, intermediate:])
+            y_SH = plan.mm(act_SI, down_proj.transpose(1, 2), x_SH)  # x is not needed any more: reuse its buffer
+        else:
+            def expert_forward(expert, start, end):
+                # One expert start to end while its rows are in cache: gather, gate/up, activation, down (the
+                # output overwrites the expert's gathered rows, which are not needed any more).
+                x_RH = torch.index_select(hidden_TH, 0, plan.token_S[start:end], out=x_SH[start:end])
+                gate_up_R2I = torch.mm(x_RH, gate_up_proj[expert].t(), out=gate_up_S2I[start:end])
+                act_RI = act_fn(gate_up_R2I[:, :intermediate]).mul_(gate_up_R2I[:, intermediate:])
+                torch.mm(act_RI, down_proj[expert].t(), out=x_RH)
+
+            plan.run_per_expert(expert_forward, flops_per_row=2 * intermediate * hidden_TH.shape[1])
+            y_SH = x_SH
         acc_dtype = torch.promote_types(hidden_TH.dtype, torch.float32)
         if y_SH.dtype != acc_dtype:
             y_SH = y_SH.to(acc_dtype)  # bf16/fp16: sum the k expert outputs in float32
