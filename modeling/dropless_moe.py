@@ -277,60 +277,125 @@ class DroplessExpertsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out_TH):
         hidden_TH, top_k_weights, gate_up_S2I, gate_up_proj, down_proj = ctx.saved_tensors
-        plan, act_fn = ctx.plan, ctx.act_fn
-        intermediate = down_proj.shape[-1]
+        plan = ctx.plan
+        needs = ctx.needs_input_grad
         dtype = hidden_TH.dtype
         acc_dtype = torch.promote_types(dtype, torch.float32)
         weights_S1 = top_k_weights.reshape(-1)[plan.order_S].to(acc_dtype).unsqueeze(-1)
-
-        grad_y_SH = torch.index_select(
-            grad_out_TH.to(dtype), 0, plan.token_S, out=_workspace("rows", plan.kept, hidden_TH.shape[1], hidden_TH)
+        grad_y_SH = _workspace("rows", plan.kept, hidden_TH.shape[1], hidden_TH)
+        grad_act_SI = _workspace("act", plan.kept, down_proj.shape[-1], hidden_TH)
+        grad_gate_up_S2I = _workspace("gate_up", plan.kept, gate_up_S2I.shape[1], gate_up_S2I)
+        grads = _backward_staged if plan.backend == "grouped" else _backward_per_expert
+        grad_hidden_TH, grad_weights_S, grad_gate_up_proj, grad_down_proj = grads(
+            plan, needs, ctx.act_fn, grad_out_TH.to(dtype), hidden_TH, weights_S1, gate_up_S2I, gate_up_proj,
+            down_proj, grad_y_SH, grad_act_SI, grad_gate_up_S2I,
         )
-        # d(out)/d(act) before the routing weight: grad_y @ down_e, one GEMM per expert slice.
-        grad_act_SI = plan.mm(grad_y_SH, down_proj, _workspace("act", plan.kept, intermediate, grad_y_SH))
-
-        gate_SI, up_SI = gate_up_S2I.split(intermediate, dim=-1)
-        silu = _is_silu(act_fn)
-        if silu:
-            act_gate_SI = F.silu(gate_SI)  # recomputed, not stored (memory-optimized MLP)
-        else:
-            with torch.enable_grad():
-                gate_leaf = gate_SI.detach().requires_grad_()
-                act_gate_SI = act_fn(gate_leaf)
-                (act_gate_grad_SI,) = torch.autograd.grad(act_gate_SI.sum(), gate_leaf)
-            act_gate_SI = act_gate_SI.detach()
-        # The up half of the input-gradient scratch holds act until grad_up overwrites it (one S x I less at peak).
-        grad_gate_up_S2I = _workspace("gate_up", plan.kept, 2 * intermediate, gate_up_S2I)
-        grad_gate_SI, grad_up_SI = grad_gate_up_S2I.split(intermediate, dim=-1)
-        act_SI = torch.mul(act_gate_SI, up_SI, out=grad_up_SI)
-
-        grad_top_k_weights = grad_gate_up_proj = grad_down_proj = grad_hidden_TH = None
-        if ctx.needs_input_grad[2]:
-            grad_weights_S = torch.linalg.vecdot(grad_act_SI.to(acc_dtype), act_SI.to(acc_dtype))
+        grad_top_k_weights = None
+        if needs[2]:
             grad_flat = torch.zeros(top_k_weights.numel(), dtype=acc_dtype, device=grad_weights_S.device)
             grad_flat[plan.order_S] = grad_weights_S
             grad_top_k_weights = grad_flat.view(top_k_weights.shape).to(top_k_weights.dtype)
-        if ctx.needs_input_grad[4]:
-            weighted_act_SI = _scale_rows_(act_SI, weights_S1)
-            grad_down_proj = plan.weight_grad(grad_y_SH, weighted_act_SI, down_proj)
-        del act_SI
-        grad_act_SI = _scale_rows_(grad_act_SI, weights_S1)
-
-        torch.mul(grad_act_SI, act_gate_SI, out=grad_up_SI)
-        torch.mul(grad_act_SI, up_SI, out=grad_gate_SI)
-        if silu:  # one fused pass: grad * silu'(gate)
-            torch.ops.aten.silu_backward.grad_input(grad_gate_SI, gate_SI, grad_input=grad_gate_SI)
-        else:
-            grad_gate_SI.mul_(act_gate_grad_SI)
-        del grad_act_SI, act_gate_SI
-        if ctx.needs_input_grad[0]:
-            grad_x_SH = plan.mm(grad_gate_up_S2I, gate_up_proj, grad_y_SH)  # grad_y is done: reuse its buffer
-            grad_hidden_TH = plan.reduce(grad_x_SH.to(acc_dtype)).to(dtype)
-        if ctx.needs_input_grad[3]:
-            x_SH = _workspace("rows", plan.kept, hidden_TH.shape[1], hidden_TH)
-            torch.index_select(hidden_TH, 0, plan.token_S, out=x_SH)
-            grad_gate_up_proj = plan.weight_grad(grad_gate_up_S2I, x_SH, gate_up_proj)
         return grad_hidden_TH, None, grad_top_k_weights, grad_gate_up_proj, grad_down_proj, None
+
+
+def _swiglu_backward(grad_act_RI, gate_up_R2I, weights_R1, act_fn, grad_gate_up_R2I, want_weights_grad, use_weighted_act):
+    """From d(out)/d(act) before the routing weight, for a block of rows: fills grad_gate_up_R2I (d/d(gate, up)
+    after the routing weight), hands act * weight to `use_weighted_act` (the down-projection weight gradient) while
+    it still exists, and returns d/d(routing weight) per row when asked. SwiGLU is recomputed, not stored."""
+    intermediate = grad_act_RI.shape[1]
+    gate_RI, up_RI = gate_up_R2I.split(intermediate, dim=-1)
+    silu = _is_silu(act_fn)
+    if silu:
+        act_gate_RI = F.silu(gate_RI)
+    else:
+        with torch.enable_grad():
+            gate_leaf = gate_RI.detach().requires_grad_()
+            act_gate_RI = act_fn(gate_leaf)
+            (act_gate_grad_RI,) = torch.autograd.grad(act_gate_RI.sum(), gate_leaf)
+        act_gate_RI = act_gate_RI.detach()
+    # The up half of the gradient buffer holds act until grad_up overwrites it (one rows x I less at peak).
+    grad_gate_RI, grad_up_RI = grad_gate_up_R2I.split(intermediate, dim=-1)
+    act_RI = torch.mul(act_gate_RI, up_RI, out=grad_up_RI)
+    grad_weights_R = None
+    if want_weights_grad:
+        grad_weights_R = torch.linalg.vecdot(grad_act_RI.to(weights_R1.dtype), act_RI.to(weights_R1.dtype))
+    if use_weighted_act is not None:
+        use_weighted_act(_scale_rows_(act_RI, weights_R1))
+    del act_RI
+    grad_act_RI = _scale_rows_(grad_act_RI, weights_R1)
+    torch.mul(grad_act_RI, act_gate_RI, out=grad_up_RI)
+    torch.mul(grad_act_RI, up_RI, out=grad_gate_RI)
+    if silu:  # one fused pass: grad * silu'(gate)
+        torch.ops.aten.silu_backward.grad_input(grad_gate_RI, gate_RI, grad_input=grad_gate_RI)
+    else:
+        grad_gate_RI.mul_(act_gate_grad_RI)
+    return grad_weights_R
+
+
+def _backward_staged(plan, needs, act_fn, grad_out_TH, hidden_TH, weights_S1, gate_up_S2I, gate_up_proj, down_proj,
+                     grad_y_SH, grad_act_SI, grad_gate_up_S2I):
+    """Each stage over all rows at once, the GEMMs grouped: the order for torch's grouped GEMM (CUDA)."""
+    torch.index_select(grad_out_TH, 0, plan.token_S, out=grad_y_SH)
+    grad_act_SI = plan.mm(grad_y_SH, down_proj, grad_act_SI)
+    grad_down_proj = None
+
+    def down_grad(weighted_act_SI):
+        nonlocal grad_down_proj
+        grad_down_proj = plan.weight_grad(grad_y_SH, weighted_act_SI, down_proj)
+
+    grad_weights_S = _swiglu_backward(
+        grad_act_SI, gate_up_S2I, weights_S1, act_fn, grad_gate_up_S2I, needs[2], down_grad if needs[4] else None
+    )
+    grad_hidden_TH = None
+    if needs[0]:
+        grad_x_SH = plan.mm(grad_gate_up_S2I, gate_up_proj, grad_y_SH)  # reuses grad_y's buffer
+        grad_hidden_TH = _reduce_rows(plan, grad_x_SH, hidden_TH.dtype)
+    grad_gate_up_proj = None
+    if needs[3]:
+        x_SH = torch.index_select(hidden_TH, 0, plan.token_S)
+        grad_gate_up_proj = plan.weight_grad(grad_gate_up_S2I, x_SH, gate_up_proj)
+    return grad_hidden_TH, grad_weights_S, grad_gate_up_proj, grad_down_proj
+
+
+def _backward_per_expert(plan, needs, act_fn, grad_out_TH, hidden_TH, weights_S1, gate_up_S2I, gate_up_proj,
+                         down_proj, grad_y_SH, grad_act_SI, grad_gate_up_S2I):
+    """Each expert start to end while its rows are in cache (CPU): gather, four GEMMs and the SwiGLU backward."""
+    grad_weights_S = weights_S1.new_empty(plan.kept) if needs[2] else None
+    grad_down_proj = torch.empty_like(down_proj) if needs[4] else None
+    grad_gate_up_proj = torch.empty_like(gate_up_proj) if needs[3] else None
+
+    def expert_backward(expert, start, end):
+        grad_y_RH = torch.index_select(grad_out_TH, 0, plan.token_S[start:end], out=grad_y_SH[start:end])
+        grad_act_RI = torch.mm(grad_y_RH, down_proj[expert], out=grad_act_SI[start:end])
+        grad_gate_up_R2I = grad_gate_up_S2I[start:end]
+
+        def down_grad(weighted_act_RI):
+            torch.mm(grad_y_RH.t(), weighted_act_RI, out=grad_down_proj[expert])
+
+        grad_weights_R = _swiglu_backward(
+            grad_act_RI, gate_up_S2I[start:end], weights_S1[start:end], act_fn, grad_gate_up_R2I, needs[2],
+            down_grad if needs[4] else None,
+        )
+        if grad_weights_R is not None:
+            grad_weights_S[start:end] = grad_weights_R
+        if needs[0]:
+            torch.mm(grad_gate_up_R2I, gate_up_proj[expert], out=grad_y_RH)  # grad_y is done: reuse its rows
+        if needs[3]:
+            x_RH = torch.index_select(hidden_TH, 0, plan.token_S[start:end])
+            torch.mm(grad_gate_up_R2I.t(), x_RH, out=grad_gate_up_proj[expert])
+
+    plan.run_per_expert(expert_backward, flops_per_row=gate_up_proj.shape[1] * gate_up_proj.shape[2])
+    idle = [expert for expert, count in enumerate(plan.counts) if count == 0]
+    for grad in (grad_down_proj, grad_gate_up_proj):
+        if grad is not None and idle:
+            grad[idle] = 0
+    grad_hidden_TH = _reduce_rows(plan, grad_y_SH, hidden_TH.dtype) if needs[0] else None
+    return grad_hidden_TH, grad_weights_S, grad_gate_up_proj, grad_down_proj
+
+
+def _reduce_rows(plan, grad_x_SH, dtype):
+    """d/d(hidden): sum each token's rows, in float32 for bf16/fp16."""
+    return plan.reduce(grad_x_SH.to(torch.promote_types(dtype, torch.float32))).to(dtype)
 
 
 # Up to this many routed slots, a forward without autograd (decoding) takes the few-slots path: no sort, no plan,
