@@ -130,17 +130,27 @@ def _run_expert_parallel(gemm, slices, threads: int) -> None:
         torch.set_num_threads(previous)
 
 
-def _gemm_backend(device: torch.device) -> str:
+# CPU, automatic backend: with fewer rows than this per expert that has any (decoding several sequences), one
+# grouped_mm call beats a Python loop of GEMV-sized calls. Measured, whole model decoding 8 sequences, step time
+# vs dense: 16 experts top-4 1.85x -> 1.77x, 64 experts top-8 2.14x -> 2.00x.
+GROUPED_BELOW_ROWS_PER_EXPERT = 4
+
+
+def _gemm_backend(device: torch.device, dtype: torch.dtype, kept: int, active_experts: int) -> str:
     if GEMM_BACKEND is not None:
         return GEMM_BACKEND
-    return "grouped" if device.type == "cuda" and hasattr(F, "grouped_mm") else "loop"
+    if not hasattr(F, "grouped_mm") or dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return "loop"
+    if device.type == "cuda" or kept < GROUPED_BELOW_ROWS_PER_EXPERT * active_experts:
+        return "grouped"
+    return "loop"
 
 
 class _Plan:
     """Where every kept slot goes: its sorted position, its token, the per-expert row ranges, and the bags
     (token-major lists of sorted positions) the weighted reduction sums over."""
 
-    def __init__(self, top_k_index: torch.Tensor, num_experts: int, backend: str):
+    def __init__(self, top_k_index: torch.Tensor, num_experts: int, dtype: torch.dtype):
         num_tokens, top_k = top_k_index.shape
         order_S, token_S, counts_E = sort_slots_by_expert(top_k_index, num_experts)
         counts = counts_E.tolist()  # the one host sync: buffer sizes and slice bounds
@@ -150,7 +160,8 @@ class _Plan:
         self.order_S = order_S[: self.kept]
         self.token_S = token_S[: self.kept]
         self.num_experts = num_experts
-        self.backend = backend
+        active = sum(1 for count in self.counts if count)
+        self.backend = backend = _gemm_backend(top_k_index.device, dtype, self.kept, active)
         self.device = top_k_index.device
         self.offsets_E = None
         if backend == "grouped":
@@ -245,7 +256,7 @@ class DroplessExpertsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden_TH, top_k_index, top_k_weights, gate_up_proj, down_proj, act_fn):
         num_experts, intermediate = gate_up_proj.shape[0], down_proj.shape[-1]
-        plan = _Plan(top_k_index, num_experts, _gemm_backend(hidden_TH.device))
+        plan = _Plan(top_k_index, num_experts, hidden_TH.dtype)
 
         x_SH = _workspace("rows", plan.kept, hidden_TH.shape[1], hidden_TH)
         gate_up_S2I = x_SH.new_empty(plan.kept, 2 * intermediate)
