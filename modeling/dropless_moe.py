@@ -450,21 +450,27 @@ def _needs_autograd(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def dropless_experts_forward(self, hidden_states, top_k_index, top_k_weights):
-    """Experts-interface entry point: `self` is an experts module with fused `gate_up_proj [E, 2I, H]` and
-    `down_proj [E, H, I]` (transformers v5 layout, no bias). Slots whose index is `num_experts` are skipped."""
+def check_experts_layout(experts, implementation: str) -> None:
+    """Our kernels take transformers v5's fused SwiGLU layout only; name the module and the fallback otherwise."""
     unsupported = (
-        getattr(self, "has_bias", False)
-        or getattr(self, "is_transposed", False)
-        or not getattr(self, "has_gate", True)
-        or not getattr(self, "is_concatenated", True)
-        or getattr(self, "has_post_expert_norm", False)
+        getattr(experts, "has_bias", False)
+        or getattr(experts, "is_transposed", False)
+        or not getattr(experts, "has_gate", True)
+        or not getattr(experts, "is_concatenated", True)
+        or getattr(experts, "has_post_expert_norm", False)
     )
     if unsupported:
         raise NotImplementedError(
-            f"experts_implementation='dropless' supports gated, concatenated, non-transposed experts without bias "
-            f"or post-expert norm; {type(self).__name__} is not one. Use experts_implementation='grouped_mm' for it."
+            f"experts_implementation={implementation!r} supports gated, concatenated, non-transposed experts without "
+            f"bias or post-expert norm; {type(experts).__name__} is not one. Use experts_implementation='grouped_mm' "
+            "for it."
         )
+
+
+def dropless_experts_forward(self, hidden_states, top_k_index, top_k_weights):
+    """Experts-interface entry point: `self` is an experts module with fused `gate_up_proj [E, 2I, H]` and
+    `down_proj [E, H, I]` (transformers v5 layout, no bias). Slots whose index is `num_experts` are skipped."""
+    check_experts_layout(self, "dropless")
     arguments = (hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj, self.act_fn)
     if top_k_index.numel() <= FEW_SLOTS and not _needs_autograd(
         hidden_states, top_k_weights, self.gate_up_proj, self.down_proj

@@ -9,6 +9,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+if not torch.cuda.is_available():
+    # The Triton kernels run on CPU through Triton's interpreter, which must be on before triton is first imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 # Llama 3.1's rope scaling, shrunk to tiny context lengths, for Llama-3-style test configs.
 LLAMA3_ROPE = {
