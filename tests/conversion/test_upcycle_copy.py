@@ -40,7 +40,7 @@ def test_output_folder_contents(dense_dirs, tmp_path):
     out = upcycle(dense_dirs["llama3"], tmp_path / "moe", method="copy", num_experts=4, top_k=2, progress=False)
     files = set(os.listdir(out))
     assert {"config.json", "model.safetensors", "README.md", "generation_config.json"} <= files
-    assert {"configuration_llama_moe.py", "modeling_llama_moe.py", "dropless_moe.py"} <= files
+    assert {"configuration_llama_moe.py", "modeling_llama_moe.py", "dropless_moe.py", "triton_moe.py"} <= files
     assert not [f for f in os.listdir(tmp_path) if ".tmp-" in f]
     config = json.load(open(os.path.join(out, "config.json")))
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_llama_moe.LlamaMoEForCausalLM"
