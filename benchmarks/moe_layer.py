@@ -31,7 +31,9 @@ CONTENDERS = {
     "eager": ("LlamaMoESparseMoeBlock, eager per-expert loop", "llama_moe", "eager"),
     "mixtral_grouped_mm": ("transformers MixtralSparseMoeBlock, grouped_mm", "mixtral", "grouped_mm"),
     "mixtral_dropless": ("transformers MixtralSparseMoeBlock, dropless (ours, registered)", "mixtral", "dropless"),
+    "dropless_triton": ("LlamaMoESparseMoeBlock, dropless_triton (ours, CUDA only)", "llama_moe", "dropless_triton"),
 }
+CUDA_ONLY = {"dropless_triton"}
 
 
 class DenseSwiGLU(nn.Module):
@@ -158,7 +160,9 @@ def parse_args(argv):
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads on CPU (default %(default)s)")
-    parser.add_argument("--contenders", default=",".join(CONTENDERS), help="subset of: " + ",".join(CONTENDERS))
+    parser.add_argument(
+        "--contenders", default=None, help="subset of: " + ",".join(CONTENDERS) + " (default: all the device runs)"
+    )
     parser.add_argument("--no-backward", action="store_true", help="forward only (decoding)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
@@ -170,7 +174,10 @@ def parse_args(argv):
         "when --threads 1 (with more threads it counts spin-waiting too)",
     )
     args = parser.parse_args(argv)
-    args.contenders = args.contenders.split(",")
+    on_cuda = args.device.startswith("cuda")
+    args.contenders = (
+        args.contenders.split(",") if args.contenders else [n for n in CONTENDERS if on_cuda or n not in CUDA_ONLY]
+    )
     unknown = [name for name in args.contenders if name not in CONTENDERS]
     if unknown or "dense" not in args.contenders:
         parser.error(f"--contenders must include dense and only use {', '.join(CONTENDERS)}; got {unknown}")
