@@ -276,7 +276,7 @@ class TritonExpertsFunction(torch.autograd.Function):
         def down_grad(weighted_act_SI):
             nonlocal grad_down_proj
             grad_down_proj = blocks.weight_grad(
-                grad_out_TH, weighted_act_SI, torch.empty_like(down_proj), a_rows=blocks.token_S
+                grad_out_TH, weighted_act_SI, down_proj.new_empty(down_proj.shape), a_rows=blocks.token_S
             )
 
         grad_gate_up_S2I = torch.empty_like(gate_up_S2I)
@@ -294,7 +294,7 @@ class TritonExpertsFunction(torch.autograd.Function):
         grad_gate_up_proj = None
         if needs[3]:
             grad_gate_up_proj = blocks.weight_grad(
-                grad_gate_up_S2I, hidden_TH, torch.empty_like(gate_up_proj), b_rows=blocks.token_S
+                grad_gate_up_S2I, hidden_TH, gate_up_proj.new_empty(gate_up_proj.shape), b_rows=blocks.token_S
             )
         grad_top_k_weights = None
         if needs[2]:
