@@ -21,6 +21,7 @@ from .dropless_moe import _swiglu_backward, check_experts_layout, sort_slots_by_
 # interpreter looks for `tl` among the kernels' globals.
 triton = None
 tl = None
+_dot_accumulate = None  # a jit helper the kernels call; a global too, since the interpreter sees no closures
 
 BLOCK_ROWS = 64  # rows (token slots) per program in the row-blocked kernels; also the block table's unit
 
@@ -45,6 +46,16 @@ def _interpreting() -> bool:
 @functools.cache
 def _kernels():
     """Build the kernels on first use (triton.jit reads TRITON_INTERPRET when it decorates)."""
+    global _dot_accumulate
+
+    @triton.jit
+    def _dot_accumulate(acc, a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+        """acc + a @ b: full fp32 precision when IEEE; float32 tiles when UPCAST (see _upcast)."""
+        if UPCAST:
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        if IEEE:
+            return acc + tl.dot(a, b, input_precision="ieee")
+        return acc + tl.dot(a, b)
 
     @triton.jit
     def scatter2scatter(
@@ -79,12 +90,7 @@ def _kernels():
                 w_ptr + expert.to(tl.int64) * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wn,
                 mask=k_mask[:, None] & col_mask[None, :], other=0.0,
             )
-            if UPCAST:
-                a, w = a.to(tl.float32), w.to(tl.float32)
-            if IEEE:
-                acc += tl.dot(a, w, input_precision="ieee")
-            else:
-                acc += tl.dot(a, w)
+            acc = _dot_accumulate(acc, a, w, IEEE, UPCAST)
         if SCALE:
             acc *= tl.load(scale_ptr + rows, mask=row_mask, other=0.0)[:, None]
         y_rows = tl.load(y_rows_ptr + rows, mask=row_mask, other=0) if SCATTER else rows
@@ -124,12 +130,7 @@ def _kernels():
                 b_ptr + b_rows[:, None].to(tl.int64) * stride_bm + qs[None, :],
                 mask=row_mask[:, None] & q_mask[None, :], other=0.0,
             )
-            if UPCAST:
-                a_t, b = a_t.to(tl.float32), b.to(tl.float32)
-            if IEEE:
-                acc += tl.dot(a_t, b, input_precision="ieee")
-            else:
-                acc += tl.dot(a_t, b)
+            acc = _dot_accumulate(acc, a_t, b, IEEE, UPCAST)
         tl.store(
             g_ptr + expert.to(tl.int64) * stride_ge + ps[:, None] * Q + qs[None, :],
             acc.to(g_ptr.dtype.element_ty),
@@ -246,25 +247,26 @@ class TritonExpertsFunction(torch.autograd.Function):
         )
         act_SI = act_fn(gate_up_S2I[:, :intermediate]) * gate_up_S2I[:, intermediate:]
         # Scatter with weights fused into the second: rows[(t, j)] = w[t, j] * act[r] @ down_proj[e]^T.
-        weights_S = top_k_weights.reshape(-1)[blocks.order_S].float().contiguous()
+        acc_dtype = torch.promote_types(hidden_TH.dtype, torch.float32)
+        weights_S = top_k_weights.reshape(-1)[blocks.order_S].to(acc_dtype)  # sorted order, reused in backward
         y_rows = _slot_rows(blocks, hidden, hidden_TH)
         blocks.gemm(
             act_SI, (down_proj.stride(0), down_proj.stride(2), down_proj.stride(1)), down_proj, hidden, intermediate,
             y=y_rows, y_rows=blocks.order_S, scale=weights_S,
         )
-        ctx.save_for_backward(hidden_TH, top_k_weights, gate_up_S2I, gate_up_proj, down_proj)
+        ctx.save_for_backward(hidden_TH, top_k_weights, weights_S, gate_up_S2I, gate_up_proj, down_proj)
         ctx.blocks, ctx.act_fn = blocks, act_fn
         return blocks.sum_slots(y_rows).to(hidden_TH.dtype)
 
     @staticmethod
     def backward(ctx, grad_out_TH):
-        hidden_TH, top_k_weights, gate_up_S2I, gate_up_proj, down_proj = ctx.saved_tensors
+        hidden_TH, top_k_weights, weights_S, gate_up_S2I, gate_up_proj, down_proj = ctx.saved_tensors
         blocks, needs = ctx.blocks, ctx.needs_input_grad
         hidden, intermediate = hidden_TH.shape[1], down_proj.shape[-1]
         grad_out_TH = grad_out_TH.to(hidden_TH.dtype).contiguous()
         slots = gate_up_S2I.shape[0]
-        acc_dtype = torch.promote_types(hidden_TH.dtype, torch.float32)
-        weights_S1 = top_k_weights.reshape(-1)[blocks.order_S].to(acc_dtype).unsqueeze(-1)
+        acc_dtype = weights_S.dtype
+        weights_S1 = weights_S.unsqueeze(-1)
         # d/d(act) before the routing weight: grad_out[token(r)] @ down_proj[e] (gathered, [E, H, I] as (H, I)).
         grad_act_SI = gate_up_S2I.new_empty(slots, intermediate)
         blocks.gemm(
