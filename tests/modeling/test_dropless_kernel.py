@@ -159,13 +159,16 @@ def test_decode_sizes(tokens):
     _check_experts((16, 4, 32, 16, tokens), torch.float32)
 
 
+@pytest.mark.parametrize("short_row", [512, 0], ids=["products-and-sums", "gemv"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("tokens,dropped", [(1, 0), (3, 2), (8, 5)])
-def test_few_slots_inference_path_matches_eager(monkeypatch, tokens, dropped, dtype):
+@pytest.mark.parametrize("tokens,dropped", [(1, 0), (3, 2), (8, 5), (2, 8)])
+def test_few_slots_inference_path_matches_eager(monkeypatch, tokens, dropped, dtype, short_row):
     # Decoding (no autograd, few slots) skips the sort and the autograd.Function: same outputs as eager, and as the
-    # sorted path, under no_grad and inference_mode, with capacity-dropped (sentinel) slots.
+    # sorted path, under no_grad and inference_mode, with capacity-dropped (sentinel) slots (all of them for 2
+    # tokens), for both ways of computing the down projection.
     from llama_moe.modeling import dropless_moe
 
+    monkeypatch.setattr(dropless_moe, "SHORT_ROW", short_row)
     calls = []
     few_slots_forward = dropless_moe.few_slots_forward
     monkeypatch.setattr(dropless_moe, "few_slots_forward", lambda *a: calls.append(1) or few_slots_forward(*a))
