@@ -222,6 +222,28 @@ def test_expert_parallel_matches_one_thread_per_call(monkeypatch, mode):
         torch.set_num_threads(previous_threads)
 
 
+def test_expert_parallel_choice(monkeypatch):
+    # Automatic choice: small expert GEMMs always go to whole experts per thread; large ones only when the queue's
+    # largest-first split leaves the threads within EXPERT_PARALLEL_MAX_IMBALANCE of even; never with too few experts.
+    from llama_moe.modeling import dropless_moe
+
+    monkeypatch.setattr(dropless_moe, "EXPERT_PARALLEL", None)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    cpu, large, small = torch.device("cpu"), 2e9, 1e8
+    balanced, skewed = [545, 518, 501, 484, 516, 520, 493, 519], [3000, 300, 200, 200, 100, 100, 100, 96]
+    assert dropless_moe._busiest_thread_rows(balanced, 2) == 2048
+    assert dropless_moe._busiest_thread_rows(skewed, 2) == 3000  # one expert outweighs all the others together
+    assert dropless_moe._expert_threads(cpu, balanced, large) == 2
+    assert dropless_moe._expert_threads(cpu, skewed, large) == 1
+    uneven_but_splittable = [1500, 400, 300, 300, 300, 300, 300, 200]  # 1500 + 300 against the other 1800
+    assert dropless_moe._expert_threads(cpu, uneven_but_splittable, large) == 2
+    assert dropless_moe._expert_threads(cpu, skewed, small) == 2
+    assert dropless_moe._expert_threads(cpu, balanced[:7], small) == 1  # fewer than 4 experts per thread
+    assert dropless_moe._expert_threads(torch.device("meta"), balanced, small) == 1  # CPU only
+    monkeypatch.setattr(dropless_moe, "EXPERT_PARALLEL", False)
+    assert dropless_moe._expert_threads(cpu, balanced, small) == 1
+
+
 def test_no_tokens():
     experts = _init_(LlamaMoEExperts(_config(4, 2, 16, 8)))
     experts.config._experts_implementation = "dropless"
