@@ -425,10 +425,10 @@ def _reduce_rows(plan, grad_x_SH, dtype):
 
 
 # Up to this many routed slots, a forward without autograd (decoding) takes the few-slots path: no sort, no plan,
-# no autograd.Function, one matrix-vector pair per selected expert straight on the weights. Measured at hidden 1024
-# (layer time / dense of equal active width): one token of 64 experts top-8 1.64x -> 1.21-1.32x; but from 16 slots on
-# (4 tokens of 16 experts top-4) the sorted path wins (1.55x vs 2.66x): its per-call cost is fixed, this path's grows
-# with every expert that has several rows.
+# no autograd.Function, one matrix-vector pair per routed slot straight on its expert's weights. Measured at hidden
+# 1024 (layer time / dense of equal active width): one token of 64 experts top-8 1.64x -> 1.21-1.32x; but from 16 slots
+# on (4 tokens of 16 experts top-4) the sorted path wins (1.55x vs 2.66x): its per-call cost is fixed, this path's
+# grows with every slot.
 FEW_SLOTS = 8
 
 # Matrix-vector products with rows of at most SHORT_ROW elements (the down projection of small experts when
