@@ -136,7 +136,7 @@ def main(argv: list[str]) -> int:
     from llama_moe.evaluation.quickstart_report import write_quickstart_report
     from llama_moe.training.arguments import parse_arguments
     from llama_moe.training.run import train
-    from llama_moe.training.stdlib_corpus import build_stdlib_corpus
+    from llama_moe.conversion.stdlib_corpus import build_stdlib_corpus
 
     args = build_parser().parse_args(argv)
     base = args.base or default_base()

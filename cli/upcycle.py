@@ -8,9 +8,29 @@ import shlex
 import sys
 
 
+def add_method_options(parser: argparse.ArgumentParser) -> None:
+    """One argument group per method, made from its `options` dataclass (a flag shared by several methods is
+    listed under the first)."""
+    from dataclasses import fields
+
+    from llama_moe.conversion.methods import METHODS, flag
+
+    seen = set()
+    for name, method in METHODS.items():
+        own = [f for f in fields(method.options) if f.name not in seen]
+        if not own:
+            continue
+        group = parser.add_argument_group(f"{name} options")
+        for f in own:
+            seen.add(f.name)
+            group.add_argument(flag(f.name), dest=f.name, default=f.default, type=f.metadata["type"],
+                               choices=f.metadata["choices"], help=f.metadata["help"] + ("" if f.default is None else f" (default {f.default})"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from llama_moe.conversion.formats import EXPORTERS
-    from llama_moe.conversion.methods import GRANULAR_SCALING, METHODS
+    from llama_moe.conversion.methods import METHODS
+    from llama_moe.conversion.options import ROUTER_INIT_HELP
 
     methods = "\n".join(f"  {name:<11} {m.summary}" for name, m in METHODS.items())
     parser = argparse.ArgumentParser(
@@ -28,7 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--moe-layers", default="all", help="which layers become MoE: all, every-other, or a list like 0,2,5"
     )
     parser.add_argument(
-        "--shared-experts", type=int, default=0, help="always-on shared experts (random, gradient: Sharing-Inter)"
+        "--shared-experts",
+        type=int,
+        default=0,
+        help="always-on shared experts, in expert widths ("
+        + ", ".join(name for name, m in METHODS.items() if m.supports_shared_experts)
+        + ")",
     )
     parser.add_argument(
         "--norm-topk-prob",
@@ -48,30 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--router-init",
         default="normal",
-        choices=["normal", "zeros", "centroids"],
-        help="router weights: normal (seeded, std --router-std), zeros, or centroids (clustering, gradient)",
+        choices=list(ROUTER_INIT_HELP),
+        help="router weights: " + "; ".join(f"{k} = {v}" for k, v in ROUTER_INIT_HELP.items()) + " (default normal)",
     )
     parser.add_argument("--router-std", type=float, default=None, help="std of the normal router init "
                         "(default: the model's initializer_range)")
-    parser.add_argument(
-        "--expert-noise", type=float, default=0.0, help="copy: add N(0, (x*std(W))^2) to each expert's copy"
-    )
-    parser.add_argument("--drop-ratio", type=float, default=0.5, help="drop: fraction re-initialized (0.5)")
-    parser.add_argument("--granularity", type=int, default=1, help="granular: shards per FFN (G)")
-    parser.add_argument(
-        "--granular-scaling",
-        default="paper",
-        choices=list(GRANULAR_SCALING),
-        help="granular: " + "; ".join(f"{k} = {v}" for k, v in GRANULAR_SCALING.items()),
-    )
-    parser.add_argument("--cluster-on", default="up", choices=["up", "gate"], help="clustering: rows to cluster")
-    parser.add_argument("--calibration-data", default=None, help="gradient: text or JSONL file")
-    parser.add_argument(
-        "--expert-size", type=int, default=None, help="gradient: neurons per expert (default I / (E + shared))"
-    )
-    parser.add_argument(
-        "--calibration-tokens", type=int, default=4096, help="gradient: calibration tokens used (default 4096)"
-    )
     parser.add_argument("--dtype", default="auto", help="auto (the base model's), float32, bfloat16 or float16")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
@@ -91,14 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--verify", action="store_true", help="run dense and MoE on real tokens: max logit difference, perplexities"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_method_options(parser)
     return parser
-
-
-OPTION_FIELDS = (
-    "method", "num_experts", "top_k", "moe_layers", "shared_experts", "norm_topk_prob", "routed_scaling_factor",
-    "capacity_factor", "aux_loss_coef", "router_init", "router_std", "expert_noise", "drop_ratio", "granularity",
-    "granular_scaling", "cluster_on", "calibration_data", "expert_size", "calibration_tokens", "dtype", "seed",
-)  # fmt: skip
 
 
 def main(argv: list[str]) -> int:
@@ -111,10 +111,12 @@ def main(argv: list[str]) -> int:
         )
         print(f"Imported LLaMA-MoE v1 checkpoint {args.base} -> {out} ({args.format})")
         return 0
+    from dataclasses import fields
+
     from llama_moe.conversion.options import UpcycleOptions
     from llama_moe.conversion.upcycle import run_upcycle
 
-    options = UpcycleOptions.from_kwargs(**{name: getattr(args, name) for name in OPTION_FIELDS})
+    options = UpcycleOptions.from_kwargs(**{f.name: getattr(args, f.name) for f in fields(UpcycleOptions)})
     command = "llama-moe upcycle " + shlex.join(argv)
     result = run_upcycle(
         args.base,

@@ -5,17 +5,13 @@ Reads only the plan and counts it is given; must not load weights or contact the
 
 import os
 
-from .methods import GRANULAR_SCALING
+from .methods import GRANULAR_SCALING, METHODS
 
 
-METHOD_OPTIONS = {
-    "copy": ("expert_noise",),
-    "random": ("shared_experts",),
-    "clustering": ("cluster_on",),
-    "gradient": ("calibration_data", "calibration_tokens", "expert_size", "shared_experts"),
-    "granular": ("granularity", "granular_scaling"),
-    "drop": ("drop_ratio",),
-}
+def method_option_names(method_name: str) -> list[str]:
+    """The options the card lists for a method: its own, then --shared-experts where it splits off shared ones."""
+    method = METHODS[method_name]
+    return method.option_names() + (["shared_experts"] if method.supports_shared_experts else [])
 
 
 def _yaml_list(items) -> str:
@@ -25,7 +21,7 @@ def _yaml_list(items) -> str:
 def render_model_card(plan, *, format: str, total_params: int, active_params: int, command: str | None) -> str:
     c, o = plan.moe_config, plan.options
     base = plan.source.name
-    method_options = {name: getattr(o, name) for name in METHOD_OPTIONS.get(o.method, ())}
+    method_options = {name: getattr(o, name) for name in method_option_names(o.method)}
     option_text = ", ".join(f"{k}={v}" for k, v in method_options.items()) or "none"
     dense_layers = c.num_hidden_layers - len(c.moe_layers)
     lines = [

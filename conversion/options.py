@@ -1,20 +1,33 @@
 """Upcycling options: one dataclass shared by the CLI, `upcycle()` and `from_dense()`, with its checks.
 
-Checks here need only the dense config (no weights), so every user mistake is reported before any tensor is
-read or any file written. Must not read weights or import method modules (methods add their own checks).
+The common fields (experts, top-k, routing, dtype, seed) are written here; each construction method adds its own
+knobs through its `options` dataclass (conversion/methods/), and `UpcycleOptions` is built from both, so a new
+method's options need no edit here. Checks here need only the dense config (no weights), so every user mistake is
+reported before any tensor is read or any file written. Must not read weights.
 """
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields, make_dataclass
 
 import torch
 
+from .methods import METHODS, flag
+
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-ROUTER_INITS = ("normal", "zeros", "centroids")
+ROUTER_INIT_HELP = {
+    "normal": "seeded normal rows of std --router-std",
+    "zeros": "all zero: every expert tied until training separates them",
+    "centroids": "the centroids of the clustering that made the experts",
+}
+ROUTER_INITS = tuple(ROUTER_INIT_HELP)
+
+
+def _or_list(names: list[str]) -> str:
+    return " or ".join(names) if len(names) < 3 else ", ".join(names[:-1]) + " or " + names[-1]
 
 
 @dataclass
-class UpcycleOptions:
+class CommonOptions:
     method: str = "copy"
     num_experts: int = 8
     top_k: int = 2
@@ -26,14 +39,6 @@ class UpcycleOptions:
     aux_loss_coef: float = 0.01
     router_init: str = "normal"
     router_std: float | None = None  # None: the dense config's initializer_range
-    expert_noise: float = 0.0
-    drop_ratio: float = 0.5
-    granularity: int = 1
-    granular_scaling: str = "paper"
-    cluster_on: str = "up"
-    calibration_data: str | None = None
-    expert_size: int | None = None
-    calibration_tokens: int = 4096
     dtype: str = "auto"
     seed: int = 0
 
@@ -43,7 +48,43 @@ class UpcycleOptions:
         unknown = sorted(set(kwargs) - known)
         if unknown:
             raise ValueError(f"unknown upcycling option(s) {unknown}; valid options: {sorted(known)}.")
-        return cls(**kwargs)
+        options = cls(**kwargs)
+        method = METHODS.get(options.method)
+        if method is not None:
+            foreign = [name for name in kwargs if name in METHOD_OPTION_OWNERS and name not in method.option_names()
+                       and kwargs[name] != METHOD_OPTION_FIELDS[name].default]
+            if foreign:
+                name = foreign[0]
+                raise ValueError(
+                    f"{flag(name)} is an option of --method {' or '.join(METHOD_OPTION_OWNERS[name])}; "
+                    f"{options.method!r} does not use it."
+                )
+        return options
+
+
+def _method_option_fields() -> tuple[dict, dict]:
+    """Every method's option fields by name (a name several methods share must mean the same thing) and the
+    methods that own each."""
+    found, owners = {}, {}
+    for method in METHODS.values():
+        for f in fields(method.options):
+            if f.name in found and (found[f.name].default, found[f.name].metadata["type"]) != (
+                f.default, f.metadata["type"]
+            ):
+                raise TypeError(f"method option {f.name!r} is declared twice with different defaults or types.")
+            found.setdefault(f.name, f)
+            owners.setdefault(f.name, []).append(method.name)
+    return found, owners
+
+
+METHOD_OPTION_FIELDS, METHOD_OPTION_OWNERS = _method_option_fields()
+UpcycleOptions = make_dataclass(
+    "UpcycleOptions",
+    [(name, f.type, field(default=f.default, metadata=f.metadata)) for name, f in METHOD_OPTION_FIELDS.items()],
+    bases=(CommonOptions,),
+)
+UpcycleOptions.__module__ = __name__
+UpcycleOptions.__doc__ = "Common upcycling options plus every method's own (see each method's `options`)."
 
 
 def resolve_moe_layers(spec, num_layers: int) -> list[int]:
@@ -88,12 +129,13 @@ def check_common(options: UpcycleOptions, dense_config) -> None:
         raise ValueError(f"--aux-loss-coef must be >= 0, got {options.aux_loss_coef}.")
     if options.router_init not in ROUTER_INITS:
         raise ValueError(f"--router-init {options.router_init!r} is unknown; choose one of {list(ROUTER_INITS)}.")
-    if options.router_init == "centroids" and options.method not in ("clustering", "gradient"):
+    method = METHODS.get(options.method)
+    if method is not None and options.router_init not in method.router_inits:
+        able = [name for name, m in METHODS.items() if options.router_init in m.router_inits]
         raise ValueError(
-            "--router-init centroids needs --method clustering or gradient (the centroids come from clustering)."
+            f"--router-init {options.router_init} needs --method {_or_list(able)} "
+            f"({ROUTER_INIT_HELP[options.router_init]}); {options.method!r} supports {list(method.router_inits)}."
         )
-    if options.expert_noise < 0:
-        raise ValueError(f"--expert-noise must be >= 0, got {options.expert_noise}.")
     if options.dtype != "auto" and options.dtype not in DTYPES:
         raise ValueError(f"--dtype {options.dtype!r} is unknown; choose auto or one of {list(DTYPES)}.")
     resolve_moe_layers(options.moe_layers, dense_config.num_hidden_layers)

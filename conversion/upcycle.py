@@ -268,9 +268,9 @@ def upcycle(
     **moe_options,
 ) -> str:
     """Convert a dense Llama checkpoint (folder, .gguf file, Hub id or LlamaForCausalLM) into an MoE checkpoint
-    folder `out`; returns its path. `moe_options` are the fields of `UpcycleOptions` (moe_layers, shared_experts,
-    norm_topk_prob, routed_scaling_factor, capacity_factor, aux_loss_coef, router_init, expert_noise, drop_ratio,
-    granularity, granular_scaling, cluster_on, calibration_data, expert_size, dtype, seed)."""
+    folder `out`; returns its path. `moe_options` are the fields of `UpcycleOptions`: the common ones (moe_layers,
+    shared_experts, norm_topk_prob, routed_scaling_factor, capacity_factor, aux_loss_coef, router_init, router_std,
+    dtype, seed) and the chosen method's own (its `options` dataclass in conversion/methods/)."""
     options = UpcycleOptions.from_kwargs(method=method, num_experts=num_experts, top_k=top_k, **moe_options)
     arguments = dict(method=method, num_experts=num_experts, top_k=top_k, **moe_options)
     if format != "llama_moe":

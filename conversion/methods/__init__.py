@@ -4,7 +4,7 @@ This package only maps dense FFN tensors to expert tensors; reading checkpoints 
 reader.py / writer.py, and the per-layer driving loop in upcycle.py.
 """
 
-from .base import DenseFFN, ExpertInit, UpcycleMethod
+from .base import DenseFFN, ExpertInit, UpcycleMethod, flag
 from .clustering import ClusteringMethod
 from .copy import CopyMethod
 from .drop import DropMethod
@@ -26,4 +26,4 @@ def get_method(name: str) -> UpcycleMethod:
         raise ValueError(f"unknown upcycling method {name!r}; choose one of {', '.join(METHODS)}.") from None
 
 
-__all__ = ["METHODS", "GRANULAR_SCALING", "get_method", "DenseFFN", "ExpertInit", "UpcycleMethod"]
+__all__ = ["METHODS", "GRANULAR_SCALING", "get_method", "flag", "DenseFFN", "ExpertInit", "UpcycleMethod"]

@@ -4,7 +4,8 @@ A method sees one layer's dense SwiGLU weights in float32, the options and a see
 files, know about checkpoints or shards, or touch other layers (streaming depends on that).
 """
 
-from dataclasses import dataclass
+import builtins
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -47,19 +48,44 @@ def stack_experts(parts: list[DenseFFN]) -> tuple[torch.Tensor, torch.Tensor]:
     return gate_up, down
 
 
+def option(default, help: str, *, type=None, choices=None):
+    """One knob of a method: a dataclass field whose help, type and choices become its `--flag` (the CLI, the
+    model card and `upcycle(**options)` all read them from the method's `options` class)."""
+    return field(default=default, metadata={"help": help, "type": type or builtins.type(default), "choices": choices})
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+@dataclass
+class NoOptions:
+    """A method without knobs of its own."""
+
+
 class UpcycleMethod:
-    """Base class. Subclasses set `name`, `summary` and override `build`; `check` and `config_changes` when the
-    method needs more than copies of the full FFN."""
+    """Base class. Subclasses set `name`, `summary`, their `options` dataclass (fields made with `option`) and
+    override `build`; `check` and `config_changes` when the method needs more than copies of the full FFN."""
 
     name = ""
     summary = ""
+    options = NoOptions
     supports_shared_experts = False
+    # Router initializations this method can give (see options.ROUTER_INITS); "normal" is every method's default.
+    router_inits = ("normal", "zeros")
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        return [f.name for f in fields(cls.options)]
 
     def check(self, dense_config, options) -> None:
         """Raise ValueError when the options do not fit this method or the model (before any work)."""
         if options.shared_experts and not self.supports_shared_experts:
+            from . import METHODS
+
+            splitters = ", ".join(name for name, m in METHODS.items() if m.supports_shared_experts)
             raise ValueError(
-                f"--shared-experts needs a method that splits the FFN (random, gradient); {self.name!r} does not."
+                f"--shared-experts needs a method that splits the FFN ({splitters}); {self.name!r} does not."
             )
 
     def config_changes(self, dense_config, options) -> dict:

@@ -4,14 +4,21 @@ Neurons whose up_proj (or gate_proj, --cluster-on) rows point the same way share
 exactly I/E neurons. With --router-init centroids the cluster centroids become the router rows.
 """
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-from .base import DenseFFN, ExpertInit, UpcycleMethod
+from .base import DenseFFN, ExpertInit, UpcycleMethod, option
 from .random import experts_from_groups
 
 
 CLUSTER_ON = ("up", "gate")
+
+
+@dataclass
+class ClusteringOptions:
+    cluster_on: str = option("up", "which FFN rows to cluster", choices=CLUSTER_ON)
 
 
 def balanced_assign(scores_NC: torch.Tensor, capacity: int) -> torch.Tensor:
@@ -54,6 +61,8 @@ def balanced_kmeans(points_NH: torch.Tensor, num_clusters: int, generator: torch
 class ClusteringMethod(UpcycleMethod):
     name = "clustering"
     summary = "balanced k-means on normalized up/gate rows, one cluster per expert (LLaMA-MoE Independent-Clustering)"
+    options = ClusteringOptions
+    router_inits = (*UpcycleMethod.router_inits, "centroids")
 
     def check(self, dense_config, options) -> None:
         super().check(dense_config, options)

@@ -4,14 +4,27 @@ With renormalized top-k the upcycled layer computes exactly the dense FFN. Must 
 unless noise is asked for: without noise the experts are broadcast views, so streaming stays at one FFN.
 """
 
+from dataclasses import dataclass
+
 import torch
 
-from .base import DenseFFN, ExpertInit, UpcycleMethod
+from .base import DenseFFN, ExpertInit, UpcycleMethod, option
+
+
+@dataclass
+class CopyOptions:
+    expert_noise: float = option(0.0, "add N(0, (x*std(W))^2) to each expert's copy (breaks the symmetry)")
 
 
 class CopyMethod(UpcycleMethod):
     name = "copy"
     summary = "every expert is a copy of the dense FFN (exact at init with renormalized top-k)"
+    options = CopyOptions
+
+    def check(self, dense_config, options) -> None:
+        super().check(dense_config, options)
+        if options.expert_noise < 0:
+            raise ValueError(f"--expert-noise must be >= 0, got {options.expert_noise}.")
 
     def build(self, ffn: DenseFFN, options, generator: torch.Generator, layer_idx: int, context=None) -> ExpertInit:
         E = options.num_experts

@@ -4,14 +4,22 @@ In every expert a different random subset of round(r * I) intermediate neurons (
 redrawn from a normal with the mean and std of the original matrix it replaces. r = 0 is `copy`.
 """
 
+from dataclasses import dataclass
+
 import torch
 
-from .base import DenseFFN, ExpertInit, UpcycleMethod
+from .base import DenseFFN, ExpertInit, UpcycleMethod, option
+
+
+@dataclass
+class DropOptions:
+    drop_ratio: float = option(0.5, "fraction of each expert's neurons re-initialized (0 = copy)")
 
 
 class DropMethod(UpcycleMethod):
     name = "drop"
     summary = "copy, then re-initialize a different random fraction --drop-ratio of neurons per expert (Drop-Upcycling)"
+    options = DropOptions
 
     def check(self, dense_config, options) -> None:
         super().check(dense_config, options)

@@ -9,14 +9,22 @@ wide) and the experts choose among the rest. Only `prepare` runs the model; `bui
 
 import json
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from .base import DenseFFN, ExpertInit, UpcycleMethod, stack_experts
+from .base import DenseFFN, ExpertInit, UpcycleMethod, option, stack_experts
 from .clustering import balanced_kmeans
 
 SEQUENCE_LENGTH = 128
+
+
+@dataclass
+class GradientOptions:
+    calibration_data: str | None = option(None, "calibration text: a text or JSONL file", type=str)
+    calibration_tokens: int = option(4096, "calibration tokens used")
+    expert_size: int | None = option(None, "neurons per expert (default I / (E + shared))", type=int)
 
 
 def read_calibration_text(path: str) -> str:
@@ -137,7 +145,9 @@ def select_neurons(importance_GI: torch.Tensor, expert_size: int, shared_size: i
 class GradientMethod(UpcycleMethod):
     name = "gradient"
     summary = "per-group top neurons by |activation x gradient| on calibration text (LLaMA-MoE Sharing-Inner/Inter)"
+    options = GradientOptions
     supports_shared_experts = True
+    router_inits = (*UpcycleMethod.router_inits, "centroids")
 
     def _expert_size(self, dense_config, options) -> int:
         return options.expert_size or dense_config.intermediate_size // (options.num_experts + options.shared_experts)

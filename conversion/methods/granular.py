@@ -5,9 +5,11 @@ Expert e holds shard e % G and belongs to virtual group e // G, whose G experts 
 (k a multiple of G) selects whole groups: k/G full copies of the FFN. Output scale: see GRANULAR_SCALING.
 """
 
+from dataclasses import dataclass
+
 import torch
 
-from .base import DenseFFN, ExpertInit, UpcycleMethod, stack_experts
+from .base import DenseFFN, ExpertInit, UpcycleMethod, option, stack_experts
 
 
 GRANULAR_SCALING = {
@@ -19,6 +21,14 @@ GRANULAR_SCALING = {
 }
 
 
+@dataclass
+class GranularOptions:
+    granularity: int = option(1, "shards per FFN (G): expert width I/G, E/G copies of each shard")
+    granular_scaling: str = option(
+        "paper", "; ".join(f"{k} = {v}" for k, v in GRANULAR_SCALING.items()), choices=tuple(GRANULAR_SCALING)
+    )
+
+
 def activation_scale(options, norm_topk_prob: bool) -> float:
     """How much smaller the MoE output is than the dense one at init (Megatron-Core's moe_activation_scale)."""
     E, G, k = options.num_experts, options.granularity, options.top_k
@@ -28,6 +38,7 @@ def activation_scale(options, norm_topk_prob: bool) -> float:
 class GranularMethod(UpcycleMethod):
     name = "granular"
     summary = "shard the FFN into G parts, replicate E/G times, virtual-group router, weight scaling (NVIDIA)"
+    options = GranularOptions
 
     def check(self, dense_config, options) -> None:
         super().check(dense_config, options)

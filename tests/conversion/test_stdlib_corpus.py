@@ -3,7 +3,7 @@ documents never in the training file, and the same files on every run."""
 
 import json
 
-from llama_moe.training.stdlib_corpus import build_stdlib_corpus
+from llama_moe.conversion.stdlib_corpus import build_stdlib_corpus
 
 
 def _texts(path):
