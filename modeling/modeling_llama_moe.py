@@ -339,6 +339,16 @@ def _token_mask(attention_mask: torch.Tensor | None, num_tokens: int, device) ->
     return attention_mask.reshape(-1).to(device=device, dtype=torch.float32)
 
 
+def switch_load_balancing_loss(router_logits, num_experts: int, top_k: int, attention_mask=None):
+    """Switch/Mixtral load balancing, E * sum_e f_e * P_e (f_e: share of top-k slots, P_e: mean probability), computed
+    for each MoE layer and averaged over layers (k when balanced). transformers' `load_balancing_loss_func` sums
+    counts and probabilities over all layers before the product, so layers collapsed onto different experts cancel
+    out: 30 layers routing to one or two experts each read as balanced (2.005 for top-2) and got almost no gradient."""
+    return torch.stack(
+        [load_balancing_loss_func((logits_TE,), num_experts, top_k, attention_mask) for logits_TE in router_logits]
+    ).mean()
+
+
 def cv2_load_balancing_loss(router_logits, num_experts: int, top_k: int, norm_topk_prob: bool, attention_mask=None):
     """LLaMA-MoE's balance loss: squared coefficient of variation of expert importance (sum of routing
     weights) plus that of expert load (token count), averaged over MoE layers."""
@@ -487,8 +497,8 @@ class LlamaMoEForCausalLM(LlamaMoEPreTrainedModel, GenerationMixin):
                 attention_mask,
             )
         mask = attention_mask if _masks_tokens(attention_mask, router_logits[0].shape[0]) else None
-        return load_balancing_loss_func(
-            tuple(router_logits), self.config.num_local_experts, self.config.num_experts_per_tok, mask
+        return switch_load_balancing_loss(
+            router_logits, self.config.num_local_experts, self.config.num_experts_per_tok, mask
         )
 
 
@@ -499,6 +509,7 @@ __all__ = [
     "LlamaMoESparseMoeBlock",
     "LlamaMoETopKRouter",
     "LlamaMoEExperts",
+    "switch_load_balancing_loss",
     "cv2_load_balancing_loss",
     "router_z_loss",
 ]

@@ -75,6 +75,30 @@ def test_aux_loss_excludes_padding():
     torch.testing.assert_close(out.aux_loss, expected)
 
 
+def test_switch_loss_is_per_layer():
+    """Two layers collapsed onto different experts are each unbalanced; summing counts over layers first (as
+    transformers' load_balancing_loss_func does) would call them balanced."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    from llama_moe.modeling.modeling_llama_moe import switch_load_balancing_loss
+
+    E, k, T = 4, 2, 16
+    collapsed = []
+    for layer in range(2):
+        logits = torch.zeros(T, E)
+        logits[:, 2 * layer : 2 * layer + 2] = 5.0  # layer 0 uses experts 0-1, layer 1 uses experts 2-3
+        collapsed.append(logits.requires_grad_(True))
+    together = load_balancing_loss_func(tuple(collapsed), E, k)
+    per_layer = switch_load_balancing_loss(tuple(collapsed), E, k)
+    assert together.item() == pytest.approx(k, rel=0.02)  # looks balanced
+    assert per_layer.item() > 1.9 * k  # each layer sends every slot to half of the experts
+    one = switch_load_balancing_loss((collapsed[0],), E, k)
+    torch.testing.assert_close(one, load_balancing_loss_func((collapsed[0],), E, k))
+    per_layer.backward()
+    # The gradient pushes the crowded experts' logits down in each layer.
+    assert (collapsed[0].grad[:, :2] > 0).all() and (collapsed[1].grad[:, 2:] > 0).all()
+
+
 def test_cv2_and_z_loss():
     model = LlamaMoEForCausalLM(tiny_moe_config(aux_loss_type="cv2", router_z_loss_coef=0.001))
     ids = _ids()
