@@ -6,12 +6,15 @@ files by a stable hash, so no held-out document is ever trained on. Must not dow
 """
 
 import ast
+import itertools
 import json
 import os
 import sysconfig
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+
+HELDOUT_EVERY = 10  # one document in ten (by a stable hash) is held out
 
 # Standard-library folders that are tests, demos or vendored data rather than library code.
 _SKIP_DIRS = {"test", "tests", "idlelib", "lib2to3", "turtledemo", "site-packages", "ensurepip", "__pycache__",
@@ -70,6 +73,15 @@ def _is_heldout(text: str, every: int) -> bool:
     return zlib.crc32(text.encode("utf-8", "replace")) % every == 0
 
 
+def training_documents(heldout_every: int = HELDOUT_EVERY):
+    """The training split's documents, code and docs alternating (calibration text that never touches the
+    held-out documents)."""
+    code = (t for t in _code_documents() if not _is_heldout(t, heldout_every))
+    docs = (t for t in _docs_documents() if not _is_heldout(t, heldout_every))
+    for pair in itertools.zip_longest(code, docs):
+        yield from (text for text in pair if text is not None)
+
+
 def _write_split(documents, folder: Path, max_train_bytes: int, max_heldout_bytes: int, heldout_every: int):
     folder.mkdir(parents=True, exist_ok=True)
     sizes = {"train": 0, "heldout": 0}
@@ -88,7 +100,7 @@ def _write_split(documents, folder: Path, max_train_bytes: int, max_heldout_byte
 
 
 def build_stdlib_corpus(out_dir, max_train_bytes: int = 3_000_000, max_heldout_bytes: int = 300_000,
-                        heldout_every: int = 10) -> dict[str, CorpusDomain]:
+                        heldout_every: int = HELDOUT_EVERY) -> dict[str, CorpusDomain]:
     """Write `out_dir/<domain>/{train,heldout}.jsonl` (a "text" field per document) and describe them."""
     out_dir = Path(out_dir)
     sources = {

@@ -53,6 +53,13 @@ class MoETrainingArguments:
     method: str = field(default="copy", metadata={"help": "Upcycling method (with --upcycle_from)."})
     num_experts: int = field(default=8, metadata={"help": "Experts per MoE layer (with --upcycle_from)."})
     num_experts_per_tok: int = field(default=2, metadata={"help": "Top-k (with --upcycle_from)."})
+    distill_from: str | None = field(
+        default=None,
+        metadata={"help": "Teacher for distillation (folder, .gguf or Hub id; usually the dense base): adds "
+                  "distill_weight * T^2 * KL(teacher || student) of the next-token distributions to the loss."},
+    )
+    distill_weight: float = field(default=1.0, metadata={"help": "Weight of the distillation KL term."})
+    distill_temperature: float = field(default=1.0, metadata={"help": "Softmax temperature T of the distillation."})
     router_z_loss_coef: float | None = field(
         default=None, metadata={"help": "Override the model's router z-loss coefficient."}
     )
@@ -145,6 +152,10 @@ def parse_arguments(argv: list[str]) -> tuple[MoETrainingArguments, SFTConfig]:
         )
     if config.max_length is None:
         raise ValueError("--max_length must be set: it is the length of the packed training blocks.")
+    if options.distill_weight < 0:
+        raise ValueError(f"--distill_weight must be >= 0, got {options.distill_weight}.")
+    if options.distill_temperature <= 0:
+        raise ValueError(f"--distill_temperature must be > 0, got {options.distill_temperature}.")
     force_streaming_settings(config)
     return options, config
 

@@ -97,6 +97,15 @@ def validate(options: MoETrainingArguments, config):
             f"--max_length {config.max_length} is above the model's max_position_embeddings ({limit}); lower it."
         )
     _resolve_resume(config)
+    if options.distill_from:
+        teacher_config = _model_config(options.distill_from, config.trust_remote_code)
+        teacher_vocab = teacher_config.get_text_config().vocab_size
+        student_vocab = model_config.get_text_config().vocab_size
+        if teacher_vocab != student_vocab:
+            raise ValueError(
+                f"--distill_from {options.distill_from} has a vocabulary of {teacher_vocab} tokens, the student "
+                f"{student_vocab}: distillation compares next-token distributions, so both need the same tokenizer."
+            )
     from .callbacks import parse_freeze
 
     parse_freeze(options.freeze)
@@ -142,6 +151,21 @@ def held_out_losses(model, validation: dict[str, list[list[int]]], batch_size: i
         losses[name] = total / len(blocks)
     model.train(was_training)
     return losses
+
+
+def load_teacher(options, config):
+    """The frozen teacher of --distill_from, in the training dtype, or None."""
+    if not options.distill_from:
+        return None
+    from transformers import AutoModelForCausalLM
+
+    from .distillation import Distiller
+
+    dtype = torch.bfloat16 if config.bf16 else torch.float16 if config.fp16 else torch.float32
+    teacher = plain_copy(from_pretrained(
+        AutoModelForCausalLM, options.distill_from, dtype=dtype, trust_remote_code=config.trust_remote_code
+    ))
+    return Distiller(teacher, options.distill_weight, options.distill_temperature)
 
 
 def _reference_losses(options, model, validation, references):
@@ -205,6 +229,7 @@ def train(options: MoETrainingArguments, config) -> str:
     validation = {name: stream.validation for name, stream in streams.items()}
 
     model = load_model(options, config)
+    distiller = load_teacher(options, config)
     references = _reference_losses(options, model, validation, references)
     mixture = MixtureCallback(dataset, options.sampling, references, options.eta, options.smoothing)
     if resume:
@@ -229,6 +254,7 @@ def train(options: MoETrainingArguments, config) -> str:
         moe_logging=moe_logging,
         freezer=freezer,
         mixture=mixture,
+        distiller=distiller,
     )
     fsdp_asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
     if fsdp_asked and not trainer.is_fsdp_enabled and trainer.accelerator.is_main_process:

@@ -49,14 +49,14 @@ def plain_class(model):
 
 
 class MoETrainer(SFTTrainer):
-    def __init__(self, *args, moe_logging=None, freezer=None, mixture=None, **kwargs):
+    def __init__(self, *args, moe_logging=None, freezer=None, mixture=None, distiller=None, **kwargs):
         super().__init__(*args, **kwargs)
         if self.pop_callback(ProgressCallback) is not None:
             self.add_callback(MoEProgressCallback)
         if self.pop_callback(PrinterCallback) is not None:
             self.add_callback(MoEPrinterCallback)
-        self.moe_logging, self.freezer, self.mixture = moe_logging, freezer, mixture
-        self._router_metrics = {"aux_loss": [], "z_loss": []}
+        self.moe_logging, self.freezer, self.mixture, self.distiller = moe_logging, freezer, mixture, distiller
+        self._router_metrics = {"aux_loss": [], "z_loss": [], "distill_loss": []}
 
     # -- loss --------------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -79,6 +79,12 @@ class MoETrainer(SFTTrainer):
                 router_loss = router_loss + config.router_z_loss_coef * outputs.z_loss
                 self._router_metrics["z_loss"].append(outputs.z_loss.detach())
         language_loss = loss - router_loss
+        if training and self.distiller is not None:
+            # KL summed over tokens, divided like the token loss (by the accumulated batch's label count).
+            kl_sum, count = self.distiller.kl_sum(inputs, outputs.logits)
+            divisor = num_items_in_batch if num_items_in_batch is not None else count.clamp(min=1)
+            self._router_metrics["distill_loss"].append((kl_sum / count.clamp(min=1)).detach())
+            language_loss = language_loss + self.distiller.scale * kl_sum / divisor.to(kl_sum.device)
         if training and self.args.average_tokens_across_devices and num_items_in_batch is not None:
             language_loss = language_loss * self.accelerator.num_processes  # as Trainer.compute_loss; DDP averages
         if training and not torch.is_tensor(router_loss):

@@ -7,13 +7,13 @@ neurons). With --shared-experts N, the neurons most groups rank high form an alw
 wide) and the experts choose among the rest. Only `prepare` runs the model; `build` only selects neurons.
 """
 
-import json
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from ..calibration import calibration_blocks, read_calibration_text
 from .base import DenseFFN, ExpertInit, UpcycleMethod, option, stack_experts
 from .clustering import balanced_kmeans
 
@@ -27,37 +27,8 @@ class GradientOptions:
     expert_size: int | None = option(None, "neurons per expert (default I / (E + shared))", type=int)
 
 
-def read_calibration_text(path: str) -> str:
-    """A plain-text file, or JSONL with a "text" field (or the first string field) per line."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--calibration-data {path} does not exist.")
-    with open(path, encoding="utf-8") as f:
-        if not path.endswith((".jsonl", ".json")):
-            return f.read()
-        texts = []
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                raise ValueError(f"--calibration-data {path} line {number} is not JSON.") from None
-            text = record.get("text") if isinstance(record, dict) else None
-            if text is None and isinstance(record, dict):
-                text = next((v for v in record.values() if isinstance(v, str)), None)
-            if text:
-                texts.append(text)
-        return "\n\n".join(texts)
-
-
 def calibration_batches(tokenizer, text: str, max_tokens: int) -> list[torch.Tensor]:
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0][:max_tokens]
-    usable = ids.shape[0] // SEQUENCE_LENGTH * SEQUENCE_LENGTH
-    if usable == 0:
-        raise ValueError(
-            f"--calibration-data gives {ids.shape[0]} tokens; the gradient method needs at least {SEQUENCE_LENGTH}."
-        )
-    return list(ids[:usable].view(-1, SEQUENCE_LENGTH).split(8, dim=0))
+    return list(calibration_blocks(tokenizer, text, max_tokens, SEQUENCE_LENGTH).split(8, dim=0))
 
 
 def neuron_importance(model, batches, moe_layers, num_groups: int, generator: torch.Generator):

@@ -167,6 +167,7 @@ def test_trainer_loss_is_token_loss_plus_weighted_router_losses(steps):
         model=model, model_accepts_loss_kwargs=True, current_gradient_accumulation_steps=steps,
         args=types.SimpleNamespace(average_tokens_across_devices=False), moe_logging=None,
         accelerator=types.SimpleNamespace(num_processes=1), _router_metrics={"aux_loss": [], "z_loss": []},
+        distiller=None,
     )
     loss = MoETrainer.compute_loss(fake, model, {"input_ids": ids, "labels": ids}, num_items_in_batch=torch.tensor(30))
     out = model(input_ids=ids, labels=ids, output_router_logits=True)
