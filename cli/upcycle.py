@@ -72,12 +72,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--aux-loss-coef", type=float, default=0.01, help="load-balancing loss weight (0.01)")
     parser.add_argument(
         "--router-init",
-        default="normal",
+        default=None,
         choices=list(ROUTER_INIT_HELP),
-        help="router weights: " + "; ".join(f"{k} = {v}" for k, v in ROUTER_INIT_HELP.items()) + " (default normal)",
+        help="router weights: " + "; ".join(f"{k} = {v}" for k, v in ROUTER_INIT_HELP.items())
+        + " (default: fit for carve, normal otherwise)",
     )
     parser.add_argument("--router-std", type=float, default=None, help="std of the normal router init "
                         "(default: the model's initializer_range)")
+    parser.add_argument(
+        "--calibration-data",
+        default=None,
+        help="calibration text, a text or JSONL file, for carve, gradient and --router-init fit (default: "
+        "the embedded standard-library corpus; gradient needs a file)",
+    )
+    parser.add_argument(
+        "--calibration-tokens",
+        type=int,
+        default=None,
+        help="calibration tokens used (default 16384; gradient 4096)",
+    )
     parser.add_argument("--dtype", default="auto", help="auto (the base model's), float32, bfloat16 or float16")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")

@@ -22,6 +22,9 @@ def render_model_card(plan, *, format: str, total_params: int, active_params: in
     c, o = plan.moe_config, plan.options
     base = plan.source.name
     method_options = {name: getattr(o, name) for name in method_option_names(o.method)}
+    if plan.uses_calibration_text:
+        method_options.update(calibration_data=o.calibration_data or "the embedded standard-library corpus",
+                              calibration_tokens=o.calibration_tokens)
     option_text = ", ".join(f"{k}={v}" for k, v in method_options.items()) or "none"
     dense_layers = c.num_hidden_layers - len(c.moe_layers)
     lines = [

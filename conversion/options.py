@@ -18,6 +18,7 @@ ROUTER_INIT_HELP = {
     "normal": "seeded normal rows of std --router-std",
     "zeros": "all zero: every expert tied until training separates them",
     "centroids": "the centroids of the clustering that made the experts",
+    "fit": "least squares on calibration activations: each row predicts its expert's share of the dense output",
 }
 ROUTER_INITS = tuple(ROUTER_INIT_HELP)
 
@@ -37,8 +38,10 @@ class CommonOptions:
     routed_scaling_factor: float | None = None  # None: the method's default
     capacity_factor: float | None = None
     aux_loss_coef: float = 0.01
-    router_init: str = "normal"
+    router_init: str | None = None  # None: the method's default (the first of its router_inits)
     router_std: float | None = None  # None: the dense config's initializer_range
+    calibration_data: str | None = None  # None: the embedded corpus (methods with needs_calibration_file refuse)
+    calibration_tokens: int | None = None  # None: the method's default_calibration_tokens
     dtype: str = "auto"
     seed: int = 0
 
@@ -112,6 +115,27 @@ def resolve_moe_layers(spec, num_layers: int) -> list[int]:
     return sorted(set(layers))
 
 
+def check_calibration(options: UpcycleOptions, method) -> None:
+    from .calibration import SEQUENCE_LENGTH, check_calibration_file
+
+    layerwise = method.calibrated or options.router_init == "fit"
+    if not (layerwise or method.needs_calibration_file):
+        if options.calibration_data is not None:
+            raise ValueError(
+                f"--calibration-data is read by calibrated methods and --router-init fit; --method {method.name} "
+                f"with --router-init {options.router_init} does not use it."
+            )
+        return
+    if options.calibration_data is None and method.needs_calibration_file:
+        raise ValueError(
+            f"--method {method.name} needs --calibration-data (a text or JSONL file) to measure importance."
+        )
+    if options.calibration_data is not None:
+        check_calibration_file(options.calibration_data)
+    if layerwise and options.calibration_tokens is not None and options.calibration_tokens < SEQUENCE_LENGTH:
+        raise ValueError(f"--calibration-tokens must be >= {SEQUENCE_LENGTH}, got {options.calibration_tokens}.")
+
+
 def check_common(options: UpcycleOptions, dense_config) -> None:
     """Checks that hold for every method."""
     E, k = options.num_experts, options.top_k
@@ -136,6 +160,8 @@ def check_common(options: UpcycleOptions, dense_config) -> None:
             f"--router-init {options.router_init} needs --method {_or_list(able)} "
             f"({ROUTER_INIT_HELP[options.router_init]}); {options.method!r} supports {list(method.router_inits)}."
         )
+    if method is not None:
+        check_calibration(options, method)
     if options.dtype != "auto" and options.dtype not in DTYPES:
         raise ValueError(f"--dtype {options.dtype!r} is unknown; choose auto or one of {list(DTYPES)}.")
     resolve_moe_layers(options.moe_layers, dense_config.num_hidden_layers)

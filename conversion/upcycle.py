@@ -5,6 +5,7 @@
 math (conversion/methods/), file formats (writer.py, formats.py) or argument parsing (cli/upcycle.py).
 """
 
+import copy
 import os
 import time
 from dataclasses import dataclass, replace
@@ -24,7 +25,7 @@ class UpcyclePlan:
     """Everything decided before any tensor is read: what to read, what to build, every output's shape."""
 
     source: DenseSource
-    options: UpcycleOptions  # resolved: router_std filled in
+    options: UpcycleOptions  # resolved: router_std, router_init and calibration_tokens filled in
     method: UpcycleMethod
     moe_config: LlamaMoEConfig
     moe_layers: list[int]
@@ -33,6 +34,15 @@ class UpcyclePlan:
     tensors: list[tuple[str, tuple]]
     # Streaming steps: ("copy", source_name) or ("moe", layer_idx).
     steps: list[tuple[str, object]]
+
+    @property
+    def layerwise_calibration(self) -> bool:
+        """Whether layers are built from their inputs on calibration text (a calibrated method, a fitted router)."""
+        return self.method.calibrated or self.options.router_init == "fit"
+
+    @property
+    def uses_calibration_text(self) -> bool:
+        return self.layerwise_calibration or self.method.needs_calibration_file
 
 
 def moe_tensor_shapes(config: LlamaMoEConfig, layer: int) -> list[tuple[str, tuple]]:
@@ -84,9 +94,13 @@ def plan_upcycle(base, options: UpcycleOptions) -> UpcyclePlan:
     method = get_method(options.method)  # unknown names fail before the (possibly slow) read
     source = base if isinstance(base, DenseSource) else open_dense(base)
     dense_config = source.config
+    options = replace(
+        options,
+        router_std=options.router_std if options.router_std is not None else float(dense_config.initializer_range),
+        router_init=options.router_init or method.router_inits[0],
+        calibration_tokens=options.calibration_tokens or method.default_calibration_tokens,
+    )
     check_common(options, dense_config)
-    router_std = options.router_std if options.router_std is not None else float(dense_config.initializer_range)
-    options = replace(options, router_std=router_std)
     method.check(dense_config, options)
     dtype = source.dtype if options.dtype == "auto" else DTYPES[options.dtype]
     moe_config = build_moe_config(dense_config, options, method, dtype)
@@ -113,14 +127,46 @@ def layer_generator(seed: int, layer: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + layer)
 
 
-def build_moe_layer(plan: UpcyclePlan, layer: int, context=None) -> list[tuple[str, torch.Tensor]]:
-    """Read one dense FFN, run the method, return the layer's MoE tensors (our names)."""
+def open_calibration(plan: UpcyclePlan):
+    """The dense model streamed over the calibration text (the user's file or the embedded corpus)."""
+    from .calibration import LayerwiseCalibration, calibration_blocks, calibration_text
+
+    tokenizer = plan.source.load_tokenizer()
+    if tokenizer is None:
+        raise ValueError(f"calibration needs the base model's tokenizer, and {plan.source.name} has none.")
+    tokens = plan.options.calibration_tokens
+    text = calibration_text(plan.options.calibration_data, max_chars=tokens * 8)
+    return LayerwiseCalibration(plan.source, calibration_blocks(tokenizer, text, tokens))
+
+
+def moe_block(config: LlamaMoEConfig, tensors: list[tuple[str, torch.Tensor]]):
+    """The MoE block the model will run, in float32, from one layer's tensors (to carry calibration on)."""
+    from llama_moe.modeling.modeling_llama_moe import LlamaMoESparseMoeBlock
+
+    config = copy.deepcopy(config)
+    config._experts_implementation = "dropless"
+    with torch.device("meta"):
+        block = LlamaMoESparseMoeBlock(config)
+    state = {name.split(".mlp.", 1)[1]: tensor.float() for name, tensor in tensors}
+    block.load_state_dict(state, assign=True)
+    return block.eval()
+
+
+def build_moe_layer(plan: UpcyclePlan, layer: int, context=None, calibration=None) -> list[tuple[str, torch.Tensor]]:
+    """Read one dense FFN, run the method, return the layer's MoE tensors (our names). With calibration, the
+    method and the router fit see the layer's inputs, and the calibration goes on through the layer built."""
+    from .router_fit import fit_router
+
     prefix = f"model.layers.{layer}.mlp."
     ffn = DenseFFN(*(plan.source.get(f"{prefix}{p}_proj.weight").float() for p in ("gate", "up", "down")))
+    if calibration is not None:
+        ffn.inputs = calibration.ffn_inputs(layer)
     generator = layer_generator(plan.options.seed, layer)
     init = plan.method.build(ffn, plan.options, generator, layer, context)
     router = init.router
-    if router is None:
+    if plan.options.router_init == "fit":
+        router = fit_router(init.gate_up, init.down, ffn.inputs)
+    elif router is None:
         E, H = plan.moe_config.num_local_experts, plan.moe_config.hidden_size
         router = torch.randn(E, H, generator=generator) * plan.options.router_std
         if plan.options.router_init == "zeros":
@@ -138,6 +184,8 @@ def build_moe_layer(plan: UpcyclePlan, layer: int, context=None) -> list[tuple[s
             (prefix + "shared_expert.up_proj.weight", shared.up.to(plan.dtype)),
             (prefix + "shared_expert.down_proj.weight", shared.down.to(plan.dtype)),
         ]
+    if calibration is not None:
+        calibration.finish(layer, moe_block(plan.moe_config, out))
     return out
 
 
@@ -145,12 +193,13 @@ def iter_moe_tensors(plan: UpcyclePlan, progress: bool = True):
     """Yield (name, tensor) of the MoE model in plan order, one dense layer in memory at a time. Expert tensors
     may be float32 broadcast views: cast them piece by piece (the writer does), never whole."""
     context = plan.method.prepare(plan.source, plan.options, plan.moe_layers)
+    calibration = open_calibration(plan) if plan.layerwise_calibration else None
     bar = tqdm(total=len(plan.moe_layers), desc=f"Upcycling ({plan.method.name})", unit="layer", disable=not progress)
     for kind, what in plan.steps:
         if kind == "copy":
             yield what, plan.source.get(what).to(plan.dtype)
         else:
-            yield from build_moe_layer(plan, what, context)
+            yield from build_moe_layer(plan, what, context, calibration)
             bar.update(1)
     bar.close()
 

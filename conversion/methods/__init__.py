@@ -5,6 +5,7 @@ reader.py / writer.py, and the per-layer driving loop in upcycle.py.
 """
 
 from .base import DenseFFN, ExpertInit, UpcycleMethod, flag
+from .carve import CarveMethod
 from .clustering import ClusteringMethod
 from .copy import CopyMethod
 from .drop import DropMethod
@@ -15,7 +16,9 @@ from .random import RandomMethod
 
 METHODS: dict[str, UpcycleMethod] = {
     method.name: method
-    for method in (CopyMethod(), RandomMethod(), ClusteringMethod(), GradientMethod(), GranularMethod(), DropMethod())
+    for method in (
+        CopyMethod(), RandomMethod(), ClusteringMethod(), GradientMethod(), GranularMethod(), DropMethod(), CarveMethod()
+    )
 }
 
 

@@ -12,11 +12,13 @@ import torch
 
 @dataclass
 class DenseFFN:
-    """One Llama MLP in float32: gate [I, H], up [I, H], down [H, I]."""
+    """One Llama MLP in float32: gate [I, H], up [I, H], down [H, I]; `inputs` [T, H] are its inputs on the
+    calibration tokens when the method is `calibrated` or the router is fitted (else None)."""
 
     gate: torch.Tensor
     up: torch.Tensor
     down: torch.Tensor
+    inputs: torch.Tensor | None = None
 
     @property
     def intermediate_size(self) -> int:
@@ -71,8 +73,13 @@ class UpcycleMethod:
     summary = ""
     options = NoOptions
     supports_shared_experts = False
-    # Router initializations this method can give (see options.ROUTER_INITS); "normal" is every method's default.
+    # Router initializations this method can give (see options.ROUTER_INITS), the first is its default.
     router_inits = ("normal", "zeros")
+    # Calibration: `calibrated` methods get each layer's FFN inputs on calibration text (DenseFFN.inputs);
+    # `needs_calibration_file` ones have no default text (the embedded corpus is the default otherwise).
+    calibrated = False
+    needs_calibration_file = False
+    default_calibration_tokens = 16384
 
     @classmethod
     def option_names(cls) -> list[str]:

@@ -62,7 +62,7 @@ class ClusteringMethod(UpcycleMethod):
     name = "clustering"
     summary = "balanced k-means on normalized up/gate rows, one cluster per expert (LLaMA-MoE Independent-Clustering)"
     options = ClusteringOptions
-    router_inits = (*UpcycleMethod.router_inits, "centroids")
+    router_inits = (*UpcycleMethod.router_inits, "centroids", "fit")
 
     def check(self, dense_config, options) -> None:
         super().check(dense_config, options)

@@ -20,6 +20,7 @@ class DropMethod(UpcycleMethod):
     name = "drop"
     summary = "copy, then re-initialize a different random fraction --drop-ratio of neurons per expert (Drop-Upcycling)"
     options = DropOptions
+    router_inits = (*UpcycleMethod.router_inits, "fit")
 
     def check(self, dense_config, options) -> None:
         super().check(dense_config, options)

@@ -22,8 +22,6 @@ SEQUENCE_LENGTH = 128
 
 @dataclass
 class GradientOptions:
-    calibration_data: str | None = option(None, "calibration text: a text or JSONL file", type=str)
-    calibration_tokens: int = option(4096, "calibration tokens used")
     expert_size: int | None = option(None, "neurons per expert (default I / (E + shared))", type=int)
 
 
@@ -118,17 +116,15 @@ class GradientMethod(UpcycleMethod):
     summary = "per-group top neurons by |activation x gradient| on calibration text (LLaMA-MoE Sharing-Inner/Inter)"
     options = GradientOptions
     supports_shared_experts = True
-    router_inits = (*UpcycleMethod.router_inits, "centroids")
+    router_inits = (*UpcycleMethod.router_inits, "centroids", "fit")
+    default_calibration_tokens = 4096
+    needs_calibration_file = True
 
     def _expert_size(self, dense_config, options) -> int:
         return options.expert_size or dense_config.intermediate_size // (options.num_experts + options.shared_experts)
 
     def check(self, dense_config, options) -> None:
         super().check(dense_config, options)
-        if not options.calibration_data:
-            raise ValueError("--method gradient needs --calibration-data (a text or JSONL file) to measure importance.")
-        if not os.path.isfile(options.calibration_data):
-            raise FileNotFoundError(f"--calibration-data {options.calibration_data} does not exist.")
         if options.calibration_tokens < SEQUENCE_LENGTH:
             raise ValueError(f"--calibration-tokens must be >= {SEQUENCE_LENGTH}, got {options.calibration_tokens}.")
         size, I = self._expert_size(dense_config, options), dense_config.intermediate_size

@@ -19,6 +19,7 @@ class RandomMethod(UpcycleMethod):
     name = "random"
     summary = "split the FFN neurons into E equal random groups (LLaMA-MoE Independent-Random)"
     supports_shared_experts = True
+    router_inits = (*UpcycleMethod.router_inits, "fit")
 
     def check(self, dense_config, options) -> None:
         super().check(dense_config, options)

@@ -196,7 +196,7 @@ def test_drop_ratio_zero_is_exact_copy(dense_dirs, tmp_path):
 
 def test_every_method_follows_one_signature():
     generator = torch.Generator().manual_seed(0)
-    ffn = DenseFFN(torch.randn(I, H), torch.randn(I, H), torch.randn(H, I))
+    ffn = DenseFFN(torch.randn(I, H), torch.randn(I, H), torch.randn(H, I), inputs=torch.randn(64, H))
     for name, method in METHODS.items():
         if name == "gradient":
             continue  # needs calibration text through the whole model (see its own test)

@@ -1,0 +1,87 @@
+"""`carve`: activation-aware, training-free construction (CMoE, ExpertWeaver): experts carved out of the dense FFN
+by how its neurons fire on calibration text.
+
+Per MoE layer, on the layer's inputs X [T, H] (layer-wise calibration, conversion/calibration.py):
+- each neuron's contribution to token t is |act(g_j x_t) (u_j x_t)| * ||d_j||: how far it moves the output;
+- the shared expert takes the neurons with the largest mean contribution (--shared-experts N: N expert widths,
+  plus the few neurons an expert width rounded to a multiple of 8 leaves over);
+- the routed experts are a balanced k-means of the other neurons by co-activation (for which tokens a neuron is
+  among the top quarter of contributions), one cluster per expert: every neuron sits in exactly one expert;
+- the router is fitted on the same inputs (--router-init fit, this method's default; conversion/router_fit.py)
+  and the routed scale is k, so each chosen expert counts fully, as it did inside the dense FFN.
+Must not read checkpoints or run whole models: it sees one layer's weights and inputs.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from .base import DenseFFN, ExpertInit, UpcycleMethod
+from .clustering import balanced_kmeans
+from .random import experts_from_groups
+
+TOKEN_CHUNK = 4096
+ACTIVE_FRACTION = 0.25  # a neuron is "active" for a token when among that token's top quarter of contributions
+
+
+def expert_width(intermediate: int, num_experts: int, shared_experts: int) -> int:
+    """I / (E + N), rounded down to a multiple of 8 (row strides of 16 bytes for grouped GEMMs) when possible."""
+    width = intermediate // (num_experts + shared_experts)
+    return width // 8 * 8 if width >= 8 else width
+
+
+def neuron_contributions(ffn: DenseFFN) -> torch.Tensor:
+    """[T, I] |activation| x norm of the neuron's output column, on the calibration inputs."""
+    column_norms_I = ffn.down.norm(dim=0)
+    parts = []
+    for x_TH in ffn.inputs.split(TOKEN_CHUNK):
+        a_TI = F.silu(x_TH @ ffn.gate.T) * (x_TH @ ffn.up.T)
+        parts.append(a_TI.abs() * column_norms_I)
+    return torch.cat(parts)
+
+
+def coactivation_features(contributions_TI: torch.Tensor, neurons: torch.Tensor) -> torch.Tensor:
+    """[len(neurons), T] unit vectors: for which tokens each neuron is among the most contributing."""
+    top = max(1, round(ACTIVE_FRACTION * contributions_TI.shape[1]))
+    threshold_T1 = contributions_TI.topk(top, dim=1).values[:, -1:]
+    active_TN = (contributions_TI[:, neurons] >= threshold_T1).float()
+    return F.normalize(active_TN.T, dim=1)
+
+
+class CarveMethod(UpcycleMethod):
+    name = "carve"
+    summary = ("activation-aware: shared expert from the most active neurons, experts by co-activation, "
+               "fitted router, on calibration text (CMoE)")
+    supports_shared_experts = True
+    router_inits = ("fit", "normal", "zeros")
+    calibrated = True
+
+    def check(self, dense_config, options) -> None:
+        super().check(dense_config, options)
+        I, E, N = dense_config.intermediate_size, options.num_experts, options.shared_experts
+        if expert_width(I, E, N) < 1:
+            raise ValueError(
+                f"--method carve cannot split the FFN's {I} neurons into {E} experts plus {N} shared expert widths; "
+                f"lower --num-experts or --shared-experts."
+            )
+
+    def config_changes(self, dense_config, options) -> dict:
+        I, E = dense_config.intermediate_size, options.num_experts
+        width = expert_width(I, E, options.shared_experts)
+        return {
+            "moe_intermediate_size": width,
+            "shared_expert_intermediate_size": I - E * width,
+            "routed_scaling_factor": float(options.top_k),  # renormalized, nearly equal weights of 1/k each -> 1
+        }
+
+    def build(self, ffn: DenseFFN, options, generator: torch.Generator, layer_idx: int, context=None) -> ExpertInit:
+        I, E = ffn.intermediate_size, options.num_experts
+        width = expert_width(I, E, options.shared_experts)
+        contributions_TI = neuron_contributions(ffn)
+        by_mean = contributions_TI.mean(0).argsort(descending=True)
+        shared, routed = by_mean[: I - E * width].sort().values, by_mean[I - E * width :].sort().values
+        if E == 1:
+            groups = routed[None]
+        else:
+            clusters, _ = balanced_kmeans(coactivation_features(contributions_TI, routed), E, generator)
+            groups = routed[clusters]
+        return experts_from_groups(ffn, groups, shared[None] if shared.numel() else shared)
