@@ -37,8 +37,9 @@ def least_squares_rows(inputs_TH: torch.Tensor, targets_TE: torch.Tensor, ridge:
     return torch.linalg.solve(gram_HH, x_TH.T @ targets_TE.double()).T.float()
 
 
-def fit_router(gate_up_EFH, down_EHW, inputs_TH: torch.Tensor, spread: float = LOGIT_SPREAD) -> torch.Tensor:
+def fit_router(gate_up_EFH, down_EHW, inputs_TH: torch.Tensor, spread: float | None = None) -> torch.Tensor:
     """Router rows [E, H] whose logits rank the experts by their predicted contribution."""
+    spread = LOGIT_SPREAD if spread is None else spread
     targets_TE = expert_output_norms(gate_up_EFH, down_EHW, inputs_TH)
     rows_EH = least_squares_rows(inputs_TH, targets_TE)
     logits_TE = inputs_TH @ rows_EH.T

@@ -5,6 +5,8 @@ Parses and normalizes only (NAME=VALUE lists, forced trainer settings); it must 
 
 from __future__ import annotations
 
+import os
+import warnings
 from dataclasses import dataclass, field
 
 from trl import SFTConfig, TrlParser
@@ -121,21 +123,29 @@ def build_parser() -> TrlParser:
         output_dir="llama-moe-train",
         bf16=torch.cuda.is_available(),
         gradient_checkpointing=False,
+        dataloader_pin_memory=torch.cuda.is_available(),  # pinning needs an accelerator (a warning per run on CPU)
     )
     return parser
+
+
+def default_eval_steps(max_steps: int) -> int:
+    """Evaluation interval when dynamic sampling needs one and none was given: ten weight updates per run."""
+    return max(1, max_steps // 10)
 
 
 def parse_arguments(argv: list[str]) -> tuple[MoETrainingArguments, SFTConfig]:
     """Parse `--config recipe.yaml` (defaults) and flags (overrides) into our options and TRL's SFTConfig."""
     argv = _merge_repeated(list(argv), "--dataset")
     if "--config" in argv:
-        import os
-
         path = argv[argv.index("--config") + 1] if argv.index("--config") + 1 < len(argv) else ""
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--config: recipe file {path!r} does not exist.")
     try:
-        options, config = build_parser().parse_args_and_config(argv)
+        with warnings.catch_warnings():
+            # transformers >= 5.25 renamed gradient_checkpointing to activation_checkpointing and warns whenever the
+            # old name is set, which TRL's config always does (its default is True): nothing a user can act on.
+            warnings.filterwarnings("ignore", message="`gradient_checkpointing` is deprecated", category=FutureWarning)
+            options, config = build_parser().parse_args_and_config(argv)
     except ValueError as error:
         if "Unknown arguments from config file" in str(error):
             raise ValueError(f"recipe has keys that are not llama-moe train options: {error}") from None
@@ -147,9 +157,13 @@ def parse_arguments(argv: list[str]) -> tuple[MoETrainingArguments, SFTConfig]:
     if config.max_steps is None or config.max_steps <= 0:
         raise ValueError("--max_steps must be set (> 0): training streams data, so there are no epochs to count.")
     if options.sampling == "dynamic" and str(config.eval_strategy) in ("no", "IntervalStrategy.NO"):
-        raise ValueError(
-            "--sampling dynamic updates the weights at each evaluation: add --eval_strategy steps --eval_steps N."
-        )
+        from transformers.trainer_utils import IntervalStrategy
+
+        config.eval_strategy, config.eval_steps, config.do_eval = IntervalStrategy.STEPS, default_eval_steps(
+            config.max_steps), True
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"[llama-moe train] --sampling dynamic updates the mixture at each evaluation: evaluating every "
+                  f"{config.eval_steps} steps (choose with --eval_strategy steps --eval_steps N).")
     if config.max_length is None:
         raise ValueError("--max_length must be set: it is the length of the packed training blocks.")
     if options.distill_weight < 0:

@@ -64,7 +64,6 @@ def test_shipped_recipes(name, expected):
         (["--dataset", "hub=someorg/somecorpus"], "cannot be read offline"),
         (["--sampling", "zipf"], "--sampling 'zipf' is unknown"),
         (["--freeze", "gate"], "--freeze 'gate' is unknown"),
-        (["--sampling", "dynamic"], "--eval_strategy steps"),
         (["--reference_losses", "code=1"], "missing ['docs']"),
     ],
 )
@@ -73,6 +72,30 @@ def test_bad_recipes_fail_before_training(tmp_path, corpora, tiny_model_dir, cap
     assert cli_main(["train", *args]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_dynamic_sampling_without_an_interval_evaluates_every_tenth_of_the_run(tmp_path, corpora, tiny_model_dir,
+                                                                              capsys):
+    from llama_moe.training.arguments import parse_arguments
+
+    options, config = parse_arguments(train_args(tiny_model_dir, corpora, tmp_path / "out", 50)
+                                      + ["--sampling", "dynamic"])
+    assert str(config.eval_strategy) in ("steps", "IntervalStrategy.STEPS") and config.eval_steps == 5
+    assert "evaluating every 5 steps" in capsys.readouterr().out
+    _, chosen = parse_arguments(train_args(tiny_model_dir, corpora, tmp_path / "out", 50)
+                                + ["--sampling", "dynamic", "--eval_strategy", "steps", "--eval_steps", "7"])
+    assert chosen.eval_steps == 7
+
+
+def test_cpu_runs_do_not_pin_memory_nor_warn_about_checkpointing(tmp_path, corpora, tiny_model_dir):
+    import warnings
+
+    from llama_moe.training.arguments import parse_arguments
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, config = parse_arguments(train_args(tiny_model_dir, corpora, tmp_path / "out", 3))
+    assert config.dataloader_pin_memory is False and not config.gradient_checkpointing
 
 
 def test_unknown_recipe_key_and_missing_recipe(tmp_path, capsys):
