@@ -270,6 +270,10 @@ def train(options: MoETrainingArguments, config) -> str:
         from .mixture import save_state
 
         save_state(staged, mixture.state_at(trainer.examples_consumed()))
+        # The final folder is a Hub model, not a checkpoint: no pickled Trainer arguments (push refuses pickles).
+        pickled_arguments = os.path.join(staged, "training_args.bin")
+        if os.path.exists(pickled_arguments):
+            os.remove(pickled_arguments)
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(staged, final)

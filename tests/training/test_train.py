@@ -40,6 +40,8 @@ def test_loss_goes_down_with_moe_logs_and_loadable_checkpoints(tmp_path, corpora
         saved = load_file(out / folder / "model.safetensors")
         assert torch.equal(model.state_dict()["model.layers.0.mlp.gate.weight"], saved["model.layers.0.mlp.gate.weight"])
     assert json.load(open(out / "checkpoint-15" / "mixture_state.json"))["next_index"] >= 15 * 4
+    # The final model is what the Hub gets: no pickles (the Trainer's training_args.bin stays in checkpoints).
+    assert not [f for f in os.listdir(out / "final") if f.endswith((".bin", ".pt", ".pth"))]
 
 
 def test_routers_only_then_all_freezes_exactly_the_routers(tmp_path, corpora, tiny_model_dir):
