@@ -28,9 +28,10 @@ def _save(fig, path: Path) -> Path:
     return atomic_write_bytes(path, buffer.getvalue())
 
 
-def load_heatmap(domain: str, routing: dict, path: Path) -> Path:
+def load_heatmap(domain: str, routing: dict, path: Path, ceiling: float | None = None) -> Path:
     """Experts (rows) x MoE layers (columns), colour = share of routed slots; centred on the uniform share
-    1/E so over-used experts are red and under-used ones blue, as in LLaMA-MoE's specialization figures."""
+    1/E so over-used experts are red and under-used ones blue, as in LLaMA-MoE's specialization figures.
+    `ceiling`: the share drawn darkest red (give several heatmaps one ceiling to compare them)."""
     import numpy as np
     from matplotlib.colors import TwoSlopeNorm
 
@@ -40,7 +41,7 @@ def load_heatmap(domain: str, routing: dict, path: Path) -> Path:
     share_EL = np.array([routing["per_layer"][str(layer)]["load_share"] for layer in layers]).T
     uniform = 1.0 / num_experts
     # Fixed floor 0 and a ceiling of at least 2/E, so near-balanced routing looks pale rather than dramatic.
-    norm = TwoSlopeNorm(vcenter=uniform, vmin=0.0, vmax=max(float(share_EL.max()), 2 * uniform))
+    norm = TwoSlopeNorm(vcenter=uniform, vmin=0.0, vmax=max(ceiling or float(share_EL.max()), 2 * uniform))
     width = min(2.0 + 0.55 * len(layers), 22)
     height = min(1.6 + 0.42 * num_experts, 16)
     fig, ax = plt.subplots(figsize=(max(width, 5.5), max(height, 3.2)))

@@ -5,6 +5,7 @@ Writes `quickstart.json` (every number) and then draws only from it and from the
 """
 
 import json
+import math
 from pathlib import Path
 
 from .io import atomic_write_text
@@ -82,6 +83,60 @@ def _accuracy(scores: dict) -> str:
     return "n/a"
 
 
+CLOSE_TO_DENSE = 1.5  # perplexity ratio the quickstart aims for
+MULTIPLE_CHOICE_OPTIONS = 4  # the local docstring task: 4 function names
+
+
+def is_degenerate(text: str) -> bool:
+    """A generation that says nothing: empty, whitespace, or at most two distinct characters repeated."""
+    visible = "".join(text.split())
+    return len(set(visible)) <= 2
+
+
+def collapsed_layers(routing: dict) -> list[int]:
+    """MoE layers whose load is spread over fewer than top_k + 1 experts (effective number exp(entropy))."""
+    return [int(layer) for layer, stats in routing["per_layer"].items()
+            if math.exp(stats["load_entropy"]) < routing["top_k"] + 1]
+
+
+def findings(results: dict) -> list[str]:
+    """What a reader should know first, in words: how far each model is from the dense one, and whether its
+    generations, benchmark score or routing are broken."""
+    base = results["base"]
+    domains = list(base["domains"])
+    lines = []
+    for label in ("upcycled", "trained"):
+        result = results[label]
+        ratios = [result["domains"][d]["perplexity"] / base["domains"][d]["perplexity"] for d in domains]
+        worst = max(ratios)
+        where = ", ".join(f"{r:.2f}x on {d}" for r, d in zip(ratios, domains))
+        if worst <= CLOSE_TO_DENSE:
+            verdict = f"close to the dense model (within {CLOSE_TO_DENSE}x)"
+        elif worst <= 10:
+            verdict = "not yet at dense quality"
+        else:
+            verdict = "far from dense quality: it needs (much) more training"
+        lines.append(f"**{LABELS[label]}**: held-out perplexity {where} the dense model's: {verdict}.")
+        bad = [prompt for prompt, text in result["generations"].items() if is_degenerate(text)]
+        if bad:
+            lines.append(f"**{LABELS[label]}**: {len(bad)} of {len(result['generations'])} greedy generations are "
+                         "degenerate (empty or one or two characters repeated): the model does not produce text yet.")
+        for task, metrics in result["lm_eval"].items():
+            acc, stderr = metrics.get("acc"), metrics.get("acc_stderr") or 0.0
+            chance = 1 / MULTIPLE_CHOICE_OPTIONS
+            if acc is not None and acc - chance <= 2 * stderr:
+                lines.append(f"**{LABELS[label]}**: the lm-eval score ({acc:.3f}) cannot be told from chance "
+                             f"({chance:.2f}) at this sample size.")
+        for domain in domains:
+            routing = result["domains"][domain].get("routing")
+            layers = collapsed_layers(routing) if routing else []
+            if layers:
+                lines.append(f"**{LABELS[label]}**: routing on {domain} collapsed in {len(layers)} of "
+                             f"{len(routing['per_layer'])} MoE layers (load spread over fewer than top-k + 1 "
+                             f"experts: layers {layers[:8]}{' ...' if len(layers) > 8 else ''}).")
+    return lines
+
+
 def write_quickstart_report(summary: dict, out: Path) -> Path:
     out = Path(out)
     atomic_write_text(out / "quickstart.json", json.dumps(summary, indent=2))
@@ -91,13 +146,15 @@ def write_quickstart_report(summary: dict, out: Path) -> Path:
     perplexity_png = perplexity_figure(results, figures / "perplexity.png")
     log = training_log(Path(summary["training_log"]))
     training_png = training_figure(log, figures / "training.png")
-    heatmaps = {}
-    for label in ("upcycled", "trained"):
-        for domain in domains:
-            routing = results[label]["domains"][domain].get("routing")
-            if routing:
-                heatmaps[(label, domain)] = load_heatmap(f"{domain}, {LABELS[label]}", routing,
-                                                         figures / f"expert_load_{label}_{domain}.png")
+    routings = {(label, domain): results[label]["domains"][domain].get("routing")
+                for label in ("upcycled", "trained") for domain in domains}
+    routings = {key: routing for key, routing in routings.items() if routing}
+    # One colour scale for every heatmap, so before and after training can be compared cell by cell.
+    ceiling = max((max(stats["load_share"]) for r in routings.values() for stats in r["per_layer"].values()),
+                  default=None)
+    heatmaps = {(label, domain): load_heatmap(f"{domain}, {LABELS[label]}", routing,
+                                              figures / f"expert_load_{label}_{domain}.png", ceiling=ceiling)
+                for (label, domain), routing in routings.items()}
 
     lines = [f"# llama-moe quickstart: {Path(summary['base']).name} upcycled to {summary['num_experts']} experts, "
              f"top-{summary['top_k']} ({summary['method']})", ""]
@@ -109,6 +166,8 @@ def write_quickstart_report(summary: dict, out: Path) -> Path:
         f"with dynamic mixture sampling. Total time {summary['timings']['total'] / 60:.1f} min on "
         f"{summary['machine']['cpus']} CPU(s).", "",
         f"Right after upcycling: {verify['summary']}.", "",
+        "## Verdict", "",
+        *[f"- {line}" for line in findings(results)], "",
         "## Held-out perplexity", "",
     ]
     rows = [[LABELS[label]] + [f"{results[label]['domains'][d]['perplexity']:.2f}" for d in domains]
