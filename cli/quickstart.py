@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-length", type=int, default=128, help="tokens per training block (default 128)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--learning-rate", type=float, default=5e-4)
+    parser.add_argument("--distill-weight", type=float, default=0.0,
+                        help="weight of the KL term to the dense model during training (0 = language-model loss only)")
     parser.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens per domain (default 4096)")
     parser.add_argument("--lm-eval-limit", type=int, default=100, help="examples of the local lm-eval task")
     parser.add_argument("--seed", type=int, default=0)
@@ -91,6 +93,7 @@ def train_arguments(args, moe_dir: Path, corpus, base: str, output_dir: Path) ->
         "--validation_blocks", "4",
         "--report_to", "none",
         "--seed", str(args.seed),
+        *(["--distill_from", base, "--distill_weight", str(args.distill_weight)] if args.distill_weight > 0 else []),
     ]
 
 

@@ -268,6 +268,7 @@ class Exporter:
     remote_code: ClassVar[bool]  # True: the checkpoint needs our modeling files (auto_map + trust_remote_code).
     key_map: ClassVar[dict[str, tuple[str, ...]]] = {}  # our name template -> target name template(s)
     scaled_keys: ClassVar[tuple[str, ...]] = ()  # tensors that absorb routed_scaling_factor (linear in output)
+    router_keys: ClassVar[tuple[str, ...]] = ()  # linear routers that absorb 1 / router_temperature
 
     def __init__(self, moe_config: LlamaMoEConfig):
         self.moe_config = moe_config
@@ -290,6 +291,9 @@ class Exporter:
             # Per expert slice, so a broadcast (expanded) source is never materialized whole. torch computes a
             # bf16/fp16 product in float32 and rounds once: the same bits as an explicit float32 round trip.
             renamed = [(new_name, t * scale) for new_name, t in renamed]
+        temperature = float(self.moe_config.router_temperature)
+        if temperature != 1.0 and _matches_any(self.router_keys, name):
+            renamed = [(new_name, t / temperature) for new_name, t in renamed]  # logits / T = x (W / T)
         return renamed
 
     def rename_unmapped(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
@@ -325,6 +329,7 @@ class MixtralExporter(Exporter):
     remote_code = False
     key_map = MIXTRAL_KEY_MAP
     scaled_keys = MIXTRAL_SCALED_KEYS
+    router_keys = ("model.layers.{layer}.mlp.gate.weight",)
 
     @classmethod
     def supports(cls, config: LlamaMoEConfig, explain: list[str]) -> bool:
@@ -401,6 +406,7 @@ class Qwen2MoeExporter(Exporter):
     remote_code = False
     key_map = QWEN2_MOE_KEY_MAP
     scaled_keys = QWEN2_MOE_SCALED_KEYS
+    router_keys = (QWEN2_MOE_ROUTER_KEY,)
 
     @classmethod
     def supports(cls, config: LlamaMoEConfig, explain: list[str]) -> bool:

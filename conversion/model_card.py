@@ -55,7 +55,9 @@ def render_model_card(plan, *, format: str, total_params: int, active_params: in
         + (f" ({dense_layers} stay dense)" if dense_layers else "")
         + " |",
         f"| parameters | {total_params / 1e6:,.1f}M total, {active_params / 1e6:,.1f}M active per token |",
-        f"| router | init {o.router_init}, aux loss coef {c.router_aux_loss_coef}, capacity factor "
+        f"| router | init {o.router_init}"
+        + (f" (temperature {c.router_temperature:g})" if c.router_temperature != 1 else "")
+        + f", aux loss coef {c.router_aux_loss_coef}, capacity factor "
         f"{c.capacity_factor if c.capacity_factor is not None else 'none (dropless)'} |",
         f"| dtype, seed | {str(plan.dtype).replace('torch.', '')}, {o.seed} |",
         f"| format | `{format}` |",

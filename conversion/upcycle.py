@@ -18,6 +18,7 @@ from llama_moe.modeling import LlamaMoEConfig
 from .methods import DenseFFN, UpcycleMethod, get_method
 from .options import DTYPES, UpcycleOptions, check_common, resolve_moe_layers
 from .reader import CONFIG_KEYS_TO_DROP, DenseSource, layer_of, open_dense
+from .router_fit import FIT_TEMPERATURE
 
 
 @dataclass
@@ -82,6 +83,7 @@ def build_moe_config(dense_config, options: UpcycleOptions, method: UpcycleMetho
         ),
         router_aux_loss_coef=options.aux_loss_coef,
         capacity_factor=options.capacity_factor,
+        router_temperature=FIT_TEMPERATURE if options.router_init == "fit" else 1.0,
     )
     config = LlamaMoEConfig(**fields)
     config.architectures = ["LlamaMoEForCausalLM"]

@@ -30,6 +30,10 @@ class LlamaMoEConfig(LlamaConfig):
     norm_topk_prob (`bool`): `True` takes the top-k softmax probabilities and renormalizes them (Mixtral,
         LLaMA-MoE); `False` keeps them as they are (softmax then top-k, as NVIDIA's upcycling paper prefers).
     routed_scaling_factor (`float`): multiplies the combined routed output (LLaMA-MoE's score scale factor).
+    router_temperature (`float`): router logits are divided by it before the softmax. Exports fold it into the
+        router weights, so it changes no computation; it changes training: fitted routers (`--router-init fit`)
+        keep weights of the usual size (Adam moves them at the usual relative rate) while their softmax stays
+        nearly flat, so the chosen experts keep weights close to equal, as inside the dense FFN.
     router_noise (`"none"`, `"jitter"` or `"noisy_topk"`): training-time noise. `jitter` multiplies the router
         input by U(1-eps, 1+eps) with eps = `router_jitter_noise`; `noisy_topk` is LLaMA-MoE's learnable noisy
         gate, adding N(0, softplus(x W_noise) + `router_noise_epsilon`) to the logits.
@@ -55,6 +59,7 @@ class LlamaMoEConfig(LlamaConfig):
     router_type: str = "linear"
     norm_topk_prob: bool = True
     routed_scaling_factor: float | int = 1.0
+    router_temperature: float | int = 1.0
     router_noise: str = "none"
     router_jitter_noise: float | int = 0.0
     router_noise_epsilon: float | int = 1e-2
@@ -121,6 +126,8 @@ class LlamaMoEConfig(LlamaConfig):
         for name in ("router_aux_loss_coef", "router_z_loss_coef", "router_jitter_noise", "router_noise_epsilon"):
             if getattr(self, name) < 0:
                 raise ValueError(f"LlamaMoEConfig.{name} must be >= 0, got {getattr(self, name)}.")
+        if self.router_temperature <= 0:
+            raise ValueError(f"LlamaMoEConfig.router_temperature must be > 0, got {self.router_temperature}.")
         if self.routed_scaling_factor <= 0:
             raise ValueError(f"LlamaMoEConfig.routed_scaling_factor must be > 0, got {self.routed_scaling_factor}.")
 

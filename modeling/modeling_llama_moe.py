@@ -83,12 +83,15 @@ class LlamaMoETopKRouter(nn.Module):
             else None
         )
         self.noise_epsilon = config.router_noise_epsilon
+        self.temperature = float(config.router_temperature)
 
     def forward(self, hidden_TH: torch.Tensor):
         x_TH = hidden_TH.float()
         logits_TE = F.linear(x_TH, self.weight.float())
         if self.out_weight is not None:
             logits_TE = F.linear(torch.tanh(logits_TE), self.out_weight.float())
+        if self.temperature != 1.0:
+            logits_TE = logits_TE / self.temperature
         if self.training and self.noise_weight is not None:
             noise_std_TE = F.softplus(F.linear(x_TH, self.noise_weight.float())) + self.noise_epsilon
             logits_TE = logits_TE + torch.randn_like(logits_TE) * noise_std_TE

@@ -80,6 +80,20 @@ def test_fitted_router_ranks_experts_by_contribution(dense_dir, tmp_path, method
     assert correlation > 0.5
 
 
+def test_fitted_router_exports_fold_the_temperature(dense_dir, tmp_path):
+    from transformers import MixtralForCausalLM
+
+    out = upcycle(dense_dir, tmp_path / "m", method="random", num_experts=4, top_k=2, router_init="fit",
+                  calibration_tokens=2048, progress=False)
+    assert json.load(open(os.path.join(out, "config.json")))["router_temperature"] == 100.0
+    mixtral = upcycle(dense_dir, tmp_path / "x", method="random", num_experts=4, top_k=2, router_init="fit",
+                      calibration_tokens=2048, format="mixtral", progress=False)
+    ids = tokens()
+    expected = logits_of(load_moe(out), ids)
+    torch.testing.assert_close(logits_of(MixtralForCausalLM.from_pretrained(mixtral).eval(), ids), expected,
+                               atol=1e-4, rtol=1e-4)
+
+
 def test_carve_card_verify_and_exports(dense_dir, tmp_path):
     from llama_moe.conversion.upcycle import run_upcycle
     from llama_moe.conversion.options import UpcycleOptions

@@ -99,6 +99,22 @@ def test_switch_loss_is_per_layer():
     assert (collapsed[0].grad[:, :2] > 0).all() and (collapsed[1].grad[:, 2:] > 0).all()
 
 
+def test_router_temperature_is_a_rescaling_of_the_router():
+    """Logits / T with rows W give exactly the routing of rows W / T at temperature 1 (what exports write)."""
+    hot = LlamaMoEForCausalLM(tiny_moe_config(router_temperature=50.0)).eval()
+    cold = LlamaMoEForCausalLM(tiny_moe_config()).eval()
+    cold.load_state_dict(hot.state_dict())
+    with torch.no_grad():
+        for layer in cold.model.layers:
+            layer.mlp.gate.weight /= 50.0
+    ids = _ids()
+    out_hot, out_cold = hot(ids, output_router_logits=True), cold(ids, output_router_logits=True)
+    torch.testing.assert_close(out_hot.logits, out_cold.logits)
+    torch.testing.assert_close(out_hot.router_logits[0], out_cold.router_logits[0])
+    with pytest.raises(ValueError, match="router_temperature must be > 0"):
+        tiny_moe_config(router_temperature=0.0)
+
+
 def test_cv2_and_z_loss():
     model = LlamaMoEForCausalLM(tiny_moe_config(aux_loss_type="cv2", router_z_loss_coef=0.001))
     ids = _ids()
