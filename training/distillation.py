@@ -11,7 +11,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-CHUNK_TOKENS = 1024
+# Elements of one chunk of logits (64 MiB in float32): 512 tokens at a 32k vocabulary, 128 at 128k. A few float32
+# tensors of this size are alive at once, whatever the vocabulary and the batch.
+CHUNK_ELEMENTS = 1 << 24
 
 
 def _chunk_probabilities(student_CV, teacher_hidden_CH, teacher_head_VH, temperature: float):
@@ -54,8 +56,10 @@ class ChunkedKLDivergence(torch.autograd.Function):
 
 
 def kl_to_teacher(student_logits_NV, teacher_hidden_NH, teacher_head_VH, mask_N, temperature: float = 1.0,
-                  chunk: int = CHUNK_TOKENS) -> torch.Tensor:
-    """Sum over the masked tokens of KL(teacher || student) at `temperature` (differentiable in the student)."""
+                  chunk: int | None = None) -> torch.Tensor:
+    """Sum over the masked tokens of KL(teacher || student) at `temperature` (differentiable in the student);
+    `chunk` tokens at a time (default: CHUNK_ELEMENTS worth of logits)."""
+    chunk = chunk or max(1, CHUNK_ELEMENTS // student_logits_NV.shape[-1])
     return ChunkedKLDivergence.apply(
         student_logits_NV, teacher_hidden_NH.detach(), teacher_head_VH.detach(), mask_N.float(), temperature, chunk
     )
