@@ -4,7 +4,7 @@ by how its neurons fire on calibration text.
 Per MoE layer, on the layer's inputs X [T, H] (layer-wise calibration, conversion/calibration.py):
 - each neuron's contribution to token t is |act(g_j x_t) (u_j x_t)| * ||d_j||: how far it moves the output;
 - the shared expert takes the neurons with the largest mean contribution (--shared-experts N: N expert widths,
-  plus the few neurons an expert width rounded to a multiple of 8 leaves over);
+  or --shared-expert-size neurons; plus the few neurons an expert width rounded to a multiple of 8 leaves over);
 - the routed experts are a balanced k-means of the other neurons by co-activation (for which tokens a neuron is
   among the top quarter of contributions), one cluster per expert: every neuron sits in exactly one expert;
 - the router is fitted on the same inputs (--router-init fit, this method's default; conversion/router_fit.py)
@@ -12,10 +12,12 @@ Per MoE layer, on the layer's inputs X [T, H] (layer-wise calibration, conversio
 Must not read checkpoints or run whole models: it sees one layer's weights and inputs.
 """
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-from .base import DenseFFN, ExpertInit, UpcycleMethod
+from .base import DenseFFN, ExpertInit, UpcycleMethod, option
 from .clustering import balanced_kmeans
 from .random import experts_from_groups
 
@@ -23,10 +25,26 @@ TOKEN_CHUNK = 4096
 ACTIVE_FRACTION = 0.25  # a neuron is "active" for a token when among that token's top quarter of contributions
 
 
-def expert_width(intermediate: int, num_experts: int, shared_experts: int) -> int:
-    """I / (E + N), rounded down to a multiple of 8 (row strides of 16 bytes for grouped GEMMs) when possible."""
-    width = intermediate // (num_experts + shared_experts)
+@dataclass
+class CarveOptions:
+    shared_expert_size: int | None = option(
+        None, "width of the shared expert in neurons, instead of --shared-experts expert widths", type=int
+    )
+
+
+def _multiple_of_8(width: int) -> int:
+    """Rounded down to a multiple of 8 (row strides of 16 bytes for grouped GEMMs) when possible."""
     return width // 8 * 8 if width >= 8 else width
+
+
+def carve_widths(intermediate: int, options) -> tuple[int, int]:
+    """(routed expert width, shared expert width): every neuron in exactly one of them."""
+    E = options.num_experts
+    if options.shared_expert_size is None:
+        width = _multiple_of_8(intermediate // (E + options.shared_experts))
+    else:
+        width = _multiple_of_8((intermediate - options.shared_expert_size) // E)
+    return width, intermediate - E * width
 
 
 def neuron_contributions(ffn: DenseFFN) -> torch.Tensor:
@@ -52,33 +70,39 @@ class CarveMethod(UpcycleMethod):
     summary = ("activation-aware: shared expert from the most active neurons, experts by co-activation, "
                "fitted router, on calibration text (CMoE)")
     supports_shared_experts = True
+    options = CarveOptions
     router_inits = ("fit", "normal", "zeros")
     calibrated = True
 
     def check(self, dense_config, options) -> None:
         super().check(dense_config, options)
-        I, E, N = dense_config.intermediate_size, options.num_experts, options.shared_experts
-        if expert_width(I, E, N) < 1:
+        I, E, N, S = dense_config.intermediate_size, options.num_experts, options.shared_experts, options.shared_expert_size
+        if S is not None:
+            if N:
+                raise ValueError("give --shared-experts (in expert widths) or --shared-expert-size (neurons), not both.")
+            if not 0 <= S < I:
+                raise ValueError(f"--shared-expert-size {S} does not fit the FFN's {I} neurons: pick 0 <= size < {I}.")
+        if carve_widths(I, options)[0] < 1:
+            shared = f"{N} shared expert widths" if S is None else f"a shared expert of {S} neurons"
             raise ValueError(
-                f"--method carve cannot split the FFN's {I} neurons into {E} experts plus {N} shared expert widths; "
-                f"lower --num-experts or --shared-experts."
+                f"--method carve cannot split the FFN's {I} neurons into {E} experts plus {shared}; "
+                f"lower --num-experts or the shared size."
             )
 
     def config_changes(self, dense_config, options) -> dict:
-        I, E = dense_config.intermediate_size, options.num_experts
-        width = expert_width(I, E, options.shared_experts)
+        width, shared = carve_widths(dense_config.intermediate_size, options)
         return {
             "moe_intermediate_size": width,
-            "shared_expert_intermediate_size": I - E * width,
+            "shared_expert_intermediate_size": shared,
             "routed_scaling_factor": float(options.top_k),  # renormalized, nearly equal weights of 1/k each -> 1
         }
 
     def build(self, ffn: DenseFFN, options, generator: torch.Generator, layer_idx: int, context=None) -> ExpertInit:
-        I, E = ffn.intermediate_size, options.num_experts
-        width = expert_width(I, E, options.shared_experts)
+        E = options.num_experts
+        _, shared_width = carve_widths(ffn.intermediate_size, options)
         contributions_TI = neuron_contributions(ffn)
         by_mean = contributions_TI.mean(0).argsort(descending=True)
-        shared, routed = by_mean[: I - E * width].sort().values, by_mean[I - E * width :].sort().values
+        shared, routed = by_mean[:shared_width].sort().values, by_mean[shared_width:].sort().values
         if E == 1:
             groups = routed[None]
         else:

@@ -50,6 +50,15 @@ def test_carve_covers_every_neuron_once(dense_dir, tmp_path, shared):
     assert logits_of(load_moe(out), tokens()).isfinite().all()
 
 
+def test_carve_shared_expert_size_in_neurons(dense_dir, tmp_path):
+    out = carve(dense_dir, tmp_path / "m", num_experts=4, top_k=2, shared_expert_size=20)
+    config = json.load(open(os.path.join(out, "config.json")))
+    assert config["moe_intermediate_size"] == 16  # (96 - 20) / 4 = 19, rounded down to a multiple of 8
+    assert config["shared_expert_intermediate_size"] == 96 - 4 * 16  # the rest, so every neuron is used once
+    tensors = read_tensors(out)
+    assert tensors["model.layers.0.mlp.shared_expert.gate_proj.weight"].shape == (32, 32)
+
+
 def test_carve_with_every_expert_on_is_the_dense_model(dense_dir, tmp_path):
     """top-k = E and equal weights (zero router): shared + all routed experts add up to the dense FFN."""
     out = carve(dense_dir, tmp_path / "m", num_experts=4, top_k=4, shared_experts=2, router_init="zeros")
@@ -124,5 +133,7 @@ def test_carve_refuses_bad_input_before_work(dense_dir, tmp_path):
     refused(r"holds no text", calibration_data=str(empty))
     refused(r"cannot split the FFN's 96 neurons into 8 experts plus 90 shared", num_experts=8, shared_experts=90)
     refused(r"--calibration-tokens must be >= 256", calibration_tokens=100)
+    refused(r"--shared-expert-size 200 does not fit the FFN's 96 neurons", shared_expert_size=200)
+    refused(r"not both", shared_expert_size=8, shared_experts=1)
     refused(r"--router-init fit needs --method random, clustering, gradient, drop or carve", method="copy",
             router_init="fit")
