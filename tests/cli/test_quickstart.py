@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 def test_shortened_quickstart_writes_the_whole_story(tmp_path):
     out = tmp_path / "qs"
     code = main(["quickstart", "--out", str(out), "--steps", "2", "--max-length", "64", "--batch-size", "2",
-                 "--eval-tokens", "256", "--lm-eval-limit", "4"])
+                 "--eval-tokens", "256", "--lm-eval-limit", "4", "--calibration-tokens", "1024"])
     assert code == 0
     summary = json.loads((out / "quickstart.json").read_text())
     assert set(summary["results"]) == {"base", "upcycled", "trained"}
@@ -32,4 +32,16 @@ def test_shortened_quickstart_writes_the_whole_story(tmp_path):
         assert (out / "figures" / figure).stat().st_size > 10_000
         assert f"figures/{figure}" in report
     assert (out / "train" / "final" / "config.json").is_file()
+    assert summary["recipe"] == "carve" and summary["distill_weight"] > 0
+    assert "## Verdict" in report
     assert main(["quickstart", "--out", str(out)]) == 2  # refuses to overwrite without --overwrite
+
+    # Every command the quickstart prints works on what it wrote (shortened where it would run long).
+    shorter = {"train": ["--max_steps", "1", "--save_steps", "1"], "eval": ["--limit", "2"],
+               "analyze": ["--max-tokens", "64", "--no-speed"], "push": []}
+    commands = summary["next_commands"]
+    assert [c["argv"][1] for c in commands] == ["train", "eval", "analyze", "push"]
+    for command in commands:
+        argv = command["argv"]
+        assert argv[0] == "llama-moe"
+        assert main(argv[1:] + shorter[argv[1]]) == 0, command["what"]
