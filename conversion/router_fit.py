@@ -22,6 +22,8 @@ RIDGE = 1e-3
 TOKEN_CHUNK = 4096
 
 
+# The target is each expert's output norm. The marginal gain 2<y_e, sum_f y_f> - |y_e|^2 (how much choosing e
+# alone reduces the error) ranked worse on SmolLM2: 13.7x / 8.4x the dense perplexity against 5.6x / 5.1x.
 def expert_output_norms(gate_up_EFH: torch.Tensor, down_EHW: torch.Tensor, inputs_TH: torch.Tensor) -> torch.Tensor:
     """[T, E] norm of each SwiGLU expert's output for each token (computed in token chunks)."""
     norms = []
