@@ -54,3 +54,22 @@ def test_random_8x2_loads_and_generates(dense, ids, tmp_path):
     generated = moe.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=dense.config.eos_token_id)
     assert generated.shape == (1, ids.shape[1] + 8)
     assert torch.equal(generated[:, : ids.shape[1]], ids)
+
+
+def test_carve_at_half_the_ffn_stays_within_5x_of_dense_perplexity(dense, tmp_path):
+    """Issue 12's goal at initialization, on held-out text of the embedded corpus (documents calibration never
+    reads): carve with 4 shared + 4 of 12 routed expert widths (50% of the FFN active) within 5x of dense."""
+    from llama_moe.conversion import upcycle_in_memory
+    from llama_moe.conversion.stdlib_corpus import build_stdlib_corpus
+    from llama_moe.evaluation.perplexity import domain_perplexity, read_domain_texts, token_blocks
+
+    moe = upcycle_in_memory(GGUF, method="carve", num_experts=12, shared_experts=4, top_k=4, calibration_tokens=8192)
+    assert (moe.config.shared_expert_intermediate_size + 4 * moe.config.moe_intermediate_size) / 1536 == 0.5
+    folder, name = os.path.split(GGUF)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    corpus = build_stdlib_corpus(tmp_path / "data", max_train_bytes=50_000, max_heldout_bytes=60_000)
+    for domain in corpus.values():
+        blocks = token_blocks(tokenizer, read_domain_texts(domain.heldout), 256, 2048)
+        ratio = domain_perplexity(moe, blocks)["perplexity"] / domain_perplexity(dense, blocks)["perplexity"]
+        print(f"carve 50% on held-out {domain.name}: {ratio:.2f}x the dense perplexity")
+        assert ratio < 5.0, (domain.name, ratio)
