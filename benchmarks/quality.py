@@ -48,6 +48,12 @@ RECIPES: dict[str, tuple[dict, str]] = {
     "carve-50": (dict(method="carve", num_experts=8, top_k=4), "carve: 4 of 8 routed, no shared"),
     "carve-shared-50": (dict(method="carve", num_experts=12, shared_experts=4, top_k=4),
                         "carve: 4 shared + 4 of 12 routed widths"),
+    # Other ways to spend the same budgets with carve (16 widths of I/16).
+    "carve-6s-2of10-50": (dict(method="carve", num_experts=10, shared_experts=6, top_k=2), "carve: 6 shared + 2 of 10"),
+    "carve-2s-6of14-50": (dict(method="carve", num_experts=14, shared_experts=2, top_k=6), "carve: 2 shared + 6 of 14"),
+    "carve-8x2-25": (dict(method="carve", num_experts=8, top_k=2), "carve: 2 of 8 routed, no shared"),
+    "carve-3s-1of13-25": (dict(method="carve", num_experts=13, shared_experts=3, top_k=1), "carve: 3 shared + 1 of 13"),
+    "carve-1s-3of15-25": (dict(method="carve", num_experts=15, shared_experts=1, top_k=3), "carve: 1 shared + 3 of 15"),
 }
 # Not in the table: granular (top-k picks whole FFN copies, so its budget is k/G full FFNs, at least 100%) and
 # drop (every expert is full width); copy is the 100% reference.

@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("out", metavar="OUT", help="output folder (must not exist unless --overwrite)")
     parser.add_argument("--method", default="copy", help=f"construction method: {', '.join(METHODS)} (default copy)")
     parser.add_argument("--num-experts", type=int, default=8, help="routed experts per MoE layer (default 8)")
-    parser.add_argument("--top-k", type=int, default=2, help="experts per token (default 2)")
+    parser.add_argument("--top-k", "--num-experts-per-tok", dest="top_k", type=int, default=2,
+                        help="experts per token (default 2)")
     parser.add_argument(
         "--moe-layers", default="all", help="which layers become MoE: all, every-other, or a list like 0,2,5"
     )

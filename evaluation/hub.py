@@ -330,7 +330,8 @@ def build_card(folder: Path, repo_id: str, base_model: str | None = None) -> tup
         data.base_model = None
         warnings.append("no Hub id for base_model in the card: pass --base-model ORG/NAME so the Hub links the "
                         "model to the dense model it was upcycled from.")
-    body = card.text.replace('"PATH_OR_REPO"', f'"{repo_id}"').replace('"REPO_ID"', f'"{repo_id}"')
+    # Usage snippets load the uploaded repo, whatever path the card was written with (upcycle, train, by hand).
+    body = re.sub(r'from_pretrained\("[^"]*"', f'from_pretrained("{repo_id}"', card.text)
     section = _evaluation_section(folder)
     if EVAL_START in body and EVAL_END in body:
         start, end = body.index(EVAL_START), body.index(EVAL_END) + len(EVAL_END)

@@ -54,7 +54,9 @@ class MoETrainingArguments:
     )
     method: str = field(default="copy", metadata={"help": "Upcycling method (with --upcycle_from)."})
     num_experts: int = field(default=8, metadata={"help": "Experts per MoE layer (with --upcycle_from)."})
-    num_experts_per_tok: int = field(default=2, metadata={"help": "Top-k (with --upcycle_from)."})
+    num_experts_per_tok: int = field(
+        default=2, metadata={"help": "Top-k (with --upcycle_from); --top_k is accepted too.", "aliases": ["--top_k"]}
+    )
     distill_from: str | None = field(
         default=None,
         metadata={"help": "Teacher for distillation (folder, .gguf or Hub id; usually the dense base): adds "

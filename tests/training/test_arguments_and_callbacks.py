@@ -229,3 +229,13 @@ def test_moe_logging_counts_drops_and_mfu_from_active_parameters():
     model.eval()
     model(input_ids=ids)  # evaluation passes are not counted
     assert "moe/dropped_fraction" not in logger.metrics()
+
+
+def test_top_k_has_both_spellings_in_train_and_upcycle():
+    from llama_moe.cli.upcycle import build_parser as upcycle_parser
+    from llama_moe.training.arguments import parse_arguments
+
+    options, _ = parse_arguments(["--upcycle_from", "base", "--output_dir", "out", "--max_steps", "1",
+                                  "--max_length", "64", "--top_k", "4"])
+    assert options.num_experts_per_tok == 4
+    assert upcycle_parser().parse_args(["base", "out", "--num-experts-per-tok", "3"]).top_k == 3
