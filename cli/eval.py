@@ -51,8 +51,13 @@ def default_output(model: str) -> Path:
 
 def main(argv: list[str]) -> int:
     from llama_moe.evaluation import lm_eval_runner as runner
+    from llama_moe.cli.extras import require
+    from llama_moe.evaluation.loading import check_model_path
 
     args = build_parser().parse_args(argv)
+    require("lm_eval", command="llama-moe eval")
+    for model in filter(None, (args.model, args.compare)):  # before lm-eval builds its tasks (seconds)
+        check_model_path(model)
     specs = runner.parse_task_specs(args.tasks, args.preset, args.num_fewshot)
     batch_size = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
     manager = runner.build_task_manager(specs, args.include_path)

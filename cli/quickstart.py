@@ -194,7 +194,10 @@ def main(argv: list[str]) -> int:
     from llama_moe.training.run import train
     from llama_moe.conversion.stdlib_corpus import build_stdlib_corpus
 
+    from llama_moe.cli.extras import require
+
     args = resolve_recipe(build_parser().parse_args(argv))
+    require("lm_eval", "matplotlib", command="llama-moe quickstart")
     base = args.base or default_base()
     out = Path(args.out).resolve()
     if out.exists():

@@ -136,8 +136,9 @@ def check_calibration(options: UpcycleOptions, method) -> None:
         raise ValueError(f"--calibration-tokens must be >= {SEQUENCE_LENGTH}, got {options.calibration_tokens}.")
 
 
-def check_common(options: UpcycleOptions, dense_config) -> None:
-    """Checks that hold for every method."""
+def check_common(options: UpcycleOptions) -> None:
+    """Checks that hold for every method and need no model (run before the base model is opened: a .gguf file is
+    dequantized when it is opened)."""
     E, k = options.num_experts, options.top_k
     if E < 1:
         raise ValueError(f"--num-experts must be >= 1, got {E}.")
@@ -164,4 +165,3 @@ def check_common(options: UpcycleOptions, dense_config) -> None:
         check_calibration(options, method)
     if options.dtype != "auto" and options.dtype not in DTYPES:
         raise ValueError(f"--dtype {options.dtype!r} is unknown; choose auto or one of {list(DTYPES)}.")
-    resolve_moe_layers(options.moe_layers, dense_config.num_hidden_layers)

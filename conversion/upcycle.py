@@ -93,16 +93,18 @@ def build_moe_config(dense_config, options: UpcycleOptions, method: UpcycleMetho
 
 def plan_upcycle(base, options: UpcycleOptions) -> UpcyclePlan:
     """Open and check the base model and the options; decide the config and every output tensor's shape."""
-    method = get_method(options.method)  # unknown names fail before the (possibly slow) read
-    source = base if isinstance(base, DenseSource) else open_dense(base)
-    dense_config = source.config
+    method = get_method(options.method)
     options = replace(
         options,
-        router_std=options.router_std if options.router_std is not None else float(dense_config.initializer_range),
         router_init=options.router_init or method.router_inits[0],
         calibration_tokens=options.calibration_tokens or method.default_calibration_tokens,
     )
-    check_common(options, dense_config)
+    check_common(options)  # before the (possibly slow) read: opening a .gguf file dequantizes it
+    source = base if isinstance(base, DenseSource) else open_dense(base)
+    dense_config = source.config
+    default_std = float(dense_config.initializer_range)
+    options = replace(options, router_std=options.router_std if options.router_std is not None else default_std)
+    resolve_moe_layers(options.moe_layers, dense_config.num_hidden_layers)
     method.check(dense_config, options)
     dtype = source.dtype if options.dtype == "auto" else DTYPES[options.dtype]
     moe_config = build_moe_config(dense_config, options, method, dtype)

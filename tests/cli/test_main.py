@@ -65,3 +65,23 @@ def test_upcycle_from_llama_moe_v1_imports_with_the_same_logits(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, _v1_reference_model(config, weights)(ids).logits,
                                    atol=2e-5, rtol=1e-4)
+
+
+def test_missing_extra_and_bad_model_path_fail_before_any_work(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    import llama_moe.evaluation.lm_eval_runner as runner
+
+    def must_not_build(*args, **kwargs):
+        raise AssertionError("lm-eval tasks were built before the model path was checked")
+
+    monkeypatch.setattr(runner, "build_task_manager", must_not_build)
+    assert main(["eval", str(tmp_path), "--tasks", "llama_moe_local"]) == 2
+    assert "has no config.json" in capsys.readouterr().err
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else real_find_spec(name, *a))
+    assert main(["analyze", str(tmp_path), "--data", f"x={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert "llama-moe analyze needs matplotlib: pip install 'llama-moe[eval]'" in err

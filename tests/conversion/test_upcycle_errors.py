@@ -47,6 +47,20 @@ def test_option_errors(dense_dir, tmp_path):
     refused(tmp_path, dense_dir, r"--max-shard-size 'lots'", max_shard_size="lots")
 
 
+def test_option_errors_come_before_the_model_is_opened(tmp_path, monkeypatch):
+    """A .gguf base is dequantized when opened: option mistakes must not wait for that."""
+    import importlib
+
+    core = importlib.import_module("llama_moe.conversion.upcycle")  # the module (the package exports a function)
+
+    def must_not_open(base):
+        raise AssertionError("the base model was opened before the options were checked")
+
+    monkeypatch.setattr(core, "open_dense", must_not_open)
+    refused(tmp_path, str(tmp_path / "model.gguf"), r"--top-k 9 does not fit 8 experts", num_experts=8, top_k=9)
+    refused(tmp_path, str(tmp_path / "model.gguf"), r"--router-init centroids needs", router_init="centroids")
+
+
 def test_input_errors(dense_dir, tmp_path):
     refused(tmp_path, tmp_path / "nowhere", r"does not exist")
     refused(tmp_path, str(tmp_path / "missing.gguf"), r"does not exist")
