@@ -90,12 +90,20 @@ def test_task_specs_presets_and_fewshot():
         runner.parse_task_specs(["arc_easy:x"], None, None)
 
 
+def _unloadable_model(tmp_path):
+    """A folder that passes the path check (it has a config.json) but holds no weights: loading it would fail."""
+    folder = tmp_path / "no-weights"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    return str(folder)
+
+
 def test_preset_offline_fails_with_a_clear_message_before_loading_a_model(tmp_path):
-    # HF_HUB_OFFLINE=1 is set for the test session; the model path does not even exist: no model is loaded.
+    # HF_HUB_OFFLINE=1 is set for the test session; the model has no weights: no model is loaded.
     with pytest.raises(ValueError, match=r"need datasets from the Hugging Face Hub.*--tasks llama_moe_local"):
-        eval_cli.main([str(tmp_path / "no-model"), "--tasks", "sciq", "--output", str(tmp_path / "out")])
+        eval_cli.main([_unloadable_model(tmp_path), "--tasks", "sciq", "--output", str(tmp_path / "out")])
 
 
 def test_unknown_task_is_named(tmp_path):
     with pytest.raises(ValueError, match="Unknown lm-eval task.*not_a_task"):
-        eval_cli.main([str(tmp_path), "--tasks", "not_a_task"])
+        eval_cli.main([_unloadable_model(tmp_path), "--tasks", "not_a_task"])
