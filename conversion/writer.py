@@ -144,6 +144,12 @@ class ShardedSafetensorsWriter:
             self._file = None
 
 
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out: str, overwrite: bool = False):
     """Yield a fresh temporary folder beside `out`; rename it to `out` only if the block finishes."""
@@ -153,6 +159,7 @@ def atomic_output_dir(out: str, overwrite: bool = False):
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + ".tmp-", dir=parent)
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it owner-only; a model folder is an ordinary folder
     try:
         yield tmp
     except BaseException:

@@ -183,6 +183,17 @@ def _reference_losses(options, model, validation, references):
     return losses
 
 
+def remove_interrupted_saves(output_dir: str) -> None:
+    """OUTPUT/.staging holds saves in progress only (finished ones are renamed out of it), so one found before
+    training starts was left by an interrupted run: nothing in it is complete."""
+    from .trainer import STAGING_DIR
+
+    staging = os.path.join(output_dir, STAGING_DIR)
+    if os.path.isdir(staging) and int(os.environ.get("RANK", "0")) == 0:
+        shutil.rmtree(staging)
+        print(f"[llama-moe train] removed {staging}: unfinished saves of an interrupted run.")
+
+
 def check_processes_connected(config) -> None:
     """A launcher started several processes that accelerate did not join for training. Without GPUs it happens with
     `accelerate launch` of an FSDP/DeepSpeed config (no backend found: one process each) and with --ddp_backend gloo
@@ -212,6 +223,7 @@ def train(options: MoETrainingArguments, config) -> str:
     specs, given_weights, references, _ = validate(options, config)
     resume = _resolve_resume(config)
     check_processes_connected(config)
+    remove_interrupted_saves(config.output_dir)
     if config.use_cpu or not torch.cuda.is_available():
         keep_freed_memory()  # each step re-allocates GiBs of activations and gradients: reuse, do not re-fault
     tokenizer = from_pretrained(

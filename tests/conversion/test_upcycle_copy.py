@@ -196,3 +196,20 @@ def test_mixtral_format_loads_without_remote_code(dense_dirs, tmp_path):
     torch.testing.assert_close(logits_of(mixtral, ids), logits_of(ours, ids), atol=1e-5, rtol=1e-5)
     card = open(os.path.join(out, "README.md")).read()
     assert "trust_remote_code" not in card and "- custom_code" not in card
+
+
+def test_outputs_get_ordinary_permissions(dense_dirs, tmp_path):
+    """Built under a temporary name (mkdtemp makes owner-only folders), the result still gets the umask's modes."""
+    import stat
+
+    from llama_moe.evaluation.io import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        out = upcycle(dense_dirs["llama2"], tmp_path / "m", method="copy", num_experts=2, top_k=1, progress=False)
+        report = atomic_write_text(tmp_path / "report.md", "# report\n")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o755
+    assert stat.S_IMODE(os.stat(os.path.join(out, "config.json")).st_mode) == 0o644
+    assert stat.S_IMODE(os.stat(report).st_mode) == 0o644

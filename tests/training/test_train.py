@@ -147,3 +147,14 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path, corpora, tiny_model
     assert "model weights are NaN or infinite at step 2" in message and "checkpoint-1" in message
     assert sorted(p for p in os.listdir(out) if p.startswith("checkpoint-")) == ["checkpoint-1"]
     assert not any(p.startswith("checkpoint") for p in os.listdir(out / ".staging"))
+
+
+def test_unfinished_saves_of_an_interrupted_run_are_removed(tmp_path, corpora, tiny_model_dir, capsys):
+    out = tmp_path / "run"
+    leftover = out / ".staging" / "checkpoint-2"
+    leftover.mkdir(parents=True)
+    (leftover / "model.safetensors").write_bytes(b"half a file")
+    assert run_train(train_args(tiny_model_dir, corpora, out, 2)) == 0
+    assert not (out / ".staging").exists()
+    assert "unfinished saves of an interrupted run" in capsys.readouterr().out
+    assert sorted(os.listdir(out)) == ["README.md", "checkpoint-2", "final"]
