@@ -69,7 +69,8 @@ def render_model_card(plan, *, format: str, total_params: int, active_params: in
     remote = ", trust_remote_code=True" if format == "llama_moe" else ""
     lines += [
         f'model = AutoModelForCausalLM.from_pretrained("PATH_OR_REPO"{remote})',
-        'tokenizer = AutoTokenizer.from_pretrained("PATH_OR_REPO")',
+        # transformers reads the model's config before the tokenizer's: it asks for trust_remote_code too.
+        f'tokenizer = AutoTokenizer.from_pretrained("PATH_OR_REPO"{remote})',
         "```",
         "",
     ]

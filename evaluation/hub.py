@@ -303,7 +303,7 @@ def _generated_body(folder: Path, facts: dict) -> str:
         f"| parameters | {facts['total'] / 1e6:,.1f}M total, {facts['active'] / 1e6:,.1f}M active per token |",
         "", "## Usage", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
         f'model = AutoModelForCausalLM.from_pretrained("REPO_ID"{remote})',
-        'tokenizer = AutoTokenizer.from_pretrained("REPO_ID")', "```", "",
+        f'tokenizer = AutoTokenizer.from_pretrained("REPO_ID"{remote})', "```", "",
     ])
 
 
