@@ -9,12 +9,12 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from llama_moe.training.arguments import build_parser, parse_arguments
+    from llama_moe.training.arguments import help_text, parse_arguments
     from llama_moe.training.run import train
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        build_parser().print_help()
+    if not argv or argv[0] in ("-h", "--help", "--help-all"):
+        print(help_text(full=bool(argv) and argv[0] == "--help-all"), end="")
         return 0
     options, config = parse_arguments(argv)
     train(options, config)

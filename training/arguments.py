@@ -130,6 +130,36 @@ def build_parser() -> TrlParser:
     return parser
 
 
+# Inherited TRL/transformers flags that a continual pre-training run usually sets, shown by the short --help.
+COMMON_INHERITED = ("output_dir", "max_steps", "learning_rate", "lr_scheduler_type", "warmup_steps",
+                    "per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "weight_decay",
+                    "max_grad_norm", "bf16", "gradient_checkpointing", "logging_steps", "eval_strategy", "eval_steps",
+                    "save_steps", "save_total_limit", "resume_from_checkpoint", "seed", "report_to")
+
+
+def help_text(full: bool = False) -> str:
+    """`llama-moe train --help`: --config, our options, then the common inherited ones (all with --help-all)."""
+    from dataclasses import fields
+
+    from transformers import HfArgumentParser
+
+    if full:
+        return build_parser().format_help()
+    ours = HfArgumentParser((MoETrainingArguments,), prog="llama-moe train").format_help()
+    ours = ours.split("\n\n", 1)[1] if "\n\n" in ours else ours  # drop argparse's usage line (ours is below)
+    inherited = {f.name: f for f in fields(SFTConfig)}
+    lines = ["usage: llama-moe train [--config RECIPE.yaml] [--flag value ...]", "",
+             "Continual pre-training of an MoE checkpoint with TRL and accelerate. A YAML recipe gives defaults",
+             "(see training/recipes/), flags override it; flags keep TRL/transformers names.", "",
+             "  --config RECIPE.yaml  defaults from a YAML recipe of any of the flags below", "",
+             "llama-moe options:", ours.replace("options:\n", "").rstrip(), "",
+             "common TRL/transformers options (all of them: llama-moe train --help-all):"]
+    for name in COMMON_INHERITED:
+        help_ = " ".join(str(inherited[name].metadata.get("help", "")).split()).replace("%%", "%")
+        lines.append(f"  --{name:<30} {help_[:100] + ('...' if len(help_) > 100 else '')}")
+    return "\n".join(lines) + "\n"
+
+
 def default_eval_steps(max_steps: int) -> int:
     """Evaluation interval when dynamic sampling needs one and none was given: ten weight updates per run."""
     return max(1, max_steps // 10)

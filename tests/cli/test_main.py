@@ -85,3 +85,12 @@ def test_missing_extra_and_bad_model_path_fail_before_any_work(tmp_path, capsys,
     assert main(["analyze", str(tmp_path), "--data", f"x={tmp_path}"]) == 2
     err = capsys.readouterr().err
     assert "llama-moe analyze needs matplotlib: pip install 'llama-moe[eval]'" in err
+
+
+def test_train_help_shows_our_options_first_and_is_short(capsys):
+    assert main(["train", "--help"]) == 0
+    text = capsys.readouterr().out
+    assert text.index("--config RECIPE.yaml") < text.index("--distill_from") < text.index("--output_dir")
+    assert len(text.splitlines()) < 150 and "--help-all" in text and "--adam_beta1" not in text
+    assert main(["train", "--help-all"]) == 0
+    assert "--adam_beta1" in capsys.readouterr().out
