@@ -209,18 +209,15 @@ def iter_moe_tensors(plan: UpcyclePlan, progress: bool = True):
 
 
 def count_parameters(config: LlamaMoEConfig) -> tuple[int, int]:
-    """(total, active per token) parameters of an MoE config, from its shapes (meta device, no memory)."""
+    """(total, active per token) parameters of an MoE config (the project's one rule), from its shapes on the meta
+    device (no memory)."""
     from llama_moe.modeling import LlamaMoEForCausalLM
+    from llama_moe.modeling.parameters import model_parameter_counts
 
     with torch.device("meta"):
         model = LlamaMoEForCausalLM(config)
-    total = sum(p.numel() for p in model.parameters())  # parameters() counts a tied matrix once
-    E, k = config.num_local_experts, config.num_experts_per_tok
-    inactive = 0
-    for layer in config.moe_layers:
-        experts = model.model.layers[layer].mlp.experts
-        inactive += (experts.gate_up_proj.numel() + experts.down_proj.numel()) * (E - k) // E
-    return total, total - inactive
+    counts = model_parameter_counts(model)
+    return counts["total"], counts["active"]
 
 
 @dataclass

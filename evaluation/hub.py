@@ -15,6 +15,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llama_moe.modeling.parameters import count_parameters
+
 from .io import atomic_write_text
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
@@ -157,17 +159,8 @@ def weight_facts(folder: Path) -> dict:
                 shapes[name] = info["shape"]
     config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
     num_experts = config.get("num_local_experts") or config.get("num_experts")
-    top_k = config.get("num_experts_per_tok")
-    total = expert = 0
-    for name, shape in shapes.items():
-        count = 1
-        for dim in shape:
-            count *= dim
-        total += count
-        if num_experts and (re.search(r"\.experts\.\d+\.", name) or (".experts." in name and len(shape) == 3)):
-            expert += count
-    active = total - expert + (expert * top_k // num_experts if expert and top_k else 0)
-    return {"shapes": shapes, "total": total, "active": active, "routed_experts": expert, "config": config}
+    counts = count_parameters(shapes.items(), num_experts, config.get("num_experts_per_tok"))
+    return {"shapes": shapes, **counts, "config": config}
 
 
 _LOAD_CHECK = r'''

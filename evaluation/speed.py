@@ -9,24 +9,11 @@ import time
 
 
 def parameter_counts(model) -> dict:
-    """Total parameters (shared tensors once), routed-expert parameters, and parameters active per token
-    (everything but the routed experts, plus top_k/E of them). Works for LlamaMoE and fused-experts models
-    such as Mixtral in transformers v5; a dense model has active == total."""
-    config = model.config
-    num_experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
-    top_k = getattr(config, "num_experts_per_tok", None)
-    seen, total, expert = set(), 0, 0
-    for name, param in model.named_parameters(remove_duplicate=True):
-        if id(param) in seen:
-            continue
-        seen.add(id(param))
-        total += param.numel()
-        if num_experts and ".experts." in f".{name}" and param.dim() == 3 and param.shape[0] == num_experts:
-            expert += param.numel()
-    embedding = model.get_input_embeddings().weight.numel() if model.get_input_embeddings() is not None else 0
-    active = total - expert + (expert * top_k // num_experts if expert else 0)
-    return {"total": total, "active": active, "routed_experts": expert, "embedding": embedding,
-            "num_experts": num_experts, "top_k": top_k}
+    """Total, routed-expert and active-per-token parameters, by the project's one rule
+    (llama_moe.modeling.parameters); works for LlamaMoE, Mixtral, Qwen2-MoE and dense models."""
+    from llama_moe.modeling.parameters import model_parameter_counts
+
+    return model_parameter_counts(model)
 
 
 def _timed_generate(model, input_ids, new_tokens: int) -> float:

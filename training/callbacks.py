@@ -37,19 +37,15 @@ def _is_moe_block(module) -> bool:
 
 
 def active_parameters(model) -> int:
-    """Parameters one token goes through: all but the embedding lookup, with each MoE layer's routed experts
-    counted at top_k / num_experts (the LM head counted once, tied or not)."""
-    count = 0
-    for name, param in model.named_parameters():
-        if "embed_tokens" not in name and "lm_head" not in name:
-            count += param.numel()
-    head = model.get_output_embeddings()
-    count += head.weight.numel() if head is not None else 0
-    for module in model.modules():
-        if _is_moe_block(module):
-            expert_params = sum(p.numel() for p in module.experts.parameters())
-            count -= round(expert_params * (1 - module.top_k / module.num_experts))
-    return count
+    """Parameters whose matmuls one token goes through, for MFU: the project's active count
+    (llama_moe.modeling.parameters) without the embedding lookup, which is a gather, not a matmul. A tied LM head
+    is the same matrix and is a matmul, so with tied embeddings nothing is taken off."""
+    from llama_moe.modeling.parameters import model_parameter_counts
+
+    counts = model_parameter_counts(model)
+    tied = model.get_output_embeddings() is not None and (
+        model.get_output_embeddings().weight is model.get_input_embeddings().weight)
+    return counts["active"] - (0 if tied else counts["embedding"])
 
 
 def flops_per_token(model, sequence_length: int) -> float:
