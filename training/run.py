@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+from dataclasses import dataclass
 
 import torch
 
@@ -71,8 +72,21 @@ def _resolve_resume(config) -> str | None:
     return value
 
 
-def validate(options: MoETrainingArguments, config):
-    """Every check that needs no weights: domains, files, weights, model limits. Returns (specs, model config)."""
+@dataclass
+class TrainPlan:
+    """What `validate` decided from the arguments alone, used as is by `train`."""
+
+    specs: list
+    weights: dict[str, float]  # the mixture's starting weights
+    references: dict[str, float]  # given reference losses (dynamic sampling), or empty
+    model_config: object
+    resume: str | None
+    routers_only: int
+    frozen: list
+
+
+def validate(options: MoETrainingArguments, config) -> TrainPlan:
+    """Every check that needs no weights: domains, files, weights, model limits, resume, freezing, teacher."""
     if bool(options.model_name_or_path) == bool(options.upcycle_from):
         raise ValueError("give exactly one of --model_name_or_path (a model to train) or --upcycle_from (a dense base).")
     specs = parse_domains(options.dataset, config.dataset_text_field)
@@ -89,14 +103,14 @@ def validate(options: MoETrainingArguments, config):
     for spec in specs:
         check_domain(spec)
     # Weights now, so a bad recipe fails before any tokenizing (proportional reads only file sizes).
-    initial_weights(options.sampling, names, weights, lambda: [domain_size(spec) for spec in specs])
+    start_weights = initial_weights(options.sampling, names, weights, lambda: [domain_size(spec) for spec in specs])
     model_config = _model_config(options.upcycle_from or options.model_name_or_path, config.trust_remote_code)
     limit = getattr(model_config, "max_position_embeddings", None)
     if limit is not None and config.max_length > limit:
         raise ValueError(
             f"--max_length {config.max_length} is above the model's max_position_embeddings ({limit}); lower it."
         )
-    _resolve_resume(config)
+    resume = _resolve_resume(config)
     if options.distill_from:
         teacher_config = _model_config(options.distill_from, config.trust_remote_code)
         teacher_vocab = teacher_config.get_text_config().vocab_size
@@ -108,8 +122,8 @@ def validate(options: MoETrainingArguments, config):
             )
     from .callbacks import parse_freeze
 
-    parse_freeze(options.freeze)
-    return specs, weights, references, model_config
+    routers_only, frozen = parse_freeze(options.freeze)
+    return TrainPlan(specs, start_weights, references, model_config, resume, routers_only, frozen)
 
 
 def load_model(options: MoETrainingArguments, config):
@@ -217,11 +231,10 @@ def train(options: MoETrainingArguments, config) -> str:
     from datasets import Dataset
     from transformers import AutoTokenizer
 
-    from .callbacks import FreezeCallback, MixtureCallback, MoELoggingCallback, default_peak_flops, parse_freeze
+    from .callbacks import FreezeCallback, MixtureCallback, MoELoggingCallback, default_peak_flops
     from .trainer import MoETrainer
 
-    specs, given_weights, references, _ = validate(options, config)
-    resume = _resolve_resume(config)
+    plan = validate(options, config)
     check_processes_connected(config)
     remove_interrupted_saves(config.output_dir)
     if config.use_cpu or not torch.cuda.is_available():
@@ -232,25 +245,21 @@ def train(options: MoETrainingArguments, config) -> str:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     streams = {
-        spec.name: DomainStream(spec, tokenizer, config.max_length, options.validation_blocks) for spec in specs
+        spec.name: DomainStream(spec, tokenizer, config.max_length, options.validation_blocks) for spec in plan.specs
     }
-    weights = initial_weights(
-        options.sampling, list(streams), given_weights, lambda: [domain_size(spec) for spec in specs]
-    )
-    dataset = MixtureDataset(streams, weights, seed=config.seed)
+    dataset = MixtureDataset(streams, plan.weights, seed=config.seed)
     validation = {name: stream.validation for name, stream in streams.items()}
 
     model = load_model(options, config)
     distiller = load_teacher(options, config)
-    references = _reference_losses(options, model, validation, references)
+    references = _reference_losses(options, model, validation, plan.references)
     mixture = MixtureCallback(dataset, options.sampling, references, options.eta, options.smoothing)
-    if resume:
-        state = load_state(resume)
+    if plan.resume:
+        state = load_state(plan.resume)
         if state is None:
-            raise FileNotFoundError(f"{resume} has no mixture_state.json: it was not written by llama-moe train.")
+            raise FileNotFoundError(f"{plan.resume} has no mixture_state.json: it was not written by llama-moe train.")
         mixture.load_state(state)
-    routers_only, frozen = parse_freeze(options.freeze)
-    freezer = FreezeCallback(model, routers_only, frozen) if (routers_only or frozen) else None
+    freezer = FreezeCallback(model, plan.routers_only, plan.frozen) if (plan.routers_only or plan.frozen) else None
     world = int(os.environ.get("WORLD_SIZE", "1"))
     moe_logging = MoELoggingCallback(
         model, config.max_length, world, options.peak_flops or default_peak_flops(config.bf16 or config.fp16)
@@ -274,7 +283,7 @@ def train(options: MoETrainingArguments, config) -> str:
             "[llama-moe train] warning: FSDP was requested but accelerate does not shard on CPU; this run is plain DDP "
             "(every process holds the whole model)."
         )
-    trainer.train(resume_from_checkpoint=resume)
+    trainer.train(resume_from_checkpoint=plan.resume)
     final = os.path.join(config.output_dir, "final")
     staged = os.path.join(config.output_dir, ".staging", "final")
     trainer.save_model(staged)
