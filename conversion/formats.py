@@ -259,6 +259,32 @@ def _matches_any(templates, name: str) -> bool:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def shared_config_fields(c: LlamaMoEConfig) -> dict:
+    """Config fields every exported architecture takes from ours unchanged: the Llama part and the MoE basics."""
+    return dict(
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden_size,
+        num_hidden_layers=c.num_hidden_layers,
+        num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads,
+        hidden_act=c.hidden_act,
+        max_position_embeddings=c.max_position_embeddings,
+        initializer_range=float(c.initializer_range),
+        rms_norm_eps=float(c.rms_norm_eps),
+        use_cache=c.use_cache,
+        pad_token_id=c.pad_token_id,
+        bos_token_id=c.bos_token_id,
+        eos_token_id=c.eos_token_id,
+        tie_word_embeddings=c.tie_word_embeddings,
+        attention_dropout=c.attention_dropout,
+        rope_parameters=dict(c.rope_parameters),
+        num_experts_per_tok=c.num_experts_per_tok,
+        output_router_logits=c.output_router_logits,
+        router_aux_loss_coef=float(c.router_aux_loss_coef),
+        dtype=c.dtype,
+    )
+
+
 class Exporter:
     """One output architecture. `supports` says whether a LlamaMoEConfig fits (appending reasons when it does
     not), `target_config` gives the config to write, `rename` maps one tensor of our layout to the target's."""
@@ -362,33 +388,14 @@ class MixtralExporter(Exporter):
     def target_config(self, moe_config: LlamaMoEConfig) -> PreTrainedConfig:
         c = moe_config
         return MixtralConfig(
-            vocab_size=c.vocab_size,
-            hidden_size=c.hidden_size,
+            **shared_config_fields(c),
             intermediate_size=c.moe_intermediate_size,  # Mixtral's intermediate_size is one expert's width
-            num_hidden_layers=c.num_hidden_layers,
-            num_attention_heads=c.num_attention_heads,
-            num_key_value_heads=c.num_key_value_heads,
             head_dim=c.head_dim,
-            hidden_act=c.hidden_act,
-            max_position_embeddings=c.max_position_embeddings,
-            initializer_range=float(c.initializer_range),
-            rms_norm_eps=float(c.rms_norm_eps),
-            use_cache=c.use_cache,
-            pad_token_id=c.pad_token_id,
-            bos_token_id=c.bos_token_id,
-            eos_token_id=c.eos_token_id,
-            tie_word_embeddings=c.tie_word_embeddings,
             sliding_window=None,
-            attention_dropout=c.attention_dropout,
-            num_experts_per_tok=c.num_experts_per_tok,
             num_local_experts=c.num_local_experts,
-            output_router_logits=c.output_router_logits,
-            router_aux_loss_coef=float(c.router_aux_loss_coef),
             # Training-time only. Mixtral's jitter also scales the experts' input; ours only the router's.
             router_jitter_noise=float(c.router_jitter_noise) if c.router_noise == "jitter" else 0.0,
-            rope_parameters=dict(c.rope_parameters),
             architectures=["MixtralForCausalLM"],
-            dtype=c.dtype,
         )
 
     def rename_unmapped(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
@@ -434,36 +441,17 @@ class Qwen2MoeExporter(Exporter):
     def target_config(self, moe_config: LlamaMoEConfig) -> PreTrainedConfig:
         c = moe_config
         return Qwen2MoeConfig(
-            vocab_size=c.vocab_size,
-            hidden_size=c.hidden_size,
+            **shared_config_fields(c),
             intermediate_size=c.intermediate_size,  # dense (non-MoE) layers
-            num_hidden_layers=c.num_hidden_layers,
-            num_attention_heads=c.num_attention_heads,
-            num_key_value_heads=c.num_key_value_heads,
-            hidden_act=c.hidden_act,
-            max_position_embeddings=c.max_position_embeddings,
-            initializer_range=float(c.initializer_range),
-            rms_norm_eps=float(c.rms_norm_eps),
-            use_cache=c.use_cache,
-            tie_word_embeddings=c.tie_word_embeddings,
-            rope_parameters=dict(c.rope_parameters),
             use_sliding_window=False,
-            attention_dropout=c.attention_dropout,
             decoder_sparse_step=1,
             moe_intermediate_size=c.moe_intermediate_size,
             shared_expert_intermediate_size=c.shared_expert_intermediate_size or NULL_SHARED_EXPERT_SIZE,
-            num_experts_per_tok=c.num_experts_per_tok,
             num_experts=c.num_local_experts,
             norm_topk_prob=c.norm_topk_prob,
-            output_router_logits=c.output_router_logits,
-            router_aux_loss_coef=float(c.router_aux_loss_coef),
             mlp_only_layers=[i for i in range(c.num_hidden_layers) if not c.is_moe_layer(i)],
             qkv_bias=True,
-            pad_token_id=c.pad_token_id,
-            bos_token_id=c.bos_token_id,
-            eos_token_id=c.eos_token_id,
             architectures=["Qwen2MoeForCausalLM"],
-            dtype=c.dtype,
         )
 
     def rename(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
