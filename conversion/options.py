@@ -2,8 +2,8 @@
 
 The common fields (experts, top-k, routing, dtype, seed) are written here; each construction method adds its own
 knobs through its `options` dataclass (conversion/methods/), and `UpcycleOptions` is built from both, so a new
-method's options need no edit here. Checks here need only the dense config (no weights), so every user mistake is
-reported before any tensor is read or any file written. Must not read weights.
+method's options need no edit here. The checks here need no model at all (those that need the dense config are
+the methods' own), so option mistakes are reported before the base is opened. Must not read weights.
 """
 
 from dataclasses import dataclass, field, fields, make_dataclass
@@ -18,7 +18,7 @@ ROUTER_INIT_HELP = {
     "normal": "seeded normal rows of std --router-std",
     "zeros": "all zero: every expert tied until training separates them",
     "centroids": "the centroids of the clustering that made the experts",
-    "fit": "least squares on calibration activations: each row predicts its expert's share of the dense output",
+    "fit": "fitted on calibration text: each row predicts its expert's output norm from the layer's input",
 }
 ROUTER_INITS = tuple(ROUTER_INIT_HELP)
 
