@@ -49,9 +49,10 @@ def check_calibration_file(path: str) -> None:
 
 
 def calibration_text(path: str | None, max_chars: int) -> str:
-    """The user's file, or (path None) the embedded corpus's training documents, code and docs alternating."""
+    """The first `max_chars` (about) of the user's file, or (path None) of the embedded corpus's training
+    documents, code and docs alternating; only what the tokenizer will need is kept."""
     if path is not None:
-        return read_calibration_text(path)
+        return read_calibration_text(path)[:max_chars]
     from .stdlib_corpus import training_documents
 
     parts, size = [], 0
@@ -92,10 +93,6 @@ class LayerwiseCalibration:
         self.position_embeddings = LlamaRotaryEmbedding(config=self.config)(self.hidden_NSH[:1], positions)
         self.next_layer = 0
         self._residual = self._inputs = None
-
-    @property
-    def num_tokens(self) -> int:
-        return self.hidden_NSH.shape[0] * self.hidden_NSH.shape[1]
 
     def _module(self, module_class, prefix: str, *args):
         with torch.device("meta"):
