@@ -35,8 +35,9 @@ def test_two_processes_agree_with_each_other_and_with_one(tmp_path, corpora, tin
     assert done.returncode == 0, done.stderr[-3000:]
     reference = json.load(open(one / "rank0.json"))
     assert reference["world"] == 1
-    # Same global batch of 4 blocks per step (2 per rank): same losses and weights up to float reordering.
-    assert ranks[0]["losses"] == pytest.approx(reference["losses"], rel=1e-4)
-    # The balance loss is a product of per-batch averages, so its DDP mean over two half-batches differs slightly
-    # from its value on the whole batch: the weights agree closely, not to the last bit.
+    # Same global batch of 4 blocks per step (2 per rank): same language-model loss up to float reordering. The
+    # balance loss (inside the logged loss) is a product of per-batch averages, taken per layer, so its DDP mean
+    # over two half-batches differs slightly from its value on the whole batch: losses and weights agree closely
+    # (measured 1.3e-4 relative on the third step), not to the last bit.
+    assert ranks[0]["losses"] == pytest.approx(reference["losses"], rel=5e-4)
     assert ranks[0]["param_abs_sum"] == pytest.approx(reference["param_abs_sum"], rel=1e-4)
