@@ -386,11 +386,25 @@ def router_z_loss(router_logits, attention_mask=None):
     return torch.stack(losses).mean()
 
 
+def add_router_losses(language_loss, aux_loss, z_loss, config, accumulation_steps: int = 1):
+    """The training loss: the token loss plus the coefficient-weighted router losses, which are per-batch means and
+    so are divided by the gradient-accumulation steps when the token loss is already divided by the tokens of all
+    accumulated micro-batches. The model (accumulation_steps=1, Mixtral's convention) and the trainer both use it."""
+    loss = language_loss
+    if aux_loss is not None:
+        loss = loss + config.router_aux_loss_coef * aux_loss.to(loss.device) / accumulation_steps
+    if z_loss is not None:
+        loss = loss + config.router_z_loss_coef * z_loss.to(loss.device) / accumulation_steps
+    return loss
+
+
 @dataclass
 class LlamaMoECausalLMOutputWithPast(MoeCausalLMOutputWithPast):
-    """`MoeCausalLMOutputWithPast` plus `z_loss` (the router z-loss, when `router_z_loss_coef` > 0)."""
+    """`MoeCausalLMOutputWithPast` plus `z_loss` (the router z-loss, when `router_z_loss_coef` > 0) and
+    `language_loss` (the token loss alone; `loss` adds the router losses to it when they are computed)."""
 
     z_loss: torch.FloatTensor | None = None
+    language_loss: torch.FloatTensor | None = None
 
 
 class LlamaMoEForCausalLM(LlamaMoEPreTrainedModel, GenerationMixin):
@@ -464,22 +478,22 @@ class LlamaMoEForCausalLM(LlamaMoEPreTrainedModel, GenerationMixin):
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
         logits = self.lm_head(hidden_states)
 
-        loss = None
+        language_loss = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            language_loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs
+            )
 
         aux_loss = z_loss = None
         if output_router_logits and outputs.router_logits:
             aux_loss = self.router_aux_loss(outputs.router_logits, attention_mask)
             if self.config.router_z_loss_coef > 0:
                 z_loss = router_z_loss(outputs.router_logits, attention_mask)
-            if loss is not None:
-                loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device)
-                if z_loss is not None:
-                    loss = loss + self.config.router_z_loss_coef * z_loss.to(loss.device)
+        loss = None if language_loss is None else add_router_losses(language_loss, aux_loss, z_loss, self.config)
 
         return LlamaMoECausalLMOutputWithPast(
             loss=loss,
+            language_loss=language_loss,
             aux_loss=aux_loss,
             z_loss=z_loss,
             logits=logits,
@@ -515,4 +529,5 @@ __all__ = [
     "switch_load_balancing_loss",
     "cv2_load_balancing_loss",
     "router_z_loss",
+    "add_router_losses",
 ]

@@ -3,9 +3,9 @@
 Overrides only what TRL cannot do for us; it must not build data, models or arguments (training/run.py does).
 
 Why the loss is the model's own: TRL 1.16 trains through its fused LM head, which adds Mixtral's switch balancing
-loss whatever `aux_loss_type` says and never the router z-loss. LlamaMoEForCausalLM already adds
-`router_aux_loss_coef * aux_loss + router_z_loss_coef * z_loss` to its loss, so we call the model itself (as
-transformers' Trainer does) and log the two router losses separately.
+loss whatever `aux_loss_type` says and never the router z-loss. So we call the model itself (as transformers'
+Trainer does), take its token loss and router losses apart (`language_loss`, `aux_loss`, `z_loss`), add the
+distillation term, and combine them with the model's own `add_router_losses`, divided for gradient accumulation.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTTrainer
 
+from ..modeling.modeling_llama_moe import add_router_losses
 from .callbacks import MoEPrinterCallback, MoEProgressCallback
 
 STAGING_DIR = ".staging"
@@ -70,33 +71,30 @@ class MoETrainer(SFTTrainer):
         if hasattr(config, "output_router_logits"):
             inputs["output_router_logits"] = router_outputs
         outputs = model(**inputs)
-        loss = outputs.loss
-        router_loss = 0.0
-        if router_outputs and getattr(outputs, "aux_loss", None) is not None:
-            router_loss = config.router_aux_loss_coef * outputs.aux_loss
-            self._router_metrics["aux_loss"].append(outputs.aux_loss.detach())
-            if getattr(outputs, "z_loss", None) is not None:
-                router_loss = router_loss + config.router_z_loss_coef * outputs.z_loss
-                self._router_metrics["z_loss"].append(outputs.z_loss.detach())
-        language_loss = loss - router_loss
-        if training and self.distiller is not None:
+        if not training:
+            return (outputs.loss, outputs) if return_outputs else outputs.loss
+        aux_loss, z_loss = getattr(outputs, "aux_loss", None), getattr(outputs, "z_loss", None)
+        language_loss = getattr(outputs, "language_loss", None)
+        if language_loss is None:  # another MoE class (Mixtral) adds its router losses to its loss as ours does
+            language_loss = outputs.loss - (add_router_losses(torch.zeros(()), aux_loss, z_loss, config)).to(
+                outputs.loss.device
+            )
+        for name, value in (("aux_loss", aux_loss), ("z_loss", z_loss)):
+            if value is not None:
+                self._router_metrics[name].append(value.detach())
+        if self.distiller is not None:
             # KL summed over tokens, divided like the token loss (by the accumulated batch's label count).
             kl_sum, count = self.distiller.kl_sum(inputs, outputs.logits)
             divisor = num_items_in_batch if num_items_in_batch is not None else count.clamp(min=1)
             self._router_metrics["distill_loss"].append((kl_sum / count.clamp(min=1)).detach())
             language_loss = language_loss + self.distiller.scale * kl_sum / divisor.to(kl_sum.device)
-        if training and self.args.average_tokens_across_devices and num_items_in_batch is not None:
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             language_loss = language_loss * self.accelerator.num_processes  # as Trainer.compute_loss; DDP averages
-        if training and not torch.is_tensor(router_loss):
-            loss = language_loss
-        elif training:
-            # The token loss is already divided by the tokens of all accumulated micro-batches; the router losses
-            # are per micro-batch means, so they are averaged over the accumulation steps (as TRL does).
-            steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
-            loss = language_loss + router_loss / steps
-        else:
-            loss = language_loss
-        if training and self.moe_logging is not None:
+        # The token loss is already divided by the tokens of all accumulated micro-batches; the router losses are
+        # per micro-batch means, so they are averaged over the accumulation steps (as TRL does).
+        steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+        loss = add_router_losses(language_loss, aux_loss, z_loss, config, accumulation_steps=steps)
+        if self.moe_logging is not None:
             self.moe_logging.add_tokens(int(inputs["input_ids"].numel()))
         return (loss, outputs) if return_outputs else loss
 

@@ -205,6 +205,32 @@ def test_trainer_loss_is_token_loss_plus_weighted_router_losses(steps):
     assert eval_loss.item() == pytest.approx((token_sum / 30).item(), rel=1e-5)  # evaluation: token loss only
 
 
+def test_trainer_takes_mixtral_router_loss_apart_before_dividing_it():
+    """A model without `language_loss` (Mixtral adds coef * aux to its loss): the trainer still divides the router
+    term, and only it, by the accumulation steps."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from llama_moe.training.trainer import MoETrainer
+
+    config = MixtralConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                           output_router_logits=True, router_aux_loss_coef=0.3)
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(config).train()
+    ids = torch.randint(0, 128, (2, 16))
+    fake = types.SimpleNamespace(
+        model=model, model_accepts_loss_kwargs=True, current_gradient_accumulation_steps=4,
+        args=types.SimpleNamespace(average_tokens_across_devices=False), moe_logging=None,
+        accelerator=types.SimpleNamespace(num_processes=1), _router_metrics={"aux_loss": [], "z_loss": []},
+        distiller=None,
+    )
+    loss = MoETrainer.compute_loss(fake, model, {"input_ids": ids, "labels": ids}, num_items_in_batch=torch.tensor(30))
+    out = model(input_ids=ids, labels=ids, output_router_logits=True)
+    logits = out.logits[:, :-1].reshape(-1, 128)
+    token_sum = torch.nn.functional.cross_entropy(logits, ids[:, 1:].reshape(-1), reduction="sum")
+    assert loss.item() == pytest.approx((token_sum / 30 + 0.3 * out.aux_loss / 4).item(), rel=1e-5)
+
+
 def test_moe_logging_counts_drops_and_mfu_from_active_parameters():
     from llama_moe.modeling import LlamaMoEForCausalLM
     from llama_moe.training.callbacks import MoELoggingCallback, flops_per_token
