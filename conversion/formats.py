@@ -11,7 +11,6 @@ import functools
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 from typing import Callable, ClassVar, NamedTuple
 
@@ -22,9 +21,8 @@ from transformers.dynamic_module_utils import custom_object_save
 
 from llama_moe.modeling import LlamaMoEConfig, LlamaMoEForCausalLM
 
+from .reader import CheckpointReader, copy_side_files, is_recomputed_buffer
 from .writer import (
-    INDEX_FILE,
-    SAFETENSORS_DTYPES,
     ShardedSafetensorsWriter,
     atomic_output_dir,
     parse_size,
@@ -33,133 +31,7 @@ from .writer import (
 
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
-SAFETENSORS_TO_TORCH = {code: dtype for dtype, code in SAFETENSORS_DTYPES.items()}
 
-# Files copied unchanged from a source checkpoint next to the converted weights.
-SIDE_FILE_PATTERNS = (
-    r"tokenizer.*",
-    r"special_tokens_map\.json",
-    r"added_tokens\.json",
-    r"vocab\.(json|txt)",
-    r"merges\.txt",
-    r"chat_template\.(jinja|json)",
-    r"generation_config\.json",
-)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Streaming input: a checkpoint's tensors one at a time (output goes through writer.py's planned shard writer).
-# ----------------------------------------------------------------------------------------------------------------
-
-
-class SafetensorsFile:
-    """One safetensors file read with plain positioned reads instead of a memory map: a tensor's bytes go into a
-    fresh buffer, so resident memory holds the tensors in use, not every page of the file touched so far."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        try:
-            with open(path, "rb") as f:
-                header_size = int.from_bytes(f.read(8), "little")
-                if not 0 < header_size <= os.path.getsize(path) - 8:
-                    raise ValueError(f"header size {header_size} does not fit the file")
-                header = json.loads(f.read(header_size))
-        except (OSError, ValueError, UnicodeDecodeError) as error:
-            raise ValueError(f"Cannot read {path}: {error}. The file is corrupt or not safetensors.") from error
-        header.pop("__metadata__", None)
-        self.data_start = 8 + header_size
-        self.entries = header
-        data_end = max((entry["data_offsets"][1] for entry in header.values()), default=0)
-        if os.path.getsize(path) < self.data_start + data_end:
-            raise ValueError(f"{path} is truncated (shorter than its header says); download or copy it again.")
-
-    def keys(self) -> list[str]:
-        return list(self.entries)
-
-    def shape_and_dtype(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
-        entry = self.entries[name]
-        if entry["dtype"] not in SAFETENSORS_TO_TORCH:
-            raise ValueError(
-                f"{self.path}: tensor {name!r} has dtype {entry['dtype']}; supported: {sorted(SAFETENSORS_TO_TORCH)}."
-            )
-        return tuple(entry["shape"]), SAFETENSORS_TO_TORCH[entry["dtype"]]
-
-    def get_tensor(self, name: str) -> torch.Tensor:
-        shape, dtype = self.shape_and_dtype(name)
-        start, end = self.entries[name]["data_offsets"]
-        buffer = torch.empty(end - start, dtype=torch.uint8)
-        with open(self.path, "rb") as f:
-            f.seek(self.data_start + start)
-            if f.readinto(buffer.numpy()) != end - start:
-                raise ValueError(f"{self.path} ended inside tensor {name!r}: the file is truncated.")
-        return buffer.view(dtype).reshape(shape)
-
-
-class CheckpointReader:
-    """Lazy access to the tensors of a Hugging Face checkpoint directory (sharded or single safetensors files;
-    `pytorch_model*.bin` only as a fallback, read with `weights_only=True`). `get` loads one tensor."""
-
-    def __init__(self, src_dir: str | os.PathLike):
-        self.src_dir = Path(src_dir)
-        if not self.src_dir.is_dir():
-            raise FileNotFoundError(f"Checkpoint directory {str(self.src_dir)!r} does not exist.")
-        self._file_of: dict[str, Path] = {}
-        self._handles: dict[Path, SafetensorsFile] = {}
-        self._bin_cache: dict[Path, dict[str, torch.Tensor]] = {}
-        index = self.src_dir / INDEX_FILE
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            self._file_of = {name: self.src_dir / file for name, file in weight_map.items()}
-            missing = sorted({str(p.name) for p in self._file_of.values() if not p.is_file()})
-            if missing:
-                raise FileNotFoundError(f"{index} lists shards that are missing: {missing}.")
-        else:
-            files = sorted(self.src_dir.glob("*.safetensors"))
-            bin_files = sorted(self.src_dir.glob("pytorch_model*.bin"))
-            if not files and not bin_files:
-                raise FileNotFoundError(
-                    f"No weights in {str(self.src_dir)!r}: expected model.safetensors, sharded *.safetensors with "
-                    f"{INDEX_FILE}, or pytorch_model*.bin."
-                )
-            for file in files or bin_files:
-                for name in self._keys_of(file):
-                    self._file_of[name] = file
-
-    def _keys_of(self, file: Path) -> list[str]:
-        if file.suffix == ".safetensors":
-            return list(self._handle(file).keys())
-        return list(self._bin(file).keys())
-
-    def _handle(self, file: Path) -> SafetensorsFile:
-        if file not in self._handles:
-            self._handles[file] = SafetensorsFile(file)
-        return self._handles[file]
-
-    def _bin(self, file: Path) -> dict[str, torch.Tensor]:
-        if file not in self._bin_cache:
-            # mmap keeps the file on disk: tensors are paged in when `get` touches them.
-            self._bin_cache[file] = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-        return self._bin_cache[file]
-
-    def keys(self) -> list[str]:
-        return list(self._file_of)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._file_of
-
-    def get(self, name: str) -> torch.Tensor:
-        file = self._file_of[name]
-        if file.suffix == ".safetensors":
-            return self._handle(file).get_tensor(name)
-        return self._bin(file)[name]
-
-    def shape_and_dtype(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
-        """From the file header: no tensor data is read."""
-        file = self._file_of[name]
-        if file.suffix == ".safetensors":
-            return self._handle(file).shape_and_dtype(name)
-        tensor = self._bin(file)[name]  # memory-mapped
-        return tuple(tensor.shape), tensor.dtype
 
 
 def write_config_and_code(config: PreTrainedConfig, out_dir: str | os.PathLike) -> None:
@@ -170,16 +42,6 @@ def write_config_and_code(config: PreTrainedConfig, out_dir: str | os.PathLike) 
             model = LlamaMoEForCausalLM(config)
         custom_object_save(model, out_dir, config=config)
     config.save_pretrained(out_dir)
-
-
-def copy_side_files(src_dir: str | os.PathLike, out_dir: str | os.PathLike) -> list[str]:
-    """Copy tokenizer and generation-config files (see SIDE_FILE_PATTERNS). Returns the copied names."""
-    copied = []
-    for path in sorted(Path(src_dir).iterdir()):
-        if path.is_file() and any(re.fullmatch(pattern, path.name) for pattern in SIDE_FILE_PATTERNS):
-            shutil.copy2(path, Path(out_dir) / path.name)
-            copied.append(path.name)
-    return copied
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -608,7 +470,7 @@ def export_checkpoint(
     tensors = [
         PlannedTensor(name, *reader.shape_and_dtype(name), functools.partial(reader.get, name))
         for name in reader.keys()
-        if not name.endswith("rotary_emb.inv_freq")  # a buffer some old checkpoints stored; recomputed at load
+        if not is_recomputed_buffer(name)
         and not (name == "lm_head.weight" and moe_config.tie_word_embeddings)  # tied: the embedding is the head
     ]
     result = write_converted_checkpoint(

@@ -20,12 +20,12 @@ from llama_moe.modeling import LlamaMoEConfig
 
 from .formats import (
     DEFAULT_MAX_SHARD_SIZE,
-    CheckpointReader,
     PlannedTensor,
     get_exporter,
     template_regex,
     write_converted_checkpoint,
 )
+from .reader import CheckpointReader, is_recomputed_buffer
 
 
 # v1 names -> ours. LLaMA-MoE's gate is `gate_network` = Linear(H, E) [-> Tanh -> Linear(E, E)] plus a noise
@@ -43,7 +43,6 @@ V1_EXPERT_KEYS: dict[str, str] = {
     "down": "model.layers.{layer}.mlp.calculator.experts.weight_down.{expert}",  # [H, size_j]
 }
 _EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.calculator\.experts\.weight_(gate|up|down)\.(\d+)$")
-_DROPPED_SUFFIXES = ("rotary_emb.inv_freq",)  # v1 stored RoPE's inverse frequencies; recomputed at load
 
 # The v1 options this importer reproduces, with the only values that have an equivalent in our model.
 _V1_REQUIRED_VALUES = {
@@ -168,7 +167,7 @@ def plan_our_tensors(reader: CheckpointReader, config: LlamaMoEConfig, fold: lis
     E, width, H = config.num_local_experts, config.moe_intermediate_size, config.hidden_size
     planned, fused_layers = [], set()
     for name in reader.keys():
-        if name.endswith(_DROPPED_SUFFIXES):
+        if is_recomputed_buffer(name):  # v1 stored RoPE's inverse frequencies
             continue
         expert = _EXPERT_KEY.match(name)
         if expert:
@@ -224,7 +223,7 @@ def import_llama_moe_v1(
         )
     config, fold = llama_moe_v1_config(v1)
     exporter = get_exporter(format_name, config)
-    reader = CheckpointReader(src)
+    reader = CheckpointReader(src, allow_pickle=True)  # v1 releases are .bin files
     result = write_converted_checkpoint(
         plan_our_tensors(reader, config, fold),
         exporter,

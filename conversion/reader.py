@@ -7,28 +7,183 @@ input fails before any output exists; tensors are then read one at a time. Must 
 import json
 import os
 import re
+import shutil
+from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from transformers import LlamaConfig
+
+from .model_path import locate_model
+from .writer import INDEX_FILE, SAFETENSORS_DTYPES
 
 
 LLAMA_ARCHITECTURE = "LlamaForCausalLM"
-# Files copied from the base folder into the output (when present).
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-    "generation_config.json",
+# Files copied unchanged from a source checkpoint next to the weights written from it (upcycle, export, import).
+SIDE_FILE_PATTERNS = (
+    r"tokenizer.*",
+    r"special_tokens_map\.json",
+    r"added_tokens\.json",
+    r"vocab\.(json|txt)",
+    r"merges\.txt",
+    r"chat_template\.(jinja|json)",
+    r"generation_config\.json",
 )
-# Buffers some old checkpoints saved; the model recomputes them.
+# Buffers some old checkpoints saved (RoPE's inverse frequencies); the model recomputes them at load.
 IGNORED_KEYS = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+
+
+def is_recomputed_buffer(name: str) -> bool:
+    return IGNORED_KEYS.search(name) is not None
+
+
+def copy_side_files(src_dir: str | os.PathLike, out_dir: str | os.PathLike) -> list[str]:
+    """Copy tokenizer and generation-config files (see SIDE_FILE_PATTERNS). Returns the copied names."""
+    copied = []
+    for path in sorted(Path(src_dir).iterdir()):
+        if path.is_file() and any(re.fullmatch(pattern, path.name) for pattern in SIDE_FILE_PATTERNS):
+            shutil.copy2(path, Path(out_dir) / path.name)
+            copied.append(path.name)
+    return copied
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading checkpoint files: the one reader every command uses (upcycle, export, LLaMA-MoE v1 import, push's card).
+# ----------------------------------------------------------------------------------------------------------------
+
+SAFETENSORS_TO_TORCH = {code: dtype for dtype, code in SAFETENSORS_DTYPES.items()}
+
+
+def safetensors_header(path: str | os.PathLike) -> tuple[dict, int]:
+    """A safetensors file's header (with its `__metadata__`) and where its tensor data starts; no data is read."""
+    try:
+        with open(path, "rb") as f:
+            header_size = int.from_bytes(f.read(8), "little")
+            if not 0 < header_size <= os.path.getsize(path) - 8:
+                raise ValueError(f"header size {header_size} does not fit the file")
+            header = json.loads(f.read(header_size))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a mapping")
+    except (OSError, ValueError, UnicodeDecodeError) as error:
+        raise ValueError(f"Cannot read {path}: {error}. The file is corrupt or not safetensors.") from error
+    return header, 8 + header_size
+
+
+class SafetensorsFile:
+    """One safetensors file read with plain positioned reads instead of a memory map: a tensor's bytes go into a
+    fresh buffer, so resident memory holds the tensors in use, not every page of the file touched so far."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        header, self.data_start = safetensors_header(path)
+        header.pop("__metadata__", None)
+        self.entries = header
+        data_end = max((entry["data_offsets"][1] for entry in header.values()), default=0)
+        if os.path.getsize(path) < self.data_start + data_end:
+            raise ValueError(f"{path} is truncated (shorter than its header says); download or copy it again.")
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def shape_and_dtype(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        entry = self.entries[name]
+        if entry["dtype"] not in SAFETENSORS_TO_TORCH:
+            raise ValueError(
+                f"{self.path}: tensor {name!r} has dtype {entry['dtype']}; supported: {sorted(SAFETENSORS_TO_TORCH)}."
+            )
+        return tuple(entry["shape"]), SAFETENSORS_TO_TORCH[entry["dtype"]]
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        shape, dtype = self.shape_and_dtype(name)
+        start, end = self.entries[name]["data_offsets"]
+        buffer = torch.empty(end - start, dtype=torch.uint8)
+        with open(self.path, "rb") as f:
+            f.seek(self.data_start + start)
+            if f.readinto(buffer.numpy()) != end - start:
+                raise ValueError(f"{self.path} ended inside tensor {name!r}: the file is truncated.")
+        return buffer.view(dtype).reshape(shape)
+
+
+class CheckpointReader:
+    """Lazy access to the tensors of a Hugging Face checkpoint folder (model.safetensors, or shards with their
+    index); `get` reads one tensor. Pickled `pytorch_model*.bin` weights are read (with `weights_only=True`) only
+    with `allow_pickle=True`, which only the LLaMA-MoE v1 import passes: v1 was released as .bin files."""
+
+    def __init__(self, src_dir: str | os.PathLike, allow_pickle: bool = False):
+        self.src_dir = Path(src_dir)
+        if not self.src_dir.is_dir():
+            raise FileNotFoundError(f"Checkpoint directory {str(self.src_dir)!r} does not exist.")
+        self._file_of: dict[str, Path] = {}
+        self._handles: dict[Path, SafetensorsFile] = {}
+        self._bin_cache: dict[Path, dict[str, torch.Tensor]] = {}
+        index = self.src_dir / INDEX_FILE
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self._file_of = {name: self.src_dir / file for name, file in weight_map.items()}
+            missing = sorted({str(p.name) for p in self._file_of.values() if not p.is_file()})
+            if missing:
+                raise FileNotFoundError(f"{self.src_dir} lacks shard file(s) {missing} listed in its index.")
+            for file in sorted(set(self._file_of.values())):
+                present = set(self._keys_of(file))
+                absent = [n for n, f in self._file_of.items() if f == file and n not in present]
+                if absent:
+                    raise ValueError(
+                        f"the index says {absent[:3]} are in {file}, but they are not; the shard is corrupt."
+                    )
+            return
+        single = self.src_dir / "model.safetensors"
+        files = [single] if single.is_file() else sorted(self.src_dir.glob("*.safetensors"))
+        bin_files = sorted(self.src_dir.glob("pytorch_model*.bin"))
+        if not files and bin_files and not allow_pickle:
+            raise ValueError(
+                f"{self.src_dir} holds only pickle (.bin) weights, which llama-moe does not load (unsafe); convert "
+                "them to safetensors first (load with transformers and save_pretrained)."
+            )
+        if not files and not bin_files:
+            raise FileNotFoundError(
+                f"{self.src_dir} has no model.safetensors or sharded *.safetensors with {INDEX_FILE}"
+                + (" or pytorch_model*.bin: no weights." if allow_pickle else ": no weights.")
+            )
+        for file in files or bin_files:
+            for name in self._keys_of(file):
+                self._file_of[name] = file
+
+    def _keys_of(self, file: Path) -> list[str]:
+        if file.suffix == ".safetensors":
+            return list(self._handle(file).keys())
+        return list(self._bin(file).keys())
+
+    def _handle(self, file: Path) -> SafetensorsFile:
+        if file not in self._handles:
+            self._handles[file] = SafetensorsFile(file)
+        return self._handles[file]
+
+    def _bin(self, file: Path) -> dict[str, torch.Tensor]:
+        if file not in self._bin_cache:
+            # mmap keeps the file on disk: tensors are paged in when `get` touches them.
+            self._bin_cache[file] = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        return self._bin_cache[file]
+
+    def keys(self) -> list[str]:
+        return list(self._file_of)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._file_of
+
+    def get(self, name: str) -> torch.Tensor:
+        file = self._file_of[name]
+        if file.suffix == ".safetensors":
+            return self._handle(file).get_tensor(name)
+        return self._bin(file)[name]
+
+    def shape_and_dtype(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        """From the file header: no tensor data is read."""
+        file = self._file_of[name]
+        if file.suffix == ".safetensors":
+            return self._handle(file).shape_and_dtype(name)
+        tensor = self._bin(file)[name]  # memory-mapped
+        return tuple(tensor.shape), tensor.dtype
+
+
 CONFIG_KEYS_TO_DROP = ("architectures", "model_type", "transformers_version", "auto_map", "quantization_config",
                        "_name_or_path", "torch_dtype")
 
@@ -79,7 +234,7 @@ class DenseSource:
 
     def keys(self) -> list[str]:
         """Tensor names without ignored buffers, in streaming order: embeddings, layer by layer, then the rest."""
-        names = [n for n in self._names() if not IGNORED_KEYS.search(n)]
+        names = [n for n in self._names() if not is_recomputed_buffer(n)]
 
         def order(n):
             layer = layer_of(n)
@@ -142,71 +297,20 @@ class SafetensorsSource(DenseSource):
             config_dict = json.load(f)
         check_llama_config(config_dict, self.name)
         self.config = dense_config_from_dict(config_dict)
-        self._shard_of = self._weight_map()
-        self._handles = {}
-        self._unread = {}
-        for shard in sorted(set(self._shard_of.values())):
-            path = os.path.join(folder, shard)
-            handle = open_safetensors(path)
-            names = set(handle.keys())
-            expected_size = _data_end(handle, names)
-            if os.path.getsize(path) < expected_size:
-                raise ValueError(f"{path} is truncated; download it again.")
-            self._handles[shard] = handle
-            listed = [n for n, s in self._shard_of.items() if s == shard]
-            absent = [n for n in listed if n not in names]
-            if absent:
-                raise ValueError(f"the index says {absent[:3]} are in {path}, but they are not; the shard is corrupt.")
+        self._reader = CheckpointReader(folder)  # validates index, shard headers and sizes now
         self.check_complete()
 
-    def _weight_map(self) -> dict[str, str]:
-        index_path = os.path.join(self.folder, "model.safetensors.index.json")
-        if os.path.isfile(index_path):
-            with open(index_path) as f:
-                weight_map = json.load(f)["weight_map"]
-            missing = sorted({s for s in weight_map.values() if not os.path.isfile(os.path.join(self.folder, s))})
-            if missing:
-                raise FileNotFoundError(f"{self.folder} lacks shard file(s) {missing} listed in its index.")
-            return weight_map
-        single = os.path.join(self.folder, "model.safetensors")
-        if os.path.isfile(single):
-            return {n: "model.safetensors" for n in open_safetensors(single).keys()}
-        if any(f.endswith(".bin") for f in os.listdir(self.folder)):
-            raise ValueError(
-                f"{self.folder} holds only pickle (.bin) weights, which llama-moe does not load (unsafe); convert "
-                "them to safetensors first (load with transformers and save_pretrained)."
-            )
-        raise FileNotFoundError(f"{self.folder} has no model.safetensors or model.safetensors.index.json.")
-
     def _names(self):
-        return list(self._shard_of)
-
-    def _handle(self, shard):
-        if shard not in self._handles:
-            self._handles[shard] = open_safetensors(os.path.join(self.folder, shard))
-        return self._handles[shard]
+        return self._reader.keys()
 
     def _load(self, name):
-        shard = self._shard_of[name]
-        tensor = self._handle(shard).get_tensor(name)
-        # Unmap a shard once all its tensors were read: its pages would otherwise stay in resident memory.
-        unread = self._unread.setdefault(
-            shard, {n for n, s in self._shard_of.items() if s == shard and not IGNORED_KEYS.search(n)}
-        )
-        unread.discard(name)
-        if not unread:
-            self._handles.pop(shard, None)
-        return tensor
+        return self._reader.get(name)
 
     def _shape(self, name):
-        return self._handle(self._shard_of[name]).get_slice(name).get_shape()
+        return self._reader.shape_and_dtype(name)[0]
 
     def _dtype(self, name):
-        dtype = self._handle(self._shard_of[name]).get_slice(name).get_dtype()
-        return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(dtype, torch.float32)
-
-    def close(self) -> None:
-        self._handles.clear()
+        return self._reader.shape_and_dtype(name)[1]
 
     def load_tokenizer(self):
         from transformers import AutoTokenizer
@@ -217,37 +321,9 @@ class SafetensorsSource(DenseSource):
             return None
 
     def save_tokenizer(self, folder: str) -> list[str]:
-        import shutil
-
-        copied = []
-        for fname in TOKENIZER_FILES:
-            src = os.path.join(self.folder, fname)
-            if os.path.isfile(src):
-                shutil.copy(src, os.path.join(folder, fname))
-                copied.append(fname)
-        return copied
+        return copy_side_files(self.folder, folder)
 
 
-def open_safetensors(path: str):
-    try:
-        return safe_open(path, framework="pt")
-    except Exception as error:  # safetensors raises its own error type for a bad header
-        raise ValueError(f"cannot read {path}: {error}; the file looks corrupt, download it again.") from None
-
-
-def _data_end(handle, names) -> int:
-    """Smallest file size that can hold every tensor the header lists (header size unknown: lower bound)."""
-    total = 0
-    for n in names:
-        sl = handle.get_slice(n)
-        numel = 1
-        for d in sl.get_shape():
-            numel *= d
-        total += numel * _DTYPE_BYTES.get(sl.get_dtype(), 1)
-    return total
-
-
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 class ModelSource(DenseSource):
@@ -354,14 +430,9 @@ def open_dense(base) -> DenseSource:
 
             return ModelSource(base, name=name_or_path or type(base).__name__, tokenizer_loader=load_tokenizer)
         raise ValueError(f"cannot upcycle a {type(base).__name__}: pass a path, a Hub id or a LlamaForCausalLM.")
-    base = os.fspath(base)
-    if os.path.isdir(base):
-        return SafetensorsSource(base)
-    if base.endswith(".gguf"):
-        if not os.path.isfile(base):
-            raise FileNotFoundError(f"{base} does not exist.")
-        return open_gguf(base)
-    looks_like_repo = re.fullmatch(r"[\w.-]+/[\w.-]+", base) is not None and not base.startswith((".", "/"))
-    if not looks_like_repo:
-        raise FileNotFoundError(f"{base} does not exist (expected a model folder, a .gguf file or a Hub id).")
-    return SafetensorsSource(download_hub(base), name=base)
+    location = locate_model(base)
+    if location.kind == "folder":
+        return SafetensorsSource(location.path)
+    if location.kind == "gguf":
+        return open_gguf(location.path)
+    return SafetensorsSource(download_hub(location.path), name=location.path)

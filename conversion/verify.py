@@ -11,6 +11,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from .model_path import locate_model
+
 
 def sample_text() -> str:
     """Real English prose available offline everywhere: docstrings of the Python standard library."""
@@ -28,15 +30,13 @@ def load_dense(base):
         return base.dense_model()
     if not isinstance(base, (str, os.PathLike)):
         return base
-    base = os.fspath(base)
-    if base.endswith(".gguf"):
-        folder, fname = os.path.split(os.path.abspath(base))
-        return AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
-    if not os.path.isdir(base):
+    location = locate_model(base)
+    if location.kind == "hub":
         from .reader import download_hub
 
-        base = download_hub(base)
-    return AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(download_hub(location.path), dtype=torch.float32)
+    path, options = location.from_pretrained_arguments()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **options)
 
 
 def token_ids(out: str, vocab_size: int, max_tokens: int) -> tuple[torch.Tensor, str]:

@@ -8,13 +8,14 @@ import glob
 import json
 import os
 import re
-import struct
 import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llama_moe.conversion.model_path import is_hub_id
+from llama_moe.conversion.reader import safetensors_header
 from llama_moe.modeling.parameters import count_parameters
 
 from .io import atomic_write_text
@@ -108,17 +109,10 @@ def check_files(folder: Path, files: list[str]) -> tuple[list[str], list[str]]:
 
 def _safetensors_header(path: Path) -> dict:
     try:
-        with open(path, "rb") as handle:
-            (length,) = struct.unpack("<Q", handle.read(8))
-            if not 2 <= length <= 100_000_000:
-                raise ValueError(f"header length {length}")
-            header = json.loads(handle.read(length))
-    except (OSError, ValueError, struct.error) as error:
+        return safetensors_header(path)[0]
+    except ValueError as error:
         raise ValueError(f"{path.name} is not a readable safetensors file ({error}): re-save it with "
                          "save_pretrained.") from error
-    if not isinstance(header, dict):
-        raise ValueError(f"{path.name} is not a readable safetensors file (header is not a mapping).")
-    return header
 
 
 def scan_secrets(folder: Path, files: list[str]) -> list[str]:
@@ -239,7 +233,7 @@ def check_remote_code(folder: Path, full_load_max_bytes: int = 1_000_000_000, ti
 
 
 def _looks_like_hub_id(text: str | None) -> bool:
-    return bool(text) and re.fullmatch(r"[\w.-]+/[\w.-]+", text) is not None and not os.path.exists(text)
+    return bool(text) and is_hub_id(text) and not os.path.exists(text)
 
 
 def _evaluation_section(folder: Path) -> str:

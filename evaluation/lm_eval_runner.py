@@ -189,14 +189,10 @@ def load_lm(model, tokenizer=None, device: str | None = None, dtype: str = "auto
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if isinstance(model, (str, os.PathLike)):
-        model = str(model)
-        options = {}
-        if model.endswith(".gguf"):  # a dense base as GGUF: transformers dequantizes it
-            if not os.path.isfile(model):
-                raise FileNotFoundError(f"GGUF file {model} does not exist.")
-            model, options["gguf_file"] = os.path.dirname(os.path.abspath(model)), os.path.basename(model)
-        elif os.path.isdir(model) and not os.path.isfile(os.path.join(model, "config.json")):
-            raise FileNotFoundError(f"{model} has no config.json: give a Hugging Face model directory or Hub id.")
+        from llama_moe.conversion.model_path import locate_model
+
+        # A dense base as GGUF is dequantized by transformers (gguf_file=).
+        model, options = locate_model(model).from_pretrained_arguments()
         return HFLM(pretrained=model, tokenizer=tokenizer, device=device, dtype=dtype, batch_size=batch_size,
                     trust_remote_code=trust_remote_code, **options)
     return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, trust_remote_code=trust_remote_code)

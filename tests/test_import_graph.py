@@ -1,4 +1,5 @@
-"""Dependencies point one way: cli -> training / evaluation / conversion -> modeling.
+"""Dependencies point one way: cli -> training / evaluation -> conversion -> modeling, where training and
+evaluation use only conversion's checkpoint layer (model_path, reader).
 
 modeling/ is the remote-code bundle copied into checkpoints, so it may import only the standard library,
 torch, transformers (and huggingface_hub, which transformers itself requires) and its own files by single-dot
@@ -69,4 +70,29 @@ def test_library_parts_do_not_import_the_cli():
             for level, module, node in _imports(path):
                 if module.startswith("llama_moe.cli") or (level == 0 and module.split(".")[0] == "cli"):
                     problems.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {module}")
+    assert not problems, problems
+
+
+def _package_imports(path: Path) -> list[tuple[str, int]]:
+    """Absolute `llama_moe.X...` and relative `..X...` imports as dotted names below llama_moe."""
+    found = []
+    for level, module, node in _imports(path):
+        if level == 0 and module.startswith("llama_moe."):
+            found.append((module.removeprefix("llama_moe."), node.lineno))
+        elif level >= 2:
+            found.append((module, node.lineno))
+    return found
+
+
+def test_conversion_imports_no_training_or_evaluation_and_they_use_only_its_checkpoint_layer():
+    checkpoint_layer = {"conversion.model_path", "conversion.reader"}
+    problems = []
+    for part in ("conversion", "training", "evaluation"):
+        for path in sorted((ROOT / part).rglob("*.py")):
+            for module, line in _package_imports(path):
+                top = module.split(".")[0]
+                if part == "conversion" and top in ("training", "evaluation"):
+                    problems.append(f"{path.relative_to(ROOT)}:{line} imports {module}")
+                if part != "conversion" and top == "conversion" and module not in checkpoint_layer:
+                    problems.append(f"{path.relative_to(ROOT)}:{line} imports {module}")
     assert not problems, problems

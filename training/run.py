@@ -23,11 +23,13 @@ def from_pretrained(auto_class, path: str, **kwargs):
     """`auto_class.from_pretrained` for a folder, a Hub id or a `.gguf` file (read from its folder)."""
     import llama_moe.modeling  # noqa: F401  (registers llama_moe with the Auto classes)
 
-    if not os.path.exists(path) and (path.startswith(("/", ".", "~")) or os.environ.get("HF_HUB_OFFLINE") == "1"):
-        raise FileNotFoundError(f"model {path!r} does not exist (and Hub models cannot be fetched offline).")
-    if path.endswith(".gguf") and os.path.isfile(path):
-        return auto_class.from_pretrained(os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path), **kwargs)
-    return auto_class.from_pretrained(path, **kwargs)
+    from llama_moe.conversion.model_path import locate_model
+
+    location = locate_model(path)
+    if location.kind == "hub" and os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise FileNotFoundError(f"model {path!r} does not exist here, and Hub models cannot be fetched offline.")
+    name_or_path, options = location.from_pretrained_arguments()
+    return auto_class.from_pretrained(name_or_path, **options, **kwargs)
 
 
 def plain_copy(model):
@@ -168,14 +170,17 @@ def held_out_losses(model, validation: dict[str, list[list[int]]], batch_size: i
 
 
 def load_teacher(options, config):
-    """The frozen teacher of --distill_from, in the training dtype, or None."""
+    """The frozen teacher of --distill_from, in --distill_dtype (auto: the training dtype), or None."""
     if not options.distill_from:
         return None
     from transformers import AutoModelForCausalLM
 
     from .distillation import Distiller
 
-    dtype = torch.bfloat16 if config.bf16 else torch.float16 if config.fp16 else torch.float32
+    if options.distill_dtype != "auto":
+        dtype = getattr(torch, options.distill_dtype)
+    else:
+        dtype = torch.bfloat16 if config.bf16 else torch.float16 if config.fp16 else torch.float32
     teacher = plain_copy(from_pretrained(
         AutoModelForCausalLM, options.distill_from, dtype=dtype, trust_remote_code=config.trust_remote_code
     ))
