@@ -10,6 +10,7 @@ without tokens zero gradients. Part of the remote-code bundle: imports only torc
 import collections
 import os
 import threading
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -265,6 +266,17 @@ def _is_silu(act_fn) -> bool:
     return act_fn is F.silu or act_fn.__class__.__name__ == "SiLUActivation"
 
 
+class InputGrads(NamedTuple):
+    """Which inputs of DroplessExpertsFunction.forward want a gradient (its ctx.needs_input_grad, by name)."""
+
+    hidden: bool
+    index: bool
+    weights: bool
+    gate_up: bool
+    down: bool
+    act_fn: bool
+
+
 class DroplessExpertsFunction(torch.autograd.Function):
     """out[t] = sum_j w[t, j] * down_e(act(gate_e(x_t)) * up_e(x_t)) with e = index[t, j], for SwiGLU experts."""
 
@@ -304,7 +316,7 @@ class DroplessExpertsFunction(torch.autograd.Function):
     def backward(ctx, grad_out_TH):
         hidden_TH, top_k_weights, gate_up_S2I, gate_up_proj, down_proj = ctx.saved_tensors
         plan = ctx.plan
-        needs = ctx.needs_input_grad
+        needs = InputGrads(*ctx.needs_input_grad)
         dtype = hidden_TH.dtype
         acc_dtype = torch.promote_types(dtype, torch.float32)
         weights_S1 = top_k_weights.reshape(-1)[plan.order_S].to(acc_dtype).unsqueeze(-1)
@@ -317,7 +329,7 @@ class DroplessExpertsFunction(torch.autograd.Function):
             down_proj, grad_y_SH, grad_act_SI, grad_gate_up_S2I,
         )
         grad_top_k_weights = None
-        if needs[2]:
+        if needs.weights:
             grad_flat = torch.zeros(top_k_weights.numel(), dtype=acc_dtype, device=grad_weights_S.device)
             grad_flat[plan.order_S] = grad_weights_S
             grad_top_k_weights = grad_flat.view(top_k_weights.shape).to(top_k_weights.dtype)
@@ -370,14 +382,14 @@ def _backward_staged(plan, needs, act_fn, grad_out_TH, hidden_TH, weights_S1, ga
         grad_down_proj = plan.weight_grad(grad_y_SH, weighted_act_SI, down_proj)
 
     grad_weights_S = _swiglu_backward(
-        grad_act_SI, gate_up_S2I, weights_S1, act_fn, grad_gate_up_S2I, needs[2], down_grad if needs[4] else None
+        grad_act_SI, gate_up_S2I, weights_S1, act_fn, grad_gate_up_S2I, needs.weights, down_grad if needs.down else None
     )
     grad_hidden_TH = None
-    if needs[0]:
+    if needs.hidden:
         grad_x_SH = plan.mm(grad_gate_up_S2I, gate_up_proj, grad_y_SH)  # reuses grad_y's buffer
         grad_hidden_TH = _reduce_rows(plan, grad_x_SH, hidden_TH.dtype)
     grad_gate_up_proj = None
-    if needs[3]:
+    if needs.gate_up:
         x_SH = torch.index_select(hidden_TH, 0, plan.token_S)
         grad_gate_up_proj = plan.weight_grad(grad_gate_up_S2I, x_SH, gate_up_proj)
     return grad_hidden_TH, grad_weights_S, grad_gate_up_proj, grad_down_proj
@@ -386,9 +398,9 @@ def _backward_staged(plan, needs, act_fn, grad_out_TH, hidden_TH, weights_S1, ga
 def _backward_per_expert(plan, needs, act_fn, grad_out_TH, hidden_TH, weights_S1, gate_up_S2I, gate_up_proj,
                          down_proj, grad_y_SH, grad_act_SI, grad_gate_up_S2I):
     """Each expert start to end while its rows are in cache (CPU): gather, four GEMMs and the SwiGLU backward."""
-    grad_weights_S = weights_S1.new_empty(plan.kept) if needs[2] else None
-    grad_down_proj = torch.empty_like(down_proj) if needs[4] else None
-    grad_gate_up_proj = torch.empty_like(gate_up_proj) if needs[3] else None
+    grad_weights_S = weights_S1.new_empty(plan.kept) if needs.weights else None
+    grad_down_proj = torch.empty_like(down_proj) if needs.down else None
+    grad_gate_up_proj = torch.empty_like(gate_up_proj) if needs.gate_up else None
 
     def expert_backward(expert, start, end):
         grad_y_RH = torch.index_select(grad_out_TH, 0, plan.token_S[start:end], out=grad_y_SH[start:end])
@@ -399,14 +411,14 @@ def _backward_per_expert(plan, needs, act_fn, grad_out_TH, hidden_TH, weights_S1
             torch.mm(grad_y_RH.t(), weighted_act_RI, out=grad_down_proj[expert])
 
         grad_weights_R = _swiglu_backward(
-            grad_act_RI, gate_up_S2I[start:end], weights_S1[start:end], act_fn, grad_gate_up_R2I, needs[2],
-            down_grad if needs[4] else None,
+            grad_act_RI, gate_up_S2I[start:end], weights_S1[start:end], act_fn, grad_gate_up_R2I, needs.weights,
+            down_grad if needs.down else None,
         )
         if grad_weights_R is not None:
             grad_weights_S[start:end] = grad_weights_R
-        if needs[0]:
+        if needs.hidden:
             torch.mm(grad_gate_up_R2I, gate_up_proj[expert], out=grad_y_RH)  # grad_y is done: reuse its rows
-        if needs[3]:
+        if needs.gate_up:
             x_RH = torch.index_select(hidden_TH, 0, plan.token_S[start:end])
             torch.mm(grad_gate_up_R2I.t(), x_RH, out=grad_gate_up_proj[expert])
 
@@ -415,7 +427,7 @@ def _backward_per_expert(plan, needs, act_fn, grad_out_TH, hidden_TH, weights_S1
     for grad in (grad_down_proj, grad_gate_up_proj):
         if grad is not None and idle:
             grad[idle] = 0
-    grad_hidden_TH = _reduce_rows(plan, grad_y_SH, hidden_TH.dtype) if needs[0] else None
+    grad_hidden_TH = _reduce_rows(plan, grad_y_SH, hidden_TH.dtype) if needs.hidden else None
     return grad_hidden_TH, grad_weights_S, grad_gate_up_proj, grad_down_proj
 
 

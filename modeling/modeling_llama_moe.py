@@ -64,42 +64,111 @@ class LlamaMoEExperts(nn.Module):
 
 
 class LlamaMoETopKRouter(nn.Module):
-    """Scores experts for each token in float32. Returns (router_logits, top_k_weights, top_k_index)."""
+    """The linear router, and the base of every router: scores experts for each token in float32 and returns
+    (router_logits, top_k_weights, top_k_index). A variant overrides `scores` (how logits are computed), adds its
+    training-time noise with `perturb_input` / `perturb_logits`, and initializes what it owns in `init_weights`;
+    `router_class(config)` picks the variant from `router_type` and `router_noise`. Parameter names are the state
+    dict's contract: `weight`, `out_weight` (mlp), `noise_weight` (noisy top-k)."""
 
     def __init__(self, config: LlamaMoEConfig):
         super().__init__()
         self.top_k = config.num_experts_per_tok
         self.num_experts = config.num_local_experts
         self.norm_topk_prob = config.norm_topk_prob
-        self.weight = nn.Parameter(torch.empty(self.num_experts, config.hidden_size))
-        # LLaMA-MoE's released gate: Linear(H, E) -> Tanh -> Linear(E, E).
-        self.out_weight = (
-            nn.Parameter(torch.empty(self.num_experts, self.num_experts)) if config.router_type == "mlp" else None
-        )
-        # LLaMA-MoE's noisy top-k gate learns a per-expert noise scale.
-        self.noise_weight = (
-            nn.Parameter(torch.empty(self.num_experts, config.hidden_size))
-            if config.router_noise == "noisy_topk"
-            else None
-        )
-        self.noise_epsilon = config.router_noise_epsilon
         self.temperature = float(config.router_temperature)
+        self.weight = nn.Parameter(torch.empty(self.num_experts, config.hidden_size))
+
+    def scores(self, x_TH: torch.Tensor) -> torch.Tensor:
+        return F.linear(x_TH, self.weight.float())
+
+    def perturb_input(self, hidden_TH: torch.Tensor) -> torch.Tensor:
+        """Training only: noise on the router's input (none here)."""
+        return hidden_TH
+
+    def perturb_logits(self, x_TH: torch.Tensor, logits_TE: torch.Tensor) -> torch.Tensor:
+        """Training only: noise on the (temperature-scaled) logits (none here)."""
+        return logits_TE
+
+    def init_weights(self, std: float) -> None:
+        init.normal_(self.weight, mean=0.0, std=std)
 
     def forward(self, hidden_TH: torch.Tensor):
+        if self.training:
+            hidden_TH = self.perturb_input(hidden_TH)
         x_TH = hidden_TH.float()
-        logits_TE = F.linear(x_TH, self.weight.float())
-        if self.out_weight is not None:
-            logits_TE = F.linear(torch.tanh(logits_TE), self.out_weight.float())
+        logits_TE = self.scores(x_TH)
         if self.temperature != 1.0:
             logits_TE = logits_TE / self.temperature
-        if self.training and self.noise_weight is not None:
-            noise_std_TE = F.softplus(F.linear(x_TH, self.noise_weight.float())) + self.noise_epsilon
-            logits_TE = logits_TE + torch.randn_like(logits_TE) * noise_std_TE
+        if self.training:
+            logits_TE = self.perturb_logits(x_TH, logits_TE)
         probs_TE = F.softmax(logits_TE, dim=-1)
         top_k_weights, top_k_index = torch.topk(probs_TE, self.top_k, dim=-1)
         if self.norm_topk_prob:
             top_k_weights = top_k_weights / top_k_weights.sum(dim=-1, keepdim=True)
         return logits_TE, top_k_weights, top_k_index
+
+
+class LlamaMoEMLPRouter(LlamaMoETopKRouter):
+    """LLaMA-MoE's released gate: Linear(H, E) -> Tanh -> Linear(E, E)."""
+
+    def __init__(self, config: LlamaMoEConfig):
+        super().__init__(config)
+        self.out_weight = nn.Parameter(torch.empty(self.num_experts, self.num_experts))
+
+    def scores(self, x_TH):
+        return F.linear(torch.tanh(super().scores(x_TH)), self.out_weight.float())
+
+    def init_weights(self, std):
+        super().init_weights(std)
+        init.normal_(self.out_weight, mean=0.0, std=std)
+
+
+class JitterNoise:
+    """Router mixin: in training, multiply the router's input by U(1 - eps, 1 + eps) (`router_jitter_noise`)."""
+
+    def __init__(self, config: LlamaMoEConfig):
+        super().__init__(config)
+        self.jitter_noise = float(config.router_jitter_noise)
+
+    def perturb_input(self, hidden_TH):
+        hidden_TH = super().perturb_input(hidden_TH)
+        if self.jitter_noise <= 0:
+            return hidden_TH
+        return hidden_TH * torch.empty_like(hidden_TH).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
+
+
+class NoisyTopKNoise:
+    """Router mixin: LLaMA-MoE's learnable noisy gate, adding N(0, softplus(x W_noise) + eps) to the logits in
+    training. W_noise starts at zero, so a new router starts with the smallest noise."""
+
+    def __init__(self, config: LlamaMoEConfig):
+        super().__init__(config)
+        self.noise_weight = nn.Parameter(torch.empty(self.num_experts, config.hidden_size))
+        self.noise_epsilon = config.router_noise_epsilon
+
+    def perturb_logits(self, x_TH, logits_TE):
+        logits_TE = super().perturb_logits(x_TH, logits_TE)
+        noise_std_TE = F.softplus(F.linear(x_TH, self.noise_weight.float())) + self.noise_epsilon
+        return logits_TE + torch.randn_like(logits_TE) * noise_std_TE
+
+    def init_weights(self, std):
+        super().init_weights(std)
+        init.zeros_(self.noise_weight)
+
+
+ROUTERS = {"linear": LlamaMoETopKRouter, "mlp": LlamaMoEMLPRouter}
+ROUTER_NOISES = {"none": None, "jitter": JitterNoise, "noisy_topk": NoisyTopKNoise}
+_COMBINED_ROUTERS: dict[tuple[str, str], type] = {}
+
+
+def router_class(config: LlamaMoEConfig) -> type[LlamaMoETopKRouter]:
+    """The router for `router_type` with the noise of `router_noise` mixed in."""
+    key = (config.router_type, config.router_noise)
+    if key not in _COMBINED_ROUTERS:
+        scores, noise = ROUTERS[config.router_type], ROUTER_NOISES[config.router_noise]
+        name = scores.__name__ if noise is None else noise.__name__.replace("Noise", "") + scores.__name__
+        _COMBINED_ROUTERS[key] = scores if noise is None else type(name, (noise, scores), {})
+    return _COMBINED_ROUTERS[key]
 
 
 def limit_expert_capacity(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_experts: int, capacity: int):
@@ -132,11 +201,9 @@ class LlamaMoESparseMoeBlock(nn.Module):
     def __init__(self, config: LlamaMoEConfig):
         super().__init__()
         self.num_experts = config.num_local_experts
-        self.top_k = config.num_experts_per_tok
         self.routed_scaling_factor = config.routed_scaling_factor
         self.capacity_factor = config.capacity_factor
-        self.jitter_noise = config.router_jitter_noise if config.router_noise == "jitter" else 0.0
-        self.gate = LlamaMoETopKRouter(config)
+        self.gate = router_class(config)(config)
         self.experts = LlamaMoEExperts(config)
         if self.capacity_factor is not None:
             # transformers' own backends skip sentinel (dropped) slots only in this mode.
@@ -150,15 +217,14 @@ class LlamaMoESparseMoeBlock(nn.Module):
         self.last_tokens_per_expert = None
         self.last_dropped_slots = None
 
+    @property
+    def top_k(self) -> int:
+        return self.gate.top_k
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         input_shape = hidden_states.shape
         hidden_TH = hidden_states.reshape(-1, input_shape[-1])
-        router_input_TH = hidden_TH
-        if self.training and self.jitter_noise > 0:
-            router_input_TH = hidden_TH * torch.empty_like(hidden_TH).uniform_(
-                1.0 - self.jitter_noise, 1.0 + self.jitter_noise
-            )
-        _, top_k_weights, top_k_index = self.gate(router_input_TH)
+        _, top_k_weights, top_k_index = self.gate(hidden_TH)
         if self.routed_scaling_factor != 1.0:
             # Scaling every routing weight scales the combined routed output.
             top_k_weights = top_k_weights * self.routed_scaling_factor
@@ -239,11 +305,7 @@ class LlamaMoEPreTrainedModel(PreTrainedModel):
             init.normal_(module.gate_up_proj, mean=0.0, std=std)
             init.normal_(module.down_proj, mean=0.0, std=std)
         elif isinstance(module, LlamaMoETopKRouter):
-            init.normal_(module.weight, mean=0.0, std=std)
-            if module.out_weight is not None:
-                init.normal_(module.out_weight, mean=0.0, std=std)
-            if module.noise_weight is not None:
-                init.zeros_(module.noise_weight)
+            module.init_weights(std)
 
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
         # Our dropless kernel is the default; "eager" and transformers' backends stay selectable.
@@ -525,6 +587,8 @@ __all__ = [
     "LlamaMoEForCausalLM",
     "LlamaMoESparseMoeBlock",
     "LlamaMoETopKRouter",
+    "LlamaMoEMLPRouter",
+    "router_class",
     "LlamaMoEExperts",
     "switch_load_balancing_loss",
     "cv2_load_balancing_loss",

@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from .dropless_moe import _swiglu_backward, check_experts_layout, sort_slots_by_expert
+from .dropless_moe import InputGrads, _swiglu_backward, check_experts_layout, sort_slots_by_expert
 
 # Imported on first use: the import takes about a second, most users never call this backend, and under
 # TRITON_INTERPRET=1 triton must first be imported after that variable is set. Module globals, because the
@@ -261,7 +261,7 @@ class TritonExpertsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out_TH):
         hidden_TH, top_k_weights, weights_S, gate_up_S2I, gate_up_proj, down_proj = ctx.saved_tensors
-        blocks, needs = ctx.blocks, ctx.needs_input_grad
+        blocks, needs = ctx.blocks, InputGrads(*ctx.needs_input_grad)
         hidden, intermediate = hidden_TH.shape[1], down_proj.shape[-1]
         grad_out_TH = grad_out_TH.to(hidden_TH.dtype).contiguous()
         slots = gate_up_S2I.shape[0]
@@ -283,10 +283,11 @@ class TritonExpertsFunction(torch.autograd.Function):
 
         grad_gate_up_S2I = torch.empty_like(gate_up_S2I)
         grad_weights_S = _swiglu_backward(
-            grad_act_SI, gate_up_S2I, weights_S1, ctx.act_fn, grad_gate_up_S2I, needs[2], down_grad if needs[4] else None
+            grad_act_SI, gate_up_S2I, weights_S1, ctx.act_fn, grad_gate_up_S2I, needs.weights,
+            down_grad if needs.down else None,
         )
         grad_hidden_TH = None
-        if needs[0]:  # d/d(x): grad_gate_up[r] @ gate_up_proj[e] ([E, 2I, H] as (2I, H)), scattered to (t, j) rows
+        if needs.hidden:  # d/d(x): grad_gate_up[r] @ gate_up_proj[e] ([E, 2I, H] as (2I, H)), scattered to (t, j) rows
             grad_rows = _slot_rows(blocks, hidden, hidden_TH)
             blocks.gemm(
                 grad_gate_up_S2I, (gate_up_proj.stride(0), gate_up_proj.stride(1), gate_up_proj.stride(2)),
@@ -294,12 +295,12 @@ class TritonExpertsFunction(torch.autograd.Function):
             )
             grad_hidden_TH = blocks.sum_slots(grad_rows).to(hidden_TH.dtype)
         grad_gate_up_proj = None
-        if needs[3]:
+        if needs.gate_up:
             grad_gate_up_proj = blocks.weight_grad(
                 grad_gate_up_S2I, hidden_TH, gate_up_proj.new_empty(gate_up_proj.shape), b_rows=blocks.token_S
             )
         grad_top_k_weights = None
-        if needs[2]:
+        if needs.weights:
             grad_flat = torch.empty(top_k_weights.numel(), dtype=acc_dtype, device=grad_weights_S.device)
             grad_flat[blocks.order_S] = grad_weights_S  # dropped slots: zero rows, zero gradient
             grad_top_k_weights = grad_flat.view(top_k_weights.shape).to(top_k_weights.dtype)
