@@ -14,6 +14,8 @@ from trl import SFTConfig, TrlParser
 SAMPLING_METHODS = ("static", "proportional", "uniform", "dynamic")
 
 
+DISTILL_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
 @dataclass
 class MoETrainingArguments:
     """Options of `llama-moe train` that TRL's `SFTConfig` does not have. Flags keep these names."""
@@ -64,6 +66,12 @@ class MoETrainingArguments:
     )
     distill_weight: float = field(default=1.0, metadata={"help": "Weight of the distillation KL term."})
     distill_temperature: float = field(default=1.0, metadata={"help": "Softmax temperature T of the distillation."})
+    distill_dtype: str = field(
+        default="auto",
+        metadata={"help": "dtype of the frozen teacher: auto (the training dtype), float32, bfloat16 or float16. "
+                  "bfloat16 makes the teacher's forward about 3x cheaper on CPUs with AMX or AVX512-BF16; the KL "
+                  "itself is computed in float32."},
+    )
     router_z_loss_coef: float | None = field(
         default=None, metadata={"help": "Override the model's router z-loss coefficient."}
     )
@@ -202,6 +210,8 @@ def parse_arguments(argv: list[str]) -> tuple[MoETrainingArguments, SFTConfig]:
         raise ValueError(f"--distill_weight must be >= 0, got {options.distill_weight}.")
     if options.distill_temperature <= 0:
         raise ValueError(f"--distill_temperature must be > 0, got {options.distill_temperature}.")
+    if options.distill_dtype not in DISTILL_DTYPES:
+        raise ValueError(f"--distill_dtype must be one of {', '.join(DISTILL_DTYPES)}, got {options.distill_dtype!r}.")
     force_streaming_settings(config)
     return options, config
 

@@ -105,3 +105,24 @@ def test_teacher_with_another_vocabulary_is_refused(tiny_model_dir, tokenizer_di
     assert code == 2
     assert "vocabulary of 500 tokens, the student 384" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_bfloat16_teacher_gives_nearly_the_float32_kl_and_a_bad_dtype_is_refused(tiny_model_dir, corpora, tmp_path,
+                                                                                capsys):
+    from llama_moe.training.arguments import parse_arguments
+    from llama_moe.training.run import load_teacher
+
+    flags = train_args(tiny_model_dir, corpora, tmp_path / "run", 1, distill_from=tiny_model_dir)
+    teachers = {dtype: load_teacher(*parse_arguments(flags + ["--distill_dtype", dtype]))
+                for dtype in ("auto", "bfloat16")}
+    assert next(teachers["auto"].teacher.parameters()).dtype == torch.float32
+    assert next(teachers["bfloat16"].teacher.parameters()).dtype == torch.bfloat16
+    torch.manual_seed(0)
+    ids = torch.randint(0, 384, (2, 16))
+    student_logits = torch.randn(2, 16, 384)
+    kl = {dtype: distiller.kl_sum({"input_ids": ids}, student_logits)[0] for dtype, distiller in teachers.items()}
+    assert kl["bfloat16"].dtype == torch.float32
+    assert kl["bfloat16"].item() == pytest.approx(kl["auto"].item(), rel=2e-2)
+
+    assert run_train(flags + ["--distill_dtype", "int8"]) == 2
+    assert "--distill_dtype must be one of auto, float32, bfloat16, float16, got 'int8'" in capsys.readouterr().err
