@@ -10,10 +10,16 @@ without tokens zero gradients. Part of the remote-code bundle: imports only torc
 import collections
 import os
 import threading
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from .moe_ops import (
+    InputGrads,
+    check_experts_layout,
+    sort_slots_by_expert,
+    swiglu_backward,
+)
 
 # How the per-expert GEMMs run: "loop" (one torch.mm per expert with tokens) or "grouped" (torch's grouped_mm).
 # None picks per device: measured on CPU (MKL, float32) the loop is as fast or faster (1.5x on the down GEMM); on CUDA
@@ -40,22 +46,6 @@ def _workspace(name: str, rows: int, cols: int, like: torch.Tensor) -> torch.Ten
     if buffer is None or buffer.numel() < rows * cols:
         buffer = cache[key] = like.new_empty(rows * cols)
     return buffer[: rows * cols].view(rows, cols)
-
-
-def sort_slots_by_expert(top_k_index: torch.Tensor, num_experts: int):
-    """Order the (token, slot) pairs by expert.
-
-    Returns the flat slot order `order_S`, the token each sorted slot belongs to `token_S`, and the number of
-    slots per expert `counts_E` (length num_experts + 1: the last bin counts capacity-dropped slots, whose
-    index is the sentinel `num_experts`; they sort to the tail and are never computed).
-    """
-    top_k = top_k_index.shape[-1]
-    expert_S = top_k_index.reshape(-1)
-    # A stable sort keeps tokens in their original order inside each expert (deterministic results).
-    order_S = torch.argsort(expert_S, stable=True)
-    token_S = torch.div(order_S, top_k, rounding_mode="floor")
-    counts_E = torch.bincount(expert_S, minlength=num_experts + 1)
-    return order_S, token_S, counts_E
 
 
 # CPU: run the per-expert GEMMs of one call on several threads at once, each GEMM single-threaded, instead of one
@@ -255,28 +245,6 @@ class _Plan:
         return grad
 
 
-def _scale_rows_(rows_SN: torch.Tensor, weights_S1: torch.Tensor) -> torch.Tensor:
-    """rows * weights, in place when the rows already have the accumulation dtype."""
-    if rows_SN.dtype == weights_S1.dtype:
-        return rows_SN.mul_(weights_S1)
-    return (rows_SN * weights_S1).to(rows_SN.dtype)
-
-
-def _is_silu(act_fn) -> bool:
-    return act_fn is F.silu or act_fn.__class__.__name__ == "SiLUActivation"
-
-
-class InputGrads(NamedTuple):
-    """Which inputs of DroplessExpertsFunction.forward want a gradient (its ctx.needs_input_grad, by name)."""
-
-    hidden: bool
-    index: bool
-    weights: bool
-    gate_up: bool
-    down: bool
-    act_fn: bool
-
-
 class DroplessExpertsFunction(torch.autograd.Function):
     """out[t] = sum_j w[t, j] * down_e(act(gate_e(x_t)) * up_e(x_t)) with e = index[t, j], for SwiGLU experts."""
 
@@ -336,40 +304,6 @@ class DroplessExpertsFunction(torch.autograd.Function):
         return grad_hidden_TH, None, grad_top_k_weights, grad_gate_up_proj, grad_down_proj, None
 
 
-def _swiglu_backward(grad_act_RI, gate_up_R2I, weights_R1, act_fn, grad_gate_up_R2I, want_weights_grad, use_weighted_act):
-    """From d(out)/d(act) before the routing weight, for a block of rows: fills grad_gate_up_R2I (d/d(gate, up)
-    after the routing weight), hands act * weight to `use_weighted_act` (the down-projection weight gradient) while
-    it still exists, and returns d/d(routing weight) per row when asked. SwiGLU is recomputed, not stored."""
-    intermediate = grad_act_RI.shape[1]
-    gate_RI, up_RI = gate_up_R2I.split(intermediate, dim=-1)
-    silu = _is_silu(act_fn)
-    if silu:
-        act_gate_RI = F.silu(gate_RI)
-    else:
-        with torch.enable_grad():
-            gate_leaf = gate_RI.detach().requires_grad_()
-            act_gate_RI = act_fn(gate_leaf)
-            (act_gate_grad_RI,) = torch.autograd.grad(act_gate_RI.sum(), gate_leaf)
-        act_gate_RI = act_gate_RI.detach()
-    # The up half of the gradient buffer holds act until grad_up overwrites it (one rows x I less at peak).
-    grad_gate_RI, grad_up_RI = grad_gate_up_R2I.split(intermediate, dim=-1)
-    act_RI = torch.mul(act_gate_RI, up_RI, out=grad_up_RI)
-    grad_weights_R = None
-    if want_weights_grad:
-        grad_weights_R = torch.linalg.vecdot(grad_act_RI.to(weights_R1.dtype), act_RI.to(weights_R1.dtype))
-    if use_weighted_act is not None:
-        use_weighted_act(_scale_rows_(act_RI, weights_R1))
-    del act_RI
-    grad_act_RI = _scale_rows_(grad_act_RI, weights_R1)
-    torch.mul(grad_act_RI, act_gate_RI, out=grad_up_RI)
-    torch.mul(grad_act_RI, up_RI, out=grad_gate_RI)
-    if silu:  # one fused pass: grad * silu'(gate)
-        torch.ops.aten.silu_backward.grad_input(grad_gate_RI, gate_RI, grad_input=grad_gate_RI)
-    else:
-        grad_gate_RI.mul_(act_gate_grad_RI)
-    return grad_weights_R
-
-
 def _backward_staged(plan, needs, act_fn, grad_out_TH, hidden_TH, weights_S1, gate_up_S2I, gate_up_proj, down_proj,
                      grad_y_SH, grad_act_SI, grad_gate_up_S2I):
     """Each stage over all rows at once, the GEMMs grouped: the order for torch's grouped GEMM (CUDA)."""
@@ -381,7 +315,7 @@ def _backward_staged(plan, needs, act_fn, grad_out_TH, hidden_TH, weights_S1, ga
         nonlocal grad_down_proj
         grad_down_proj = plan.weight_grad(grad_y_SH, weighted_act_SI, down_proj)
 
-    grad_weights_S = _swiglu_backward(
+    grad_weights_S = swiglu_backward(
         grad_act_SI, gate_up_S2I, weights_S1, act_fn, grad_gate_up_S2I, needs.weights, down_grad if needs.down else None
     )
     grad_hidden_TH = None
@@ -410,7 +344,7 @@ def _backward_per_expert(plan, needs, act_fn, grad_out_TH, hidden_TH, weights_S1
         def down_grad(weighted_act_RI):
             torch.mm(grad_y_RH.t(), weighted_act_RI, out=grad_down_proj[expert])
 
-        grad_weights_R = _swiglu_backward(
+        grad_weights_R = swiglu_backward(
             grad_act_RI, gate_up_S2I[start:end], weights_S1[start:end], act_fn, grad_gate_up_R2I, needs.weights,
             down_grad if needs.down else None,
         )
@@ -500,23 +434,6 @@ def few_slots_forward(hidden_TH, top_k_index, top_k_weights, gate_up_proj, down_
 
 def _needs_autograd(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-
-
-def check_experts_layout(experts, implementation: str) -> None:
-    """Our kernels take transformers v5's fused SwiGLU layout only; name the module and the fallback otherwise."""
-    unsupported = (
-        getattr(experts, "has_bias", False)
-        or getattr(experts, "is_transposed", False)
-        or not getattr(experts, "has_gate", True)
-        or not getattr(experts, "is_concatenated", True)
-        or getattr(experts, "has_post_expert_norm", False)
-    )
-    if unsupported:
-        raise NotImplementedError(
-            f"experts_implementation={implementation!r} supports gated, concatenated, non-transposed experts without "
-            f"bias or post-expert norm; {type(experts).__name__} is not one. Use experts_implementation='grouped_mm' "
-            "for it."
-        )
 
 
 def dropless_experts_forward(self, hidden_states, top_k_index, top_k_weights):

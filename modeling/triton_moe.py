@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from .dropless_moe import InputGrads, _swiglu_backward, check_experts_layout, sort_slots_by_expert
+from .moe_ops import InputGrads, check_experts_layout, sort_slots_by_expert, swiglu_backward
 
 # Imported on first use: the import takes about a second, most users never call this backend, and under
 # TRITON_INTERPRET=1 triton must first be imported after that variable is set. Module globals, because the
@@ -282,7 +282,7 @@ class TritonExpertsFunction(torch.autograd.Function):
             )
 
         grad_gate_up_S2I = torch.empty_like(gate_up_S2I)
-        grad_weights_S = _swiglu_backward(
+        grad_weights_S = swiglu_backward(
             grad_act_SI, gate_up_S2I, weights_S1, ctx.act_fn, grad_gate_up_S2I, needs.weights,
             down_grad if needs.down else None,
         )

@@ -86,7 +86,8 @@ def test_patched_upload_sends_the_checked_files_and_a_merged_card(model_dir, mon
     assert upload["folder_path"] == str(model_dir) and calls["token"] == FAKE_TOKEN
     on_disk = sorted(p.relative_to(model_dir).as_posix() for p in model_dir.rglob("*") if p.is_file())
     sent = [f for f in on_disk if any(fnmatch(f, pattern) for pattern in upload["allow_patterns"])]
-    assert sent == sorted(["README.md", "config.json", "configuration_llama_moe.py", "dropless_moe.py", "triton_moe.py",
+    assert sent == sorted(["README.md", "config.json", "configuration_llama_moe.py", "dropless_moe.py", "moe_ops.py",
+                           "triton_moe.py",
                            "generation_config.json", "model.safetensors", "modeling_llama_moe.py",
                            "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
                            "eval/results.json", "eval/results.md", "analysis/report.md",

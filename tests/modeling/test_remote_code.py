@@ -21,7 +21,7 @@ def test_saved_checkpoint_loads_and_generates_without_the_package(tmp_path):
     model = LlamaMoEForCausalLM(tiny_moe_config(moe_layers=[1], shared_expert_intermediate_size=16)).eval()
     model.save_pretrained(tmp_path / "ckpt")
     files = sorted(os.listdir(tmp_path / "ckpt"))
-    bundle = {"configuration_llama_moe.py", "modeling_llama_moe.py", "dropless_moe.py", "triton_moe.py"}
+    bundle = {"configuration_llama_moe.py", "modeling_llama_moe.py", "dropless_moe.py", "moe_ops.py", "triton_moe.py"}
     assert bundle | {"model.safetensors"} <= set(files)
     config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_llama_moe.LlamaMoEForCausalLM"
