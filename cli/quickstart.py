@@ -39,8 +39,7 @@ def default_base() -> str:
 # 75% of the dense model's active parameters; "llama-moe" is LLaMA-MoE's recipe (random split, 2 of 8, language-model
 # loss only), the quickstart's default before carving existed. Flags override single values.
 RECIPES = {
-    "carve": dict(method="carve", num_experts=12, shared_experts=4, top_k=4, learning_rate=3e-4, distill_weight=1.0,
-                  calibration_tokens=8192),
+    "carve": dict(method="carve", num_experts=12, shared_experts=4, top_k=4, learning_rate=3e-4, distill_weight=1.0),
     "llama-moe": dict(method="random", num_experts=8, shared_experts=0, top_k=2, learning_rate=5e-4,
                       distill_weight=0.0),
 }
