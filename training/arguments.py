@@ -12,9 +12,8 @@ from dataclasses import dataclass, field
 from trl import SFTConfig, TrlParser
 
 SAMPLING_METHODS = ("static", "proportional", "uniform", "dynamic")
-
-
 DISTILL_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
 
 @dataclass
 class MoETrainingArguments:

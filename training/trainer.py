@@ -76,9 +76,7 @@ class MoETrainer(SFTTrainer):
         aux_loss, z_loss = getattr(outputs, "aux_loss", None), getattr(outputs, "z_loss", None)
         language_loss = getattr(outputs, "language_loss", None)
         if language_loss is None:  # another MoE class (Mixtral) adds its router losses to its loss as ours does
-            language_loss = outputs.loss - (add_router_losses(torch.zeros(()), aux_loss, z_loss, config)).to(
-                outputs.loss.device
-            )
+            language_loss = outputs.loss - add_router_losses(outputs.loss.new_zeros(()), aux_loss, z_loss, config)
         for name, value in (("aux_loss", aux_loss), ("z_loss", z_loss)):
             if value is not None:
                 self._router_metrics[name].append(value.detach())

@@ -178,14 +178,11 @@ def test_load_statistics_by_hand():
     assert logs["moe/dropped_fraction"] == pytest.approx(4.0 / (4.0 + 4.0 + 4.0))  # dropped / (routed + dropped)
 
 
-@pytest.mark.parametrize("steps", [1, 4])
-def test_trainer_loss_is_token_loss_plus_weighted_router_losses(steps):
-    from llama_moe.modeling import LlamaMoEForCausalLM
+def _trainer_loss(model, ids, steps):
+    """MoETrainer.compute_loss on a stand-in trainer (one process, `steps` accumulation steps, 30 label tokens in
+    the accumulated batch), the model's own outputs and the token-loss sum it should be built from."""
     from llama_moe.training.trainer import MoETrainer
 
-    model = LlamaMoEForCausalLM(tiny_moe_config(router_aux_loss_coef=0.3, router_z_loss_coef=0.05, output_router_logits=True))
-    model.train()
-    ids = torch.randint(0, 128, (2, 16))
     fake = types.SimpleNamespace(
         model=model, model_accepts_loss_kwargs=True, current_gradient_accumulation_steps=steps,
         args=types.SimpleNamespace(average_tokens_across_devices=False), moe_logging=None,
@@ -196,6 +193,18 @@ def test_trainer_loss_is_token_loss_plus_weighted_router_losses(steps):
     out = model(input_ids=ids, labels=ids, output_router_logits=True)
     logits = out.logits[:, :-1].reshape(-1, 128)
     token_sum = torch.nn.functional.cross_entropy(logits, ids[:, 1:].reshape(-1), reduction="sum")
+    return fake, loss, out, token_sum
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_trainer_loss_is_token_loss_plus_weighted_router_losses(steps):
+    from llama_moe.modeling import LlamaMoEForCausalLM
+    from llama_moe.training.trainer import MoETrainer
+
+    model = LlamaMoEForCausalLM(tiny_moe_config(router_aux_loss_coef=0.3, router_z_loss_coef=0.05, output_router_logits=True))
+    model.train()
+    ids = torch.randint(0, 128, (2, 16))
+    fake, loss, out, token_sum = _trainer_loss(model, ids, steps)
     expected = token_sum / 30 + (0.3 * out.aux_loss + 0.05 * out.z_loss) / steps
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert fake._router_metrics["aux_loss"][0].item() == pytest.approx(out.aux_loss.item())
@@ -210,24 +219,13 @@ def test_trainer_takes_mixtral_router_loss_apart_before_dividing_it():
     term, and only it, by the accumulation steps."""
     from transformers import MixtralConfig, MixtralForCausalLM
 
-    from llama_moe.training.trainer import MoETrainer
-
     config = MixtralConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
                            output_router_logits=True, router_aux_loss_coef=0.3)
     torch.manual_seed(0)
     model = MixtralForCausalLM(config).train()
     ids = torch.randint(0, 128, (2, 16))
-    fake = types.SimpleNamespace(
-        model=model, model_accepts_loss_kwargs=True, current_gradient_accumulation_steps=4,
-        args=types.SimpleNamespace(average_tokens_across_devices=False), moe_logging=None,
-        accelerator=types.SimpleNamespace(num_processes=1), _router_metrics={"aux_loss": [], "z_loss": []},
-        distiller=None,
-    )
-    loss = MoETrainer.compute_loss(fake, model, {"input_ids": ids, "labels": ids}, num_items_in_batch=torch.tensor(30))
-    out = model(input_ids=ids, labels=ids, output_router_logits=True)
-    logits = out.logits[:, :-1].reshape(-1, 128)
-    token_sum = torch.nn.functional.cross_entropy(logits, ids[:, 1:].reshape(-1), reduction="sum")
+    _, loss, out, token_sum = _trainer_loss(model, ids, 4)
     assert loss.item() == pytest.approx((token_sum / 30 + 0.3 * out.aux_loss / 4).item(), rel=1e-5)
 
 
