@@ -116,31 +116,29 @@ def table(results_dir: Path, recipes: list[str], dense: dict) -> str:
     lines.append("| dense | - | 100% | " + f"{params['active'] / 1e6:.1f}M / {params['total'] / 1e6:.1f}M | "
                  + " | ".join(f"{dense['domains'][d]['perplexity']:.2f}" for d in domains)
                  + f" | - | - | {dense['accuracy']:.3f} | - |")
+    def line(label: str, stage: str, row: dict) -> str:
+        ppl = [row["domains"][d]["perplexity"] for d in domains]
+        ratios = [p / dense["domains"][d]["perplexity"] for p, d in zip(ppl, domains)]
+        routing = [d for d in domains if "load_cv" in row["domains"][d]]  # none for a dense model
+        cv = sum(row["domains"][d]["load_cv"] for d in routing) / len(routing) if routing else None
+        entropy = sum(row["domains"][d]["load_entropy"] for d in routing) / len(routing) if routing else None
+        p = row["parameters"]
+        return (
+            f"| {label} | {stage} | {row.get('active_ffn', 1.0):.0%} | "
+            f"{p['active'] / 1e6:.1f}M / {p['total'] / 1e6:.1f}M | "
+            + " | ".join(f"{v:.4g} ({r:.2f}x)" for v, r in zip(ppl, ratios))
+            + (f" | {cv:.2f} | {entropy:.2f}" if routing else " | - | -")
+            + f" | {row['accuracy']:.3f} | {row['seconds']:.0f} |"
+        )
+
     trained_dense = results_dir / "dense.trained.json"
     if trained_dense.exists():
-        row = json.loads(trained_dense.read_text())
-        cells = [f"{row['domains'][d]['perplexity']:.4g} "
-                 f"({row['domains'][d]['perplexity'] / dense['domains'][d]['perplexity']:.2f}x)" for d in domains]
-        lines.append(f"| dense | trained (same steps, no distillation) | 100% | {params['active'] / 1e6:.1f}M / "
-                     f"{params['total'] / 1e6:.1f}M | " + " | ".join(cells)
-                     + f" | - | - | {row['accuracy']:.3f} | {row['seconds']:.0f} |")
+        lines.append(line("dense", "trained (same steps, no distillation)", json.loads(trained_dense.read_text())))
     for recipe in recipes:
         for stage in STAGES:
             path = results_dir / f"{recipe}.{stage}.json"
-            if not path.exists():
-                continue
-            row = json.loads(path.read_text())
-            ppl = [row["domains"][d]["perplexity"] for d in domains]
-            ratios = [p / dense["domains"][d]["perplexity"] for p, d in zip(ppl, domains)]
-            cv = sum(row["domains"][d].get("load_cv", 0) for d in domains) / len(domains)
-            entropy = sum(row["domains"][d].get("load_entropy", 0) for d in domains) / len(domains)
-            p = row["parameters"]
-            lines.append(
-                f"| {recipe} | {stage} | {row['active_ffn']:.0%} | "
-                f"{p['active'] / 1e6:.1f}M / {p['total'] / 1e6:.1f}M | "
-                + " | ".join(f"{v:.4g} ({r:.2f}x)" for v, r in zip(ppl, ratios))
-                + f" | {cv:.2f} | {entropy:.2f} | {row['accuracy']:.3f} | {row['seconds']:.0f} |"
-            )
+            if path.exists():
+                lines.append(line(recipe, stage, json.loads(path.read_text())))
     return "\n".join(lines)
 
 
