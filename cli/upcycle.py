@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         "granular exact G, otherwise 1)",
     )
     parser.add_argument("--capacity-factor", type=float, default=None, help="expert capacity (default: dropless)")
-    parser.add_argument("--aux-loss-coef", type=float, default=0.01, help="load-balancing loss weight (0.01)")
+    parser.add_argument("--aux-loss-coef", type=float, default=0.01, help="load-balancing loss weight, per MoE layer (0.01)")
     parser.add_argument(
         "--router-init",
         default=None,

@@ -40,10 +40,11 @@ class LlamaMoEConfig(LlamaConfig):
     shared_expert_intermediate_size (`int`, 0 = none): width of an always-on shared expert.
     shared_expert_gate (`bool`): scale the shared expert by sigmoid(x w), as Qwen2-MoE does.
     router_aux_loss_coef (`float`): weight of the load-balancing loss added to `loss` when labels are given
-        and `output_router_logits` is on.
+        and `output_router_logits` is on, per MoE layer (Switch, LLaMA-MoE and Megatron's convention; `aux_loss`
+        reports the mean over layers).
     aux_loss_type (`"switch"` or `"cv2"`): Switch/Mixtral load balancing, or LLaMA-MoE's squared coefficient
         of variation of importance and load.
-    router_z_loss_coef (`float`): weight of the router z-loss (ST-MoE).
+    router_z_loss_coef (`float`): weight of the router z-loss (ST-MoE), per MoE layer as well.
     capacity_factor (`float` or `None`): `None` is dropless. A number caps each expert at
         `ceil(capacity_factor * tokens * top_k / num_experts)` token slots; slots over the cap skip that
         expert and the token keeps only its residual for that slot.

@@ -448,15 +448,25 @@ def router_z_loss(router_logits, attention_mask=None):
     return torch.stack(losses).mean()
 
 
+def router_loss_layers(config) -> int:
+    """How many times the router-loss coefficients count. LlamaMoE applies them per MoE layer, as Switch, GShard,
+    LLaMA-MoE and Megatron do: the losses are reported as means over layers (k when balanced), and every layer's
+    router gets the coefficient's full push however deep the model. A mean alone gave each of SmolLM2's 30 routers
+    1/30 of it, and LLaMA-MoE's random split collapsed its routing in training. Other classes (Mixtral's fallback
+    in the trainer) keep their own rule: one coefficient on one loss over all layers."""
+    return len(config.moe_layers) if getattr(config, "model_type", None) == "llama_moe" else 1
+
+
 def add_router_losses(language_loss, aux_loss, z_loss, config, accumulation_steps: int = 1):
-    """The training loss: the token loss plus the coefficient-weighted router losses, which are per-batch means and
-    so are divided by the gradient-accumulation steps when the token loss is already divided by the tokens of all
-    accumulated micro-batches. The model (accumulation_steps=1, Mixtral's convention) and the trainer both use it."""
-    loss = language_loss
+    """The training loss: the token loss plus the coefficient-weighted router losses (per MoE layer, see
+    `router_loss_layers`), which are per-batch means and so are divided by the gradient-accumulation steps when the
+    token loss is already divided by the tokens of all accumulated micro-batches. The model (accumulation_steps=1,
+    Mixtral's convention) and the trainer both use it."""
+    loss, scale = language_loss, router_loss_layers(config) / accumulation_steps
     if aux_loss is not None:
-        loss = loss + config.router_aux_loss_coef * aux_loss.to(loss.device) / accumulation_steps
+        loss = loss + config.router_aux_loss_coef * scale * aux_loss.to(loss.device)
     if z_loss is not None:
-        loss = loss + config.router_z_loss_coef * z_loss.to(loss.device) / accumulation_steps
+        loss = loss + config.router_z_loss_coef * scale * z_loss.to(loss.device)
     return loss
 
 
@@ -594,4 +604,5 @@ __all__ = [
     "cv2_load_balancing_loss",
     "router_z_loss",
     "add_router_losses",
+    "router_loss_layers",
 ]

@@ -56,12 +56,29 @@ def test_router_logits_loss_and_aux_loss():
     assert plain.aux_loss is None and plain.router_logits is None
     assert isinstance(out.router_logits, tuple) and len(out.router_logits) == 2
     assert out.router_logits[0].shape == (ids.numel(), 4) and out.router_logits[0].dtype == torch.float32
-    torch.testing.assert_close(out.loss, plain.loss + 0.1 * out.aux_loss)
+    torch.testing.assert_close(out.loss, plain.loss + 0.1 * 2 * out.aux_loss)  # the coefficient counts per MoE layer
     # Switch loss is 1.0 for perfectly balanced routing and grows with imbalance; it is differentiable.
     assert out.aux_loss.item() >= 1.0 - 1e-4
     out.loss.backward()
     assert model.model.layers[0].mlp.gate.weight.grad.abs().sum() > 0
     assert isinstance(model.model.layers[1].mlp, LlamaMLP)
+
+
+@pytest.mark.parametrize("aux_loss_type", ["switch", "cv2"])
+def test_each_router_gets_the_whole_coefficient_however_many_layers(aux_loss_type):
+    """Switch/Megatron: the balance term is coef x the sum of each layer's own loss, so a router's push does not
+    shrink as layers are added (a mean over 30 layers gave each router 1/30 and the routing collapsed); `aux_loss`
+    reports the mean over layers."""
+    for layers in (1, 4):
+        torch.manual_seed(0)
+        model = LlamaMoEForCausalLM(tiny_moe_config(num_hidden_layers=layers, aux_loss_type=aux_loss_type,
+                                                    router_aux_loss_coef=0.5))
+        ids = _ids()
+        out = model(ids, labels=ids, output_router_logits=True)
+        per_layer = torch.stack([model.router_aux_loss((logits,)) for logits in out.router_logits])
+        assert per_layer.numel() == layers
+        torch.testing.assert_close(out.aux_loss, per_layer.mean())
+        torch.testing.assert_close(out.loss - out.language_loss, 0.5 * per_layer.sum())
 
 
 def test_aux_loss_excludes_padding():
@@ -120,7 +137,8 @@ def test_cv2_and_z_loss():
     ids = _ids()
     out = model(ids, labels=ids, output_router_logits=True)
     plain = model(ids, labels=ids, output_router_logits=False)
-    torch.testing.assert_close(out.loss, plain.loss + 0.01 * out.aux_loss + 0.001 * out.z_loss)
+    layers = len(model.config.moe_layers)
+    torch.testing.assert_close(out.loss, plain.loss + layers * (0.01 * out.aux_loss + 0.001 * out.z_loss))
     assert out.z_loss.item() > 0
     # Perfectly balanced routing has zero coefficient of variation.
     balanced = torch.zeros(8, 4)

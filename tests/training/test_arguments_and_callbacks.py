@@ -205,7 +205,8 @@ def test_trainer_loss_is_token_loss_plus_weighted_router_losses(steps):
     model.train()
     ids = torch.randint(0, 128, (2, 16))
     fake, loss, out, token_sum = _trainer_loss(model, ids, steps)
-    expected = token_sum / 30 + (0.3 * out.aux_loss + 0.05 * out.z_loss) / steps
+    layers = len(model.config.moe_layers)  # the router coefficients count per MoE layer
+    expected = token_sum / 30 + layers * (0.3 * out.aux_loss + 0.05 * out.z_loss) / steps
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert fake._router_metrics["aux_loss"][0].item() == pytest.approx(out.aux_loss.item())
     assert fake._router_metrics["z_loss"][0].item() == pytest.approx(out.z_loss.item())
