@@ -43,6 +43,7 @@ def balanced_assign(scores_NC: torch.Tensor, capacity: int) -> torch.Tensor:
 
 def balanced_kmeans(points_NH: torch.Tensor, num_clusters: int, generator: torch.Generator, iterations: int = 15):
     """Equal-size spherical k-means. Returns (groups [C, N/C] sorted neuron indices, centroids [C, H])."""
+    points_NH = points_NH.contiguous()  # carve passes a transposed view: gathering its rows was 4x slower
     num_points = points_NH.shape[0]
     capacity = num_points // num_clusters
     centroids_CH = points_NH[torch.randperm(num_points, generator=generator)[:num_clusters]].clone()
