@@ -337,7 +337,7 @@ class ModelSource(DenseSource):
         self._state = {k: v.detach() for k, v in model.state_dict().items()}
         self._model = model
         self._generation_config = getattr(model, "generation_config", None)
-        self._tokenizer_loader = tokenizer_loader
+        self._tokenizer_loader, self._tokenizer = tokenizer_loader, None
         self.check_complete()
 
     def _names(self):
@@ -364,7 +364,11 @@ class ModelSource(DenseSource):
         return saved
 
     def load_tokenizer(self):
-        return self._tokenizer_loader() if self._tokenizer_loader is not None else None
+        # Loaded once: upcycling asks for it twice (calibration and the output folder), and from a GGUF file each
+        # load parses its metadata again (6 s for SmolLM2).
+        if self._tokenizer is None and self._tokenizer_loader is not None:
+            self._tokenizer = self._tokenizer_loader()
+        return self._tokenizer
 
     def dense_model(self):
         if all(p.dtype == torch.float32 for p in self._model.parameters()):
