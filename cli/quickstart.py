@@ -168,6 +168,20 @@ def distill_arguments(args, base: str) -> list[str]:
     return ["--distill_from", base, "--distill_weight", str(args.distill_weight), *dtype]
 
 
+def dense_folder(base: str, folder: Path) -> str:
+    """The base as a float32 safetensors folder when it is a .gguf file: transformers dequantizes a GGUF and parses
+    its metadata again at every load (about 30 s for SmolLM2 here), and the run loads the base four times."""
+    from llama_moe.conversion.model_path import locate_model
+    from llama_moe.conversion.reader import open_dense
+    from llama_moe.conversion.writer import write_dense_checkpoint
+
+    if locate_model(base).kind != "gguf":
+        return base
+    write_dense_checkpoint(open_dense(base), str(folder))
+    print(f"    {Path(base).name} dequantized once to {folder} (float32 safetensors); later stages load it from there")
+    return str(folder)
+
+
 def sample_generations(model, tokenizer, prompts: list[str], new_tokens: int = 24) -> dict[str, str]:
     import torch
 
@@ -239,28 +253,29 @@ def main(argv: list[str]) -> int:
     shared = f" + {args.shared_experts} shared widths" if args.shared_experts else ""
     start = _stage(2, f"Upcycle {Path(base).name} -> {args.num_experts} experts{shared}, top-{args.top_k} "
                       f"({args.method}; recipe {args.recipe})")
+    dense = dense_folder(base, out / "base")
     moe_init = out / "moe-init"
-    upcycled = run_upcycle(base, moe_init, options, verify=True,
-                           command=shlex.join(upcycle_command(args, base, moe_init)))
+    upcycled = run_upcycle(dense, moe_init, options, verify=True,
+                           command=shlex.join(upcycle_command(args, dense, moe_init)))
     print(f"    {upcycled.summary()}\n    {upcycled.verify['summary']}")
     _done(start, timings, "upcycle")
 
-    teacher = f", distilled from {Path(base).name}" if args.distill_weight else ""
+    teacher = ", distilled from the dense base" if args.distill_weight else ""
     start = _stage(3, f"Continual pre-training, {args.steps} steps, dynamic mixture sampling{teacher}")
-    train_argv = train_arguments(args, moe_init, corpus, base, out / "train")
+    train_argv = train_arguments(args, moe_init, corpus, dense, out / "train")
     train_options, train_config = parse_arguments(train_argv)
     moe_trained = train(train_options, train_config)
     _done(start, timings, "train")
 
     start = _stage(4, "Evaluate base, upcycled and trained side by side")
-    models = {"base": base, "upcycled": str(moe_init), "trained": moe_trained}
+    models = {"base": dense, "upcycled": str(moe_init), "trained": moe_trained}
     heldout = {name: domain.heldout for name, domain in corpus.items()}
     results = evaluate_models(models, heldout, args)
     _done(start, timings, "evaluate")
 
     start = _stage(5, "Report")
     timings["total"] = time.perf_counter() - started
-    commands = next_commands(args, out, moe_trained, corpus, base)
+    commands = next_commands(args, out, moe_trained, corpus, dense)
     summary = {
         "base": base, "recipe": args.recipe, "method": args.method, "num_experts": args.num_experts,
         "shared_experts": args.shared_experts, "top_k": args.top_k, "steps": args.steps,

@@ -32,6 +32,9 @@ def test_shortened_quickstart_writes_the_whole_story(tmp_path):
         assert (out / "figures" / figure).stat().st_size > 10_000
         assert f"figures/{figure}" in report
     assert (out / "train" / "final" / "config.json").is_file()
+    # The GGUF is dequantized once; every later stage (upcycle, teacher, references, evaluation) reads the copy.
+    assert summary["models"]["base"] == str(out / "base") and (out / "base" / "model.safetensors").is_file()
+    assert summary["base"].endswith(".gguf") and "--distill_from " + str(out / "base") in summary["train_command"]
     assert summary["recipe"] == "carve" and summary["distill_weight"] > 0
     assert "## Verdict" in report
     assert main(["quickstart", "--out", str(out)]) == 2  # refuses to overwrite without --overwrite
