@@ -12,7 +12,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Callable, ClassVar, NamedTuple
+from typing import Callable, ClassVar, Iterable, NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -400,10 +400,47 @@ class ConversionResult(NamedTuple):
     num_shards: int
 
 
-def _write_renamed(writer: ShardedSafetensorsWriter, exporter: Exporter, item: PlannedTensor) -> None:
-    # A function of its own so that the source tensor and its views are freed before the next one loads.
-    for new_name, new_tensor in exporter.rename(item.name, item.load()):
+def _write_renamed(writer: ShardedSafetensorsWriter, exporter: Exporter, name: str, tensor: torch.Tensor) -> None:
+    # A function of its own so that the renamed views are freed before the next tensor loads.
+    for new_name, new_tensor in exporter.rename(name, tensor):
         writer.write(new_name, new_tensor)
+
+
+def write_checkpoint(
+    planned: Iterable[tuple[str, tuple[int, ...], torch.dtype]],
+    stream: Iterable[tuple[str, torch.Tensor]],
+    exporter: Exporter,
+    out_dir: str | os.PathLike,
+    *,
+    finish: Callable[[str], None],
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    overwrite: bool = False,
+) -> ConversionResult:
+    """The one write pipeline (upcycle, export, LLaMA-MoE v1 import). From the planned (name, shape, dtype) of our
+    layout, the target names and shapes are derived through `exporter` and checked before anything is written;
+    then `stream` yields our tensors one at a time, each renamed and appended to its shard; the written headers are
+    checked again, the target config (with remote code for llama_moe) is written and `finish(folder)` adds the
+    rest (tokenizer, side files, model card). The folder appears under its name only when all of it succeeded."""
+    specs = []
+    for name, shape, dtype in planned:
+        for new_name, meta in exporter.rename(name, torch.empty(shape, dtype=dtype, device="meta")):
+            specs.append((new_name, tuple(meta.shape), dtype))
+    expected = exporter.expected_shapes()
+    check_written_tensors({name: shape for name, shape, _ in specs}, expected)
+    shard_bytes = parse_size(max_shard_size)
+    with atomic_output_dir(os.fspath(out_dir), overwrite=overwrite) as tmp:
+        writer = ShardedSafetensorsWriter(tmp, specs, shard_bytes)
+        try:
+            for name, tensor in stream:
+                _write_renamed(writer, exporter, name, tensor)
+                del tensor  # before the stream produces the next one: one source tensor in memory at a time
+        finally:
+            writer.abort()
+        writer.close()
+        check_written_tensors(read_written_shapes(tmp), expected)
+        write_config_and_code(exporter.target_config(exporter.moe_config), tmp)
+        finish(tmp)
+    return ConversionResult(os.fspath(out_dir), len(specs), writer.bytes_written, len(writer.file_names))
 
 
 def write_converted_checkpoint(
@@ -416,28 +453,13 @@ def write_converted_checkpoint(
     overwrite: bool = False,
     desc: str = "Converting",
 ) -> ConversionResult:
-    """Write `tensors` (our layout) through `exporter` into `out_dir`: the target names and shapes are planned
-    and checked before anything is written, then tensors are loaded, renamed and streamed into the shards one
-    at a time; the target config (with remote code for llama_moe) and tokenizer files follow, atomically."""
-    specs = []
-    for item in tensors:
-        for new_name, meta in exporter.rename(item.name, torch.empty(item.shape, dtype=item.dtype, device="meta")):
-            specs.append((new_name, tuple(meta.shape), item.dtype))
-    expected = exporter.expected_shapes()
-    check_written_tensors({name: shape for name, shape, _ in specs}, expected)
-    shard_bytes = parse_size(max_shard_size)
-    with atomic_output_dir(os.fspath(out_dir), overwrite=overwrite) as tmp:
-        writer = ShardedSafetensorsWriter(tmp, specs, shard_bytes)
-        try:
-            for item in tqdm(tensors, desc=desc, unit="tensor"):
-                _write_renamed(writer, exporter, item)
-        finally:
-            writer.abort()
-        writer.close()
-        check_written_tensors(read_written_shapes(tmp), expected)
-        write_config_and_code(exporter.target_config(exporter.moe_config), tmp)
-        copy_side_files(src_dir, tmp)
-    return ConversionResult(os.fspath(out_dir), len(specs), writer.bytes_written, len(writer.file_names))
+    """`write_checkpoint` for tensors read from another checkpoint folder (export, v1 import): each loaded when
+    its turn comes, and the source's tokenizer and generation-config files copied beside."""
+    stream = ((item.name, item.load()) for item in tqdm(tensors, desc=desc, unit="tensor"))
+    return write_checkpoint(
+        [(item.name, item.shape, item.dtype) for item in tensors], stream, exporter, out_dir,
+        finish=lambda folder: copy_side_files(src_dir, folder), max_shard_size=max_shard_size, overwrite=overwrite,
+    )
 
 
 def export_checkpoint(

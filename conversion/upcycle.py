@@ -254,44 +254,33 @@ def run_upcycle(
     progress: bool = True,
 ) -> UpcycleResult:
     """`upcycle` with its statistics. All checks run before the output folder is created."""
-    from .formats import check_written_tensors, get_exporter, write_config_and_code
+    from .formats import get_exporter, write_checkpoint
     from .model_card import write_model_card
-    from .writer import ShardedSafetensorsWriter, atomic_output_dir, parse_size, read_written_shapes
+    from .writer import parse_size
 
     start = time.perf_counter()
-    shard_bytes = parse_size(max_shard_size)
+    shard_bytes = parse_size(max_shard_size)  # a bad size is refused before the dense model is opened
     out = os.path.abspath(os.fspath(out))
     if os.path.exists(out) and not overwrite:
         raise ValueError(f"{out} already exists; choose another output path or pass --overwrite.")
     plan = plan_upcycle(base, options)
     exporter = get_exporter(format, plan.moe_config)
-    specs = []
-    for name, shape in plan.tensors:
-        for new_name, meta in exporter.rename(name, torch.empty(shape, dtype=plan.dtype, device="meta")):
-            specs.append((new_name, tuple(meta.shape), plan.dtype))
-    expected = exporter.expected_shapes()
-    check_written_tensors({n: s for n, s, _ in specs}, expected)
     total, active = count_parameters(plan.moe_config)
 
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        writer = ShardedSafetensorsWriter(tmp, specs, shard_bytes)
-        try:
-            for name, tensor in iter_moe_tensors(plan, progress=progress):
-                for new_name, new_tensor in exporter.rename(name, tensor):
-                    writer.write(new_name, new_tensor)
-        finally:
-            writer.abort()
-        writer.close()
+    def finish(folder: str) -> None:
         plan.source.close()
-        check_written_tensors(read_written_shapes(tmp), expected)
-        write_config_and_code(exporter.target_config(plan.moe_config), tmp)
-        plan.source.save_tokenizer(tmp)
-        write_model_card(tmp, plan, format=format, total_params=total, active_params=active, command=command)
+        plan.source.save_tokenizer(folder)
+        write_model_card(folder, plan, format=format, total_params=total, active_params=active, command=command)
+
+    written = write_checkpoint(
+        [(name, shape, plan.dtype) for name, shape in plan.tensors], iter_moe_tensors(plan, progress=progress),
+        exporter, out, finish=finish, max_shard_size=shard_bytes, overwrite=overwrite,
+    )
     result = UpcycleResult(
         path=out,
         plan=plan,
-        bytes_written=writer.bytes_written,
-        num_files=len(writer.file_names),
+        bytes_written=written.bytes_written,
+        num_files=written.num_shards,
         seconds=time.perf_counter() - start,
         total_params=total,
         active_params=active,
