@@ -189,7 +189,14 @@ def build_moe_layer(plan: UpcyclePlan, layer: int, context=None, calibration=Non
             (prefix + "shared_expert.down_proj.weight", shared.down.to(plan.dtype)),
         ]
     if calibration is not None:
-        calibration.finish(layer, moe_block(plan.moe_config, out))
+        block = moe_block(plan.moe_config, out)
+        if plan.method.fits_output_scale(plan.options):
+            from .output_scale import routed_output_scale
+
+            scale = routed_output_scale(block, ffn)
+            out[2] = (prefix + "experts.down_proj", (init.down.float() * scale).to(init.down.dtype))
+            block = moe_block(plan.moe_config, out)
+        calibration.finish(layer, block)
     return out
 
 

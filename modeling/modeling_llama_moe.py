@@ -237,11 +237,17 @@ class LlamaMoESparseMoeBlock(nn.Module):
 
         out_TH = self.experts(hidden_TH, top_k_index, top_k_weights)
         if self.shared_expert is not None:
-            shared_TH = self.shared_expert(hidden_TH)
-            if self.shared_expert_gate is not None:
-                shared_TH = torch.sigmoid(self.shared_expert_gate(hidden_TH)) * shared_TH
-            out_TH = out_TH + shared_TH
+            out_TH = out_TH + self.shared_output(hidden_TH)
         return out_TH.reshape(input_shape)
+
+    def shared_output(self, hidden_TH: torch.Tensor) -> torch.Tensor:
+        """The always-on shared expert's contribution (gated as Qwen2-MoE when `shared_expert_gate`); 0 without one."""
+        if self.shared_expert is None:
+            return hidden_TH.new_zeros(())
+        shared_TH = self.shared_expert(hidden_TH)
+        if self.shared_expert_gate is not None:
+            shared_TH = torch.sigmoid(self.shared_expert_gate(hidden_TH)) * shared_TH
+        return shared_TH
 
 
 class LlamaMoEDecoderLayer(GradientCheckpointingLayer):

@@ -27,6 +27,14 @@ class DenseFFN:
     def select(self, neurons: torch.Tensor) -> "DenseFFN":
         return DenseFFN(self.gate[neurons], self.up[neurons], self.down[:, neurons])
 
+    def activations(self, x_TH: torch.Tensor) -> torch.Tensor:
+        """[T, I] SwiGLU activations silu(gate x) * (up x), Llama's MLP before its down projection."""
+        return torch.nn.functional.silu(x_TH @ self.gate.T) * (x_TH @ self.up.T)
+
+    def output(self, x_TH: torch.Tensor) -> torch.Tensor:
+        """[T, H] what the dense FFN returns for x."""
+        return self.activations(x_TH) @ self.down.T
+
 
 @dataclass
 class ExpertInit:
@@ -84,6 +92,11 @@ class UpcycleMethod:
     @classmethod
     def option_names(cls) -> list[str]:
         return [f.name for f in fields(cls.options)]
+
+    def fits_output_scale(self, options) -> bool:
+        """Whether the routed experts' output is scaled to the dense FFN's on the calibration tokens
+        (conversion/output_scale.py) after the router is made."""
+        return False
 
     def check(self, dense_config, options) -> None:
         """Raise ValueError when the options do not fit this method or the model (before any work)."""

@@ -28,10 +28,17 @@ TOKEN_CHUNK = 4096
 ACTIVE_FRACTION = 0.1
 
 
+OUTPUT_SCALES = ("k", "fit")
+
+
 @dataclass
 class CarveOptions:
     shared_expert_size: int | None = option(
         None, "width of the shared expert in neurons, instead of --shared-experts expert widths", type=int
+    )
+    output_scale: str = option(
+        "k", "routed output scale: k (each chosen expert counts fully) or fit (least squares to the dense FFN's "
+        "output on the calibration tokens; worse on SmolLM2, see conversion/output_scale.py)", choices=OUTPUT_SCALES
     )
 
 
@@ -55,8 +62,7 @@ def neuron_contributions(ffn: DenseFFN) -> torch.Tensor:
     column_norms_I = ffn.down.norm(dim=0)
     parts = []
     for x_TH in ffn.inputs.split(TOKEN_CHUNK):
-        a_TI = F.silu(x_TH @ ffn.gate.T) * (x_TH @ ffn.up.T)
-        parts.append(a_TI.abs() * column_norms_I)
+        parts.append(ffn.activations(x_TH).abs() * column_norms_I)
     return torch.cat(parts)
 
 
@@ -77,8 +83,13 @@ class CarveMethod(UpcycleMethod):
     router_inits = ("fit", "normal", "zeros")
     calibrated = True
 
+    def fits_output_scale(self, options) -> bool:
+        return options.output_scale == "fit"
+
     def check(self, dense_config, options) -> None:
         super().check(dense_config, options)
+        if options.output_scale not in OUTPUT_SCALES:
+            raise ValueError(f"--output-scale {options.output_scale!r} is unknown; choose one of {list(OUTPUT_SCALES)}.")
         I, E, N, S = dense_config.intermediate_size, options.num_experts, options.shared_experts, options.shared_expert_size
         if S is not None:
             if N:

@@ -7,7 +7,6 @@ neurons). With --shared-experts N, the neurons most groups rank high form an alw
 wide) and the experts choose among the rest. Only `prepare` runs the model; `build` only selects neurons.
 """
 
-import os
 from dataclasses import dataclass
 
 import torch

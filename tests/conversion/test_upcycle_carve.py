@@ -50,6 +50,14 @@ def test_carve_covers_every_neuron_once(dense_dir, tmp_path, shared):
     assert logits_of(load_moe(out), tokens()).isfinite().all()
 
 
+def test_carve_fitted_output_scale_scales_each_layer_routed_output_by_one_factor(dense_dir, tmp_path):
+    out = carve(dense_dir, tmp_path / "m", num_experts=4, top_k=2, shared_experts=2, output_scale="fit")
+    assert_partition(out, dense_dir, 3, 4, shared_groups=2, scaled_routed=True)
+    assert "output_scale" in open(os.path.join(out, "README.md")).read()
+    with pytest.raises(ValueError, match="output_scale|output-scale"):
+        upcycle(dense_dir, tmp_path / "r", method="random", num_experts=4, top_k=2, output_scale="fit")
+
+
 def test_carve_shared_expert_size_in_neurons(dense_dir, tmp_path):
     out = carve(dense_dir, tmp_path / "m", num_experts=4, top_k=2, shared_expert_size=20)
     config = json.load(open(os.path.join(out, "config.json")))

@@ -35,8 +35,9 @@ def dense_ffn(dense_dir, layer):
     return [t[f"model.layers.{layer}.mlp.{p}_proj.weight"] for p in ("gate", "up", "down")]
 
 
-def source_neurons(gate_up_e, down_e, gate, up, down):
-    """For one expert: the dense neuron index of each of its neurons, checking gate, up and down agree."""
+def source_neurons(gate_up_e, down_e, gate, up, down, down_scale=None):
+    """For one expert: the dense neuron index of each of its neurons, checking gate, up and down agree (down
+    columns exactly, or times `down_scale` for a method that scales its routed output)."""
     width = gate_up_e.shape[0] // 2
     gate_rows, up_rows = row_index(gate), row_index(up)
     down_cols = row_index(down.T.contiguous())
@@ -44,12 +45,21 @@ def source_neurons(gate_up_e, down_e, gate, up, down):
     for j in range(width):
         n = gate_rows[gate_up_e[j].numpy().tobytes()]
         assert up_rows[gate_up_e[width + j].numpy().tobytes()] == n
-        assert down_cols[down_e[:, j].contiguous().numpy().tobytes()] == n
+        if down_scale is None:
+            assert down_cols[down_e[:, j].contiguous().numpy().tobytes()] == n
+        else:
+            torch.testing.assert_close(down_e[:, j], down_scale * down[:, n])
         found.append(n)
     return found
 
 
-def assert_partition(out, dense_dir, num_layers, E, shared_groups=0):
+def routed_down_scale(gate_up, down_e, gate, down) -> float:
+    """The one factor between a layer's routed down columns and the dense ones (read off its first neuron)."""
+    n = row_index(gate)[gate_up[0, 0].numpy().tobytes()]
+    return float(down_e[0, :, 0] @ down[:, n] / down[:, n].pow(2).sum())
+
+
+def assert_partition(out, dense_dir, num_layers, E, shared_groups=0, scaled_routed=False):
     tensors = read_tensors(out)
     for layer in range(num_layers):
         gate, up, down = dense_ffn(dense_dir, layer)
@@ -57,7 +67,8 @@ def assert_partition(out, dense_dir, num_layers, E, shared_groups=0):
         down_e = tensors[f"model.layers.{layer}.mlp.experts.down_proj"]
         width = I // (E + shared_groups)
         assert gate_up.shape == (E, 2 * width, H) and down_e.shape == (E, H, width)
-        neurons = [n for e in range(E) for n in source_neurons(gate_up[e], down_e[e], gate, up, down)]
+        scale = routed_down_scale(gate_up, down_e, gate, down) if scaled_routed else None
+        neurons = [n for e in range(E) for n in source_neurons(gate_up[e], down_e[e], gate, up, down, scale)]
         if shared_groups:
             prefix = f"model.layers.{layer}.mlp.shared_expert."
             shared_gate_up = torch.cat([tensors[prefix + "gate_proj.weight"], tensors[prefix + "up_proj.weight"]])
