@@ -162,6 +162,7 @@ def check_common(options: UpcycleOptions) -> None:
             f"({ROUTER_INIT_HELP[options.router_init]}); {options.method!r} supports {list(method.router_inits)}."
         )
     if method is not None:
+        method.check_choices(options)
         check_calibration(options, method)
     if options.dtype != "auto" and options.dtype not in DTYPES:
         raise ValueError(f"--dtype {options.dtype!r} is unknown; choose auto or one of {list(DTYPES)}.")

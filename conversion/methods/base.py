@@ -93,6 +93,14 @@ class UpcycleMethod:
     def option_names(cls) -> list[str]:
         return [f.name for f in fields(cls.options)]
 
+    def check_choices(self, options) -> None:
+        """Each option declared with `choices` holds one of them; needs no model, so it runs before the base is
+        opened (options.check_common)."""
+        for spec in fields(self.options):
+            choices, value = spec.metadata.get("choices"), getattr(options, spec.name)
+            if choices and value not in choices:
+                raise ValueError(f"{flag(spec.name)} {value!r} is unknown; choose one of {list(choices)}.")
+
     def fits_output_scale(self, options) -> bool:
         """Whether the routed experts' output is scaled to the dense FFN's on the calibration tokens
         (conversion/output_scale.py) after the router is made."""

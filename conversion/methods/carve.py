@@ -88,8 +88,6 @@ class CarveMethod(UpcycleMethod):
 
     def check(self, dense_config, options) -> None:
         super().check(dense_config, options)
-        if options.output_scale not in OUTPUT_SCALES:
-            raise ValueError(f"--output-scale {options.output_scale!r} is unknown; choose one of {list(OUTPUT_SCALES)}.")
         I, E, N, S = dense_config.intermediate_size, options.num_experts, options.shared_experts, options.shared_expert_size
         if S is not None:
             if N:

@@ -67,8 +67,6 @@ class ClusteringMethod(UpcycleMethod):
 
     def check(self, dense_config, options) -> None:
         super().check(dense_config, options)
-        if options.cluster_on not in CLUSTER_ON:
-            raise ValueError(f"--cluster-on {options.cluster_on!r} is unknown; choose one of {list(CLUSTER_ON)}.")
         if dense_config.intermediate_size % options.num_experts:
             raise ValueError(
                 f"--method clustering makes {options.num_experts} equal clusters of the FFN's "

@@ -56,10 +56,6 @@ class GranularMethod(UpcycleMethod):
             )
         if options.router_init == "zeros" and G > 1:
             raise ValueError("--router-init zeros ties every expert, so top-k would split virtual groups; use normal.")
-        if options.granular_scaling not in GRANULAR_SCALING:
-            raise ValueError(
-                f"--granular-scaling {options.granular_scaling!r} is unknown; choose one of {list(GRANULAR_SCALING)}."
-            )
         if options.granular_scaling == "exact" and options.norm_topk_prob is False:
             raise ValueError(
                 "--granular-scaling exact needs renormalized top-k (leave out --no-norm-topk-prob); the paper's "

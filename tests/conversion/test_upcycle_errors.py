@@ -38,6 +38,13 @@ def test_option_errors(dense_dir, tmp_path):
     refused(tmp_path, dense_dir, r"--shared-experts needs a method that splits", shared_experts=1)
     refused(tmp_path, dense_dir, r"--router-init centroids needs --method clustering or gradient", router_init="centroids")
     refused(tmp_path, dense_dir, r"--method gradient needs --calibration-data", method="gradient")
+    # A method option with choices is checked before the base is opened (this base does not even exist).
+    missing = str(tmp_path / "no-such-model")
+    refused(tmp_path, missing, r"--cluster-on 'down' is unknown; choose one of \['up', 'gate'\]", method="clustering",
+            cluster_on="down")
+    refused(tmp_path, missing, r"--granular-scaling 'x' is unknown", method="granular", granular_scaling="x")
+    refused(tmp_path, missing, r"--output-scale 'norm' is unknown; choose one of \['k', 'fit'\]", method="carve",
+            output_scale="norm")
     refused(tmp_path, dense_dir, r"--calibration-data .*nothing.txt does not exist", method="gradient",
             calibration_data=str(tmp_path / "nothing.txt"))
     refused(tmp_path, dense_dir, r"unknown upcycling option\(s\) \['num_expert'\]", num_expert=4)
