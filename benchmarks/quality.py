@@ -171,9 +171,8 @@ def main() -> None:
     out = Path(args.out).resolve()
     results_dir = out / "results"
     results_dir.mkdir(parents=True, exist_ok=True)
-    # A .gguf base is dequantized once into OUT/base-<name> (atomically; a rerun reuses it), as the quickstart does.
-    copy = out / f"base-{Path(base).stem}"
-    base = str(copy) if base.endswith(".gguf") and copy.exists() else quickstart.dense_folder(base, copy)
+    # A .gguf base is dequantized once into OUT/base-<name> (a rerun reuses it), as the quickstart does.
+    base = quickstart.dense_folder(base, out / f"base-{Path(base).stem}")
     corpus = build_stdlib_corpus(out / "data")
     heldout = {name: domain.heldout for name, domain in corpus.items()}
     calibration_file = out / "data" / "calibration.txt"  # what carve and fitted routers read by default

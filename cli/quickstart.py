@@ -170,13 +170,16 @@ def distill_arguments(args, base: str) -> list[str]:
 
 def dense_folder(base: str, folder: Path) -> str:
     """The base as a float32 safetensors folder when it is a .gguf file: transformers dequantizes a GGUF and parses
-    its metadata again at every load (about 30 s for SmolLM2 here), and the run loads the base four times."""
+    its metadata again at every load (about 30 s for SmolLM2 here), and the run loads the base four times. A folder
+    already there is reused (it is written atomically, so it is complete; benchmarks/quality.py reruns rely on it)."""
     from llama_moe.conversion.model_path import locate_model
     from llama_moe.conversion.reader import open_dense
     from llama_moe.conversion.writer import write_dense_checkpoint
 
     if locate_model(base).kind != "gguf":
         return base
+    if folder.exists():
+        return str(folder)
     write_dense_checkpoint(open_dense(base), str(folder))
     print(f"    {Path(base).name} dequantized once to {folder} (float32 safetensors); later stages load it from there")
     return str(folder)
