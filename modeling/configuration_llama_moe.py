@@ -135,5 +135,32 @@ class LlamaMoEConfig(LlamaConfig):
     def is_moe_layer(self, layer_idx: int) -> bool:
         return layer_idx in self.moe_layers
 
+    # Parallel plans follow transformers' MoE models (Mixtral, Qwen2-MoE): attention, dense MLPs and the shared
+    # expert split over tensor-parallel ranks; routed experts whole per expert-parallel rank (`ep_size`); the router
+    # replicated. Properties, because which entries exist depends on the layout: transformers checks that every entry
+    # names a module of the model.
+    @property
+    def base_model_tp_plan(self) -> dict[str, str]:
+        plan = {
+            "layers.*.self_attn.q_proj": "colwise",
+            "layers.*.self_attn.k_proj": "colwise",
+            "layers.*.self_attn.v_proj": "colwise",
+            "layers.*.self_attn.o_proj": "rowwise",
+        }
+        prefixes = ["layers.*.mlp."] if len(self.moe_layers) < self.num_hidden_layers else []
+        if self.shared_expert_intermediate_size > 0:
+            prefixes.append("layers.*.mlp.shared_expert.")
+        for prefix in prefixes:
+            plan.update({prefix + "gate_proj": "colwise", prefix + "up_proj": "colwise", prefix + "down_proj": "rowwise"})
+        return plan
+
+    @property
+    def base_model_ep_plan(self) -> dict[str, str]:
+        return {
+            "layers.*.mlp.experts.gate_up_proj": "grouped_gemm",
+            "layers.*.mlp.experts.down_proj": "grouped_gemm",
+            "layers.*.mlp.experts": "ep_dispatch_experts",
+        }
+
 
 __all__ = ["LlamaMoEConfig"]
