@@ -13,6 +13,7 @@ import threading
 
 import torch
 import torch.nn.functional as F
+from transformers.integrations.moe import grouped_mm_experts_forward
 
 from .moe_ops import (
     InputGrads,
@@ -440,6 +441,10 @@ def dropless_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     """Experts-interface entry point: `self` is an experts module with fused `gate_up_proj [E, 2I, H]` and
     `down_proj [E, H, I]` (transformers v5 layout, no bias). Slots whose index is `num_experts` are skipped."""
     check_experts_layout(self, "dropless")
+    if torch.compiler.is_compiling():
+        # Sizes read on the host (our plan, the few-slots path) break a compiled graph; transformers' grouped-GEMM
+        # path sorts and multiplies with device-side offsets only, and is just as dropless.
+        return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     arguments = (hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj, self.act_fn)
     if top_k_index.numel() <= FEW_SLOTS and not _needs_autograd(
         hidden_states, top_k_weights, self.gate_up_proj, self.down_proj

@@ -298,6 +298,8 @@ class LlamaMoEPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+    # "dropless" takes a path without host syncs under torch.compile (dropless_moe.py), the model has no other
+    _can_compile_fullgraph = True
     _can_record_outputs = {
         "router_logits": OutputRecorder(LlamaMoETopKRouter, index=0),
         "hidden_states": LlamaMoEDecoderLayer,
