@@ -252,9 +252,10 @@ def test_generate_same_tokens_with_and_without_cache():
     without_cache = model.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=False)
     assert with_cache.shape == (1, 13)
     assert torch.equal(with_cache, without_cache)
-    # The v4 name of the cache argument still works.
+    # The v4 name of the cache argument still works, with transformers' own deprecation warning.
     out = model(prompt, use_cache=True)
-    step = model(prompt[:, :1], past_key_values=out.cache)
+    with pytest.warns(FutureWarning, match="`past_key_values` is deprecated.*Use `cache` instead"):
+        step = model(prompt[:, :1], past_key_values=out.cache)
     assert step.logits.shape == (1, 1, 128)
 
 
