@@ -214,8 +214,9 @@ class LlamaMoESparseMoeBlock(nn.Module):
             else None
         )
         self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False) if config.shared_expert_gate else None
-        self.last_tokens_per_expert = None
-        self.last_dropped_slots = None
+        # The last forward's expert load: buffers, so they follow the module's device; not saved with the weights.
+        self.register_buffer("last_tokens_per_expert", None, persistent=False)
+        self.register_buffer("last_dropped_slots", None, persistent=False)
 
     @property
     def top_k(self) -> int:
