@@ -8,8 +8,12 @@ without tokens zero gradients. Part of the remote-code bundle: imports only torc
 """
 
 import collections
+import contextlib
+import dataclasses
 import os
+import sys
 import threading
+import types
 
 import torch
 import torch.nn.functional as F
@@ -22,10 +26,90 @@ from .moe_ops import (
     swiglu_backward,
 )
 
-# How the per-expert GEMMs run: "loop" (one torch.mm per expert with tokens) or "grouped" (torch's grouped_mm).
-# None picks per device: measured on CPU (MKL, float32) the loop is as fast or faster (1.5x on the down GEMM); on CUDA
-# torch's grouped GEMM avoids one kernel launch per expert.
-GEMM_BACKEND: str | None = None
+
+@dataclasses.dataclass
+class DroplessSettings:
+    """How "dropless" picks its CPU strategies. The process has one instance, `settings`: change a field for the
+    whole process (`dropless_moe.settings.expert_parallel = False`) or for a block
+    (`with dropless_moe.configured(few_slots=0): ...`). The old module-level names (`EXPERT_PARALLEL`, `FEW_SLOTS`,
+    ...) read and write these fields."""
+
+    # How the per-expert GEMMs run: "loop" (one torch.mm per expert with tokens) or "grouped" (torch's grouped_mm).
+    # None picks per device: measured on CPU (MKL, float32) the loop is as fast or faster (1.5x on the down GEMM);
+    # on CUDA torch's grouped GEMM avoids one kernel launch per expert.
+    gemm_backend: str | None = None
+    # CPU: run the per-expert GEMMs of one call on several threads at once, each GEMM single-threaded, instead of
+    # one after the other with every GEMM split across the intra-op threads. Small expert GEMMs scale badly across
+    # threads (each is a parallel region that waits for its slowest thread); whole experts per thread do not, but
+    # lose what uneven expert loads leave idle. None (automatic): when there are at least
+    # expert_parallel_min_experts experts with rows per thread, and either the mean expert GEMM is under
+    # expert_parallel_max_flops or the experts' rows split over the threads (largest first, as the queue hands them
+    # out) within expert_parallel_max_imbalance of an even split. Measured at 2 threads, fwd+bwd vs dense, same run:
+    # 64 experts of width 128 1.55x -> 1.34x, 16 of width 256 1.20x -> 1.16x; 8 of width 1024 with balanced routing
+    # (an even split within 1%) 1.09x -> 1.05x (mean of 5 runs of 20 interleaved repetitions; faster in 5 of 5).
+    # True / False: always / never. Expert parallelism sets torch's thread count to 1 while the expert GEMMs run,
+    # which is process-wide: other threads of the process running torch work at that moment would run single-
+    # threaded (set False there).
+    expert_parallel: bool | None = None
+    expert_parallel_min_experts: int = 4
+    expert_parallel_max_flops: float = 6e8
+    expert_parallel_max_imbalance: float = 0.03
+    # CPU, automatic backend: with fewer rows than this per expert that has any (decoding several sequences), one
+    # grouped_mm call beats a Python loop of GEMV-sized calls. Measured, whole model decoding 8 sequences, step time
+    # vs dense: 16 experts top-4 1.85x -> 1.77x, 64 experts top-8 2.14x -> 2.00x.
+    grouped_below_rows_per_expert: int = 4
+    # Up to this many routed slots, a forward without autograd (decoding) takes the few-slots path: no sort, no
+    # plan, no autograd.Function, one matrix-vector pair per routed slot straight on its expert's weights. Measured
+    # at hidden 1024 (layer time / dense of equal active width): one token of 64 experts top-8 1.64x -> 1.21-1.32x;
+    # but from 16 slots on (4 tokens of 16 experts top-4) the sorted path wins (1.55x vs 2.66x): its per-call cost
+    # is fixed, this path's grows with every slot.
+    few_slots: int = 8
+    # Matrix-vector products with rows of at most short_row elements (the down projection of small experts when
+    # decoding: [H, I] rows of I, the transformers v5 layout) multiply into a float32 buffer that stays in cache and
+    # sum its rows, instead of calling MKL's GEMV, which reads short rows at a fraction of the memory rate.
+    # Measured, one layer, weights from DRAM, float32 (2 threads; ratio to the dense FFN): 64 experts of width 128
+    # 1.65x -> 1.33x, 16 of width 256 1.46x -> 1.18x. torch.linalg.vecdot computes the same but allocates a matrix-
+    # sized temporary at every call, whose page faults cost more than the GEMV saves. bfloat16 x bfloat16 products
+    # are exact in float32, so this path loses no precision against a GEMV that accumulates in float32.
+    short_row: int = 512
+    short_row_max_elements: int = 1 << 20  # bounds the buffer (4 MiB)
+
+
+settings = DroplessSettings()
+
+
+@contextlib.contextmanager
+def configured(**changes):
+    """Change fields of `settings` inside a `with` block (tests, benchmarks); unknown names raise."""
+    previous = {name: getattr(settings, name) for name in changes}
+    for name, value in changes.items():
+        setattr(settings, name, value)
+    try:
+        yield settings
+    finally:
+        for name, value in previous.items():
+            setattr(settings, name, value)
+
+
+_OLD_NAMES = {field.name.upper(): field.name for field in dataclasses.fields(DroplessSettings)}
+
+
+class _SettingsAliases(types.ModuleType):
+    """`dropless_moe.FEW_SLOTS = 0` and friends, as before settings existed, go to `settings`."""
+
+    def __getattr__(self, name):
+        if name in _OLD_NAMES:
+            return getattr(settings, _OLD_NAMES[name])
+        raise AttributeError(f"module {self.__name__!r} has no attribute {name!r}")
+
+    def __setattr__(self, name, value):
+        if name in _OLD_NAMES:
+            setattr(settings, _OLD_NAMES[name], value)
+        else:
+            super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _SettingsAliases
 
 
 _WORKSPACE = threading.local()
@@ -49,20 +133,6 @@ def _workspace(name: str, rows: int, cols: int, like: torch.Tensor) -> torch.Ten
     return buffer[: rows * cols].view(rows, cols)
 
 
-# CPU: run the per-expert GEMMs of one call on several threads at once, each GEMM single-threaded, instead of one
-# after the other with every GEMM split across the intra-op threads. Small expert GEMMs scale badly across threads
-# (each is a parallel region that waits for its slowest thread); whole experts per thread do not, but lose what uneven
-# expert loads leave idle. None (automatic): when there are at least EXPERT_PARALLEL_MIN_EXPERTS experts with rows per
-# thread, and either the mean expert GEMM is under EXPERT_PARALLEL_MAX_FLOPS or the experts' rows split over the
-# threads (largest first, as the queue hands them out) within EXPERT_PARALLEL_MAX_IMBALANCE of an even split.
-# Measured at 2 threads, fwd+bwd vs dense, same run: 64 experts of width 128 1.55x -> 1.34x, 16 of width 256
-# 1.20x -> 1.16x; 8 of width 1024 with balanced routing (an even split within 1%) 1.09x -> 1.05x (mean of 5 runs of
-# 20 interleaved repetitions; faster in 5 of 5). True / False: always / never.
-EXPERT_PARALLEL: bool | None = None
-EXPERT_PARALLEL_MIN_EXPERTS = 4
-EXPERT_PARALLEL_MAX_FLOPS = 6e8
-EXPERT_PARALLEL_MAX_IMBALANCE = 0.03
-
 _POOL = {"executor": None, "workers": 0}
 
 
@@ -75,18 +145,19 @@ def _busiest_thread_rows(rows_per_expert: list[int], threads: int) -> int:
 
 
 def _expert_threads(device: torch.device, rows_per_expert: list[int], mean_gemm_flops: float) -> int:
-    if device.type != "cpu" or EXPERT_PARALLEL is False:
+    if device.type != "cpu" or settings.expert_parallel is False:
         return 1
     threads = torch.get_num_threads()
     active_experts = len(rows_per_expert)
     if threads <= 1:
         return 1
-    if EXPERT_PARALLEL is None:
-        if active_experts < EXPERT_PARALLEL_MIN_EXPERTS * threads:
+    if settings.expert_parallel is None:
+        if active_experts < settings.expert_parallel_min_experts * threads:
             return 1
-        if mean_gemm_flops > EXPERT_PARALLEL_MAX_FLOPS:
+        if mean_gemm_flops > settings.expert_parallel_max_flops:
             even_split = sum(rows_per_expert) / threads
-            if _busiest_thread_rows(rows_per_expert, threads) > (1 + EXPERT_PARALLEL_MAX_IMBALANCE) * even_split:
+            limit = (1 + settings.expert_parallel_max_imbalance) * even_split
+            if _busiest_thread_rows(rows_per_expert, threads) > limit:
                 return 1
     return min(threads, active_experts)
 
@@ -137,18 +208,12 @@ def _run_expert_parallel(gemm, slices, threads: int) -> None:
         torch.set_num_threads(previous)
 
 
-# CPU, automatic backend: with fewer rows than this per expert that has any (decoding several sequences), one
-# grouped_mm call beats a Python loop of GEMV-sized calls. Measured, whole model decoding 8 sequences, step time
-# vs dense: 16 experts top-4 1.85x -> 1.77x, 64 experts top-8 2.14x -> 2.00x.
-GROUPED_BELOW_ROWS_PER_EXPERT = 4
-
-
 def _gemm_backend(device: torch.device, dtype: torch.dtype, kept: int, active_experts: int) -> str:
-    if GEMM_BACKEND is not None:
-        return GEMM_BACKEND
+    if settings.gemm_backend is not None:
+        return settings.gemm_backend
     if not hasattr(F, "grouped_mm") or dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return "loop"
-    if device.type == "cuda" or kept < GROUPED_BELOW_ROWS_PER_EXPERT * active_experts:
+    if device.type == "cuda" or kept < settings.grouped_below_rows_per_expert * active_experts:
         return "grouped"
     return "loop"
 
@@ -371,27 +436,12 @@ def _reduce_rows(plan, grad_x_SH, dtype):
     return plan.reduce(grad_x_SH.to(torch.promote_types(dtype, torch.float32))).to(dtype)
 
 
-# Up to this many routed slots, a forward without autograd (decoding) takes the few-slots path: no sort, no plan,
-# no autograd.Function, one matrix-vector pair per routed slot straight on its expert's weights. Measured at hidden
-# 1024 (layer time / dense of equal active width): one token of 64 experts top-8 1.64x -> 1.21-1.32x; but from 16 slots
-# on (4 tokens of 16 experts top-4) the sorted path wins (1.55x vs 2.66x): its per-call cost is fixed, this path's
-# grows with every slot.
-FEW_SLOTS = 8
-
-# Matrix-vector products with rows of at most SHORT_ROW elements (the down projection of small experts when
-# decoding: [H, I] rows of I, the transformers v5 layout) multiply into a float32 buffer that stays in cache and sum
-# its rows, instead of calling MKL's GEMV, which reads short rows at a fraction of the memory rate. Measured, one
-# layer, weights from DRAM, float32 (2 threads; ratio to the dense FFN): 64 experts of width 128 1.65x -> 1.33x,
-# 16 of width 256 1.46x -> 1.18x. torch.linalg.vecdot computes the same but allocates a matrix-sized temporary at
-# every call, whose page faults cost more than the GEMV saves. bfloat16 x bfloat16 products are exact in float32,
-# so this path loses no precision against a GEMV that accumulates in float32.
-SHORT_ROW = 512
-SHORT_ROW_MAX_ELEMENTS = 1 << 20  # bounds the buffer (4 MiB)
-
-
 def _short_rows(matrix_ENK: torch.Tensor) -> bool:
     rows, row_length = matrix_ENK.shape[-2:]
-    return row_length <= SHORT_ROW and rows * row_length <= SHORT_ROW_MAX_ELEMENTS and matrix_ENK.device.type == "cpu"
+    return (
+        row_length <= settings.short_row and rows * row_length <= settings.short_row_max_elements
+        and matrix_ENK.device.type == "cpu"
+    )
 
 
 def few_slots_forward(hidden_TH, top_k_index, top_k_weights, gate_up_proj, down_proj, act_fn):
@@ -446,7 +496,7 @@ def dropless_experts_forward(self, hidden_states, top_k_index, top_k_weights):
         # path sorts and multiplies with device-side offsets only, and is just as dropless.
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     arguments = (hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj, self.act_fn)
-    if top_k_index.numel() <= FEW_SLOTS and not _needs_autograd(
+    if top_k_index.numel() <= settings.few_slots and not _needs_autograd(
         hidden_states, top_k_weights, self.gate_up_proj, self.down_proj
     ):
         return few_slots_forward(*arguments)

@@ -143,7 +143,7 @@ def test_grouped_gemm_backend(monkeypatch, shape, dtype):
     # The CUDA default (torch's grouped_mm for the expert GEMMs), checked here on CPU, with idle experts and drops.
     from llama_moe.modeling import dropless_moe
 
-    monkeypatch.setattr(dropless_moe, "GEMM_BACKEND", "grouped")
+    monkeypatch.setattr(dropless_moe.settings, "gemm_backend", "grouped")
     num_experts = shape[0]
     results = _check_experts(shape, dtype, impls=("dropless",), only=range(num_experts // 2), dropped=5)
     assert torch.count_nonzero(results["dropless"]["grad_down_proj"][num_experts // 2 :]) == 0
@@ -168,11 +168,12 @@ def test_few_slots_inference_path_matches_eager(monkeypatch, tokens, dropped, dt
     # tokens), for both ways of computing the down projection.
     from llama_moe.modeling import dropless_moe
 
-    monkeypatch.setattr(dropless_moe, "SHORT_ROW", short_row)
+    monkeypatch.setattr(dropless_moe.settings, "short_row", short_row)
     calls = []
     few_slots_forward = dropless_moe.few_slots_forward
     monkeypatch.setattr(dropless_moe, "few_slots_forward", lambda *a: calls.append(1) or few_slots_forward(*a))
-    monkeypatch.setattr(dropless_moe, "FEW_SLOTS", max(dropless_moe.FEW_SLOTS, tokens * 4))  # cover several rows
+    # cover several rows
+    monkeypatch.setattr(dropless_moe.settings, "few_slots", max(dropless_moe.settings.few_slots, tokens * 4))
     num_experts = 16
     experts = _init_(LlamaMoEExperts(_config(num_experts, 4, 32, 16))).to(dtype)
     experts._is_expert_parallel = True
@@ -183,7 +184,7 @@ def test_few_slots_inference_path_matches_eager(monkeypatch, tokens, dropped, dt
         experts.config._experts_implementation = impl
         with context():
             outputs[impl, context.__name__] = experts(hidden_TH, index_TK, weights_TK).clone()
-    monkeypatch.setattr(dropless_moe, "FEW_SLOTS", 0)
+    monkeypatch.setattr(dropless_moe.settings, "few_slots", 0)
     experts.config._experts_implementation = "dropless"
     with torch.no_grad():
         sorted_path = experts(hidden_TH, index_TK, weights_TK)
@@ -205,7 +206,7 @@ def test_expert_parallel_matches_one_thread_per_call(monkeypatch, mode):
     try:
         results = {}
         for parallel in (False, True):
-            monkeypatch.setattr(dropless_moe, "EXPERT_PARALLEL", parallel)
+            monkeypatch.setattr(dropless_moe.settings, "expert_parallel", parallel)
             torch.manual_seed(0)
             if mode == "grad":
                 results[parallel] = _check_experts(SHAPES["fine-64x8"], torch.float32, impls=("dropless",))["dropless"]
@@ -224,10 +225,10 @@ def test_expert_parallel_matches_one_thread_per_call(monkeypatch, mode):
 
 def test_expert_parallel_choice(monkeypatch):
     # Automatic choice: small expert GEMMs always go to whole experts per thread; large ones only when the queue's
-    # largest-first split leaves the threads within EXPERT_PARALLEL_MAX_IMBALANCE of even; never with too few experts.
+    # largest-first split leaves the threads within expert_parallel_max_imbalance of even; never with too few experts.
     from llama_moe.modeling import dropless_moe
 
-    monkeypatch.setattr(dropless_moe, "EXPERT_PARALLEL", None)
+    monkeypatch.setattr(dropless_moe.settings, "expert_parallel", None)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     cpu, large, small = torch.device("cpu"), 2e9, 1e8
     balanced, skewed = [545, 518, 501, 484, 516, 520, 493, 519], [3000, 300, 200, 200, 100, 100, 100, 96]
@@ -240,7 +241,7 @@ def test_expert_parallel_choice(monkeypatch):
     assert dropless_moe._expert_threads(cpu, skewed, small) == 2
     assert dropless_moe._expert_threads(cpu, balanced[:7], small) == 1  # fewer than 4 experts per thread
     assert dropless_moe._expert_threads(torch.device("meta"), balanced, small) == 1  # CPU only
-    monkeypatch.setattr(dropless_moe, "EXPERT_PARALLEL", False)
+    monkeypatch.setattr(dropless_moe.settings, "expert_parallel", False)
     assert dropless_moe._expert_threads(cpu, balanced, small) == 1
 
 
@@ -394,6 +395,23 @@ def test_dropless_on_plain_mixtral():
         max_position_embeddings=64,
     )
     _check_model(MixtralForCausalLM(config), config.vocab_size)
+
+
+def test_settings_change_for_a_block_or_through_the_old_module_names():
+    from llama_moe.modeling import dropless_moe
+
+    assert dropless_moe.settings.few_slots == 8
+    with dropless_moe.configured(few_slots=0, expert_parallel=False):
+        assert dropless_moe.settings.few_slots == 0 and dropless_moe.FEW_SLOTS == 0
+    assert dropless_moe.settings.few_slots == 8 and dropless_moe.settings.expert_parallel is None
+    with pytest.raises(AttributeError):
+        with dropless_moe.configured(few_slot=0):
+            pass
+    try:
+        dropless_moe.EXPERT_PARALLEL = False  # the name the README gave before settings existed
+        assert dropless_moe.settings.expert_parallel is False
+    finally:
+        dropless_moe.settings.expert_parallel = None
 
 
 def test_unsupported_experts_layout_is_refused():
