@@ -35,6 +35,8 @@ class UpcyclePlan:
     tensors: list[tuple[str, tuple]]
     # Streaming steps: ("copy", source_name) or ("moe", layer_idx).
     steps: list[tuple[str, object]]
+    # The routed expert width the method chose; the config's is rounded up to EXPERT_WIDTH_MULTIPLE.
+    built_expert_width: int
 
     @property
     def layerwise_calibration(self) -> bool:
@@ -64,6 +66,33 @@ def moe_tensor_shapes(config: LlamaMoEConfig, layer: int) -> list[tuple[str, tup
     return shapes
 
 
+# Routed expert widths are rounded up to a multiple of this many neurons, the extra ones all zero: grouped-GEMM kernels
+# (transformers' default "grouped_mm" experts, as Qwen2-MoE and Mixtral use them) need every weight row to span a
+# multiple of 16 bytes, which 8 neurons give in every dtype. A zero neuron adds exactly nothing (silu(0) * 0 and a
+# zero down column) and its gradients are zero, so it stays inert in training.
+EXPERT_WIDTH_MULTIPLE = 8
+
+
+def aligned_expert_width(width: int) -> int:
+    return -(-width // EXPERT_WIDTH_MULTIPLE) * EXPERT_WIDTH_MULTIPLE
+
+
+def pad_expert_width(gate_up_EFH: torch.Tensor, down_EHW: torch.Tensor, width: int):
+    """Experts of width W' -> width `width` >= W' with zero neurons (gate and up rows, down columns)."""
+    built = down_EHW.shape[-1]
+    if built == width:
+        return gate_up_EFH, down_EHW
+    E, _, H = gate_up_EFH.shape
+    rows = gate_up_EFH.new_zeros(E, width - built, H)
+    gate_up = torch.cat([gate_up_EFH[:, :built], rows, gate_up_EFH[:, built:], rows], dim=1)
+    down = torch.cat([down_EHW, down_EHW.new_zeros(E, down_EHW.shape[1], width - built)], dim=2)
+    return gate_up, down
+
+
+def method_expert_width(dense_config, options: UpcycleOptions, method: UpcycleMethod) -> int:
+    return method.config_changes(dense_config, options).get("moe_intermediate_size", dense_config.intermediate_size)
+
+
 def build_moe_config(dense_config, options: UpcycleOptions, method: UpcycleMethod, dtype: torch.dtype) -> LlamaMoEConfig:
     changes = method.config_changes(dense_config, options)
     fields = {k: v for k, v in dense_config.to_dict().items() if k not in CONFIG_KEYS_TO_DROP}
@@ -71,7 +100,7 @@ def build_moe_config(dense_config, options: UpcycleOptions, method: UpcycleMetho
         num_local_experts=options.num_experts,
         num_experts_per_tok=options.top_k,
         moe_layers=resolve_moe_layers(options.moe_layers, dense_config.num_hidden_layers),
-        moe_intermediate_size=changes.get("moe_intermediate_size", dense_config.intermediate_size),
+        moe_intermediate_size=aligned_expert_width(method_expert_width(dense_config, options, method)),
         shared_expert_intermediate_size=changes.get("shared_expert_intermediate_size", 0),
         norm_topk_prob=options.norm_topk_prob
         if options.norm_topk_prob is not None
@@ -123,7 +152,8 @@ def plan_upcycle(base, options: UpcycleOptions) -> UpcyclePlan:
             continue
         steps.append(("copy", name))
         tensors.append((name, source.shape(name)))
-    return UpcyclePlan(source, options, method, moe_config, moe_layers, dtype, tensors, steps)
+    built_width = method_expert_width(dense_config, options, method)
+    return UpcyclePlan(source, options, method, moe_config, moe_layers, dtype, tensors, steps, built_width)
 
 
 def layer_generator(seed: int, layer: int) -> torch.Generator:
@@ -167,6 +197,7 @@ def build_moe_layer(plan: UpcyclePlan, layer: int, context=None, calibration=Non
         ffn.inputs = calibration.ffn_inputs(layer)
     generator = layer_generator(plan.options.seed, layer)
     init = plan.method.build(ffn, plan.options, generator, layer, context)
+    init.gate_up, init.down = pad_expert_width(init.gate_up, init.down, plan.moe_config.moe_intermediate_size)
     router = init.router
     if plan.options.router_init == "fit":
         router = fit_router(init.gate_up, init.down, ffn.inputs)

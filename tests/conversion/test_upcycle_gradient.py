@@ -85,7 +85,8 @@ def test_gradient_upcycle_end_to_end(dense_dir, calibration_file, tmp_path):
                   calibration_data=calibration_file, router_init="centroids", progress=False)
     config = json.load(open(os.path.join(out, "config.json")))
     size = I // 5
-    assert config["moe_intermediate_size"] == size and config["shared_expert_intermediate_size"] == size
+    # routed experts are padded to a multiple of 8 neurons with zeros (test_expert_width.py); the shared one is not
+    assert config["moe_intermediate_size"] == 24 and config["shared_expert_intermediate_size"] == size
     assert config["routed_scaling_factor"] == pytest.approx((I - size) / (2 * size))
     tensors = read_tensors(out)
     dense = read_tensors(dense_dir)
@@ -98,6 +99,7 @@ def test_gradient_upcycle_end_to_end(dense_dir, calibration_file, tmp_path):
         for e in range(4):
             neurons = {rows[r.numpy().tobytes()] for r in gate_up[e, :size]}
             assert len(neurons) == size and not neurons & shared_rows  # real dense neurons, not the shared ones
+            assert not gate_up[e, size:24].any()
         router = tensors[f"model.layers.{layer}.mlp.gate.weight"]
         torch.testing.assert_close(router.norm(dim=1), torch.ones(4))  # unit centroids of the FFN inputs
     assert logits_of(load_moe(out), tokens()).isfinite().all()
