@@ -35,8 +35,11 @@ class UpcyclePlan:
     tensors: list[tuple[str, tuple]]
     # Streaming steps: ("copy", source_name) or ("moe", layer_idx).
     steps: list[tuple[str, object]]
-    # The routed expert width the method chose; the config's is rounded up to EXPERT_WIDTH_MULTIPLE.
-    built_expert_width: int
+
+    @property
+    def built_expert_width(self) -> int:
+        """The routed expert width the method chose; the config's is that rounded up to EXPERT_WIDTH_MULTIPLE."""
+        return method_expert_width(self.method.config_changes(self.source.config, self.options), self.source.config)
 
     @property
     def layerwise_calibration(self) -> bool:
@@ -89,8 +92,9 @@ def pad_expert_width(gate_up_EFH: torch.Tensor, down_EHW: torch.Tensor, width: i
     return gate_up, down
 
 
-def method_expert_width(dense_config, options: UpcycleOptions, method: UpcycleMethod) -> int:
-    return method.config_changes(dense_config, options).get("moe_intermediate_size", dense_config.intermediate_size)
+def method_expert_width(changes: dict, dense_config) -> int:
+    """The routed expert width in a method's config changes: the dense FFN's unless the method says otherwise."""
+    return changes.get("moe_intermediate_size", dense_config.intermediate_size)
 
 
 def build_moe_config(dense_config, options: UpcycleOptions, method: UpcycleMethod, dtype: torch.dtype) -> LlamaMoEConfig:
@@ -100,7 +104,7 @@ def build_moe_config(dense_config, options: UpcycleOptions, method: UpcycleMetho
         num_local_experts=options.num_experts,
         num_experts_per_tok=options.top_k,
         moe_layers=resolve_moe_layers(options.moe_layers, dense_config.num_hidden_layers),
-        moe_intermediate_size=aligned_expert_width(method_expert_width(dense_config, options, method)),
+        moe_intermediate_size=aligned_expert_width(method_expert_width(changes, dense_config)),
         shared_expert_intermediate_size=changes.get("shared_expert_intermediate_size", 0),
         norm_topk_prob=options.norm_topk_prob
         if options.norm_topk_prob is not None
@@ -152,8 +156,7 @@ def plan_upcycle(base, options: UpcycleOptions) -> UpcyclePlan:
             continue
         steps.append(("copy", name))
         tensors.append((name, source.shape(name)))
-    built_width = method_expert_width(dense_config, options, method)
-    return UpcyclePlan(source, options, method, moe_config, moe_layers, dtype, tensors, steps, built_width)
+    return UpcyclePlan(source, options, method, moe_config, moe_layers, dtype, tensors, steps)
 
 
 def layer_generator(seed: int, layer: int) -> torch.Generator:
