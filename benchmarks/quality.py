@@ -208,10 +208,13 @@ def main() -> None:
         init_dir = out / recipe / "init"
         if options["method"] == "gradient":  # the only method without a default calibration text
             options = {**options, "calibration_data": str(calibration_file)}
+        def build():
+            return run_upcycle(base, init_dir, UpcycleOptions.from_kwargs(seed=qs.seed, **options),
+                               overwrite=True, progress=False)
+
         if not (results_dir / f"{recipe}.init.json").exists():
             start = time.perf_counter()
-            result = run_upcycle(base, init_dir, UpcycleOptions.from_kwargs(seed=qs.seed, **options),
-                                 overwrite=True, progress=False)
+            result = build()
             row = evaluate(str(init_dir), heldout, args.eval_tokens, args.lm_eval_limit)
             row.update(seconds=time.perf_counter() - start, options=options,
                        active_ffn=active_ffn_fraction(result.plan.moe_config))
@@ -219,6 +222,11 @@ def main() -> None:
             report(dense)
         if args.no_train:
             continue
+        stages_left = [s for s in STAGES[1:] if not (results_dir / f"{recipe}.{s}.json").exists()]
+        if args.no_distill:
+            stages_left = [s for s in stages_left if s != "distilled"]
+        if stages_left and not (init_dir / "config.json").exists():
+            build()  # the folder was removed after its row was measured; same seed, same model
         init_row = json.loads((results_dir / f"{recipe}.init.json").read_text())
         for stage, distill in (("trained", 0.0), ("distilled", 1.0)):
             if (results_dir / f"{recipe}.{stage}.json").exists() or (distill and args.no_distill):
