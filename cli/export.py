@@ -8,6 +8,7 @@ import argparse
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from llama_moe.conversion.engines import ENGINES
     from llama_moe.conversion.formats import EXPORTERS
 
     formats = "\n".join(f"  {name:<10} {exporter.description}" for name, exporter in EXPORTERS.items())
@@ -21,14 +22,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--format", required=True, help=f"target format: {', '.join(EXPORTERS)}")
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    parser.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default=None,
+        help="refuse (before writing) unless this serving engine computes the output exactly as llama-moe does",
+    )
     return parser
 
 
 def main(argv: list[str]) -> int:
+    from llama_moe.conversion.engines import engine_lines
     from llama_moe.conversion.formats import export_checkpoint
+    from llama_moe.modeling import LlamaMoEConfig
 
     args = build_parser().parse_args(argv)
     out = export_checkpoint(args.src, args.out, args.format, max_shard_size=args.max_shard_size,
-                            overwrite=args.overwrite)
+                            overwrite=args.overwrite, engine=args.engine)
+    print("Serving engines:\n" + engine_lines(args.format, LlamaMoEConfig.from_pretrained(args.src)))
     print(f"Exported {args.src} -> {out} ({args.format})")
     return 0

@@ -28,6 +28,7 @@ def add_method_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from llama_moe.conversion.engines import ENGINES
     from llama_moe.conversion.formats import EXPORTERS
     from llama_moe.conversion.methods import METHODS
     from llama_moe.conversion.options import ROUTER_INIT_HELP
@@ -108,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     parser.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default=None,
+        help="refuse (before writing) unless this serving engine computes the output exactly as llama-moe does",
+    )
+    parser.add_argument(
         "--verify", action="store_true", help="run dense and MoE on real tokens: max logit difference, perplexities"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -128,6 +135,7 @@ def main(argv: list[str]) -> int:
     from dataclasses import fields
 
     from llama_moe.conversion.options import UpcycleOptions
+    from llama_moe.conversion.engines import engine_lines
     from llama_moe.conversion.upcycle import run_upcycle
 
     options = UpcycleOptions.from_kwargs(**{f.name: getattr(args, f.name) for f in fields(UpcycleOptions)})
@@ -142,8 +150,10 @@ def main(argv: list[str]) -> int:
         verify=args.verify,
         command=command,
         progress=not args.no_progress,
+        engine=args.engine,
     )
     if result.verify:
         print(result.verify["summary"], file=sys.stderr)
+    print("Serving engines:\n" + engine_lines(args.format, result.plan.moe_config))
     print(result.summary())
     return 0

@@ -21,6 +21,7 @@ from transformers.dynamic_module_utils import custom_object_save
 
 from llama_moe.modeling import LlamaMoEConfig, LlamaMoEForCausalLM
 
+from .engines import ENGINE_NAMES, engine_refusal
 from .reader import CheckpointReader, copy_side_files, is_recomputed_buffer
 from .writer import (
     ShardedSafetensorsWriter,
@@ -80,8 +81,12 @@ QWEN2_MOE_KEY_MAP: dict[str, tuple[str, ...]] = {
 QWEN2_MOE_SCALED_KEYS = ("model.layers.{layer}.mlp.experts.down_proj",)
 # Qwen2-MoE's q/k/v projections have biases in every engine: ours get zero biases (exact).
 QWEN2_MOE_ZERO_BIAS_KEYS = tuple(f"model.layers.{{layer}}.self_attn.{p}_proj.weight" for p in "qkv")
-# Qwen2-MoE always gates the shared expert by sigmoid(x w): without our gate, w = 0 and down_proj doubles.
+# Qwen2-MoE always gates the shared expert by sigmoid(x w). Without our gate, down_proj doubles and w is a constant
+# so small that sigmoid(x w) rounds to exactly 1/2 (|x w| < 2^-26 while sum |x_j| < 2^22, far above any RMS-normed
+# hidden state) yet is never 0: llama.cpp computes this sigmoid as silu(g) / g, NaN at g = 0. In float16 the
+# constant underflows to 0 (exact for transformers and vLLM; engines.py says llama.cpp cannot serve it).
 QWEN2_MOE_SHARED_DOWN_KEY = "model.layers.{layer}.mlp.shared_expert.down_proj.weight"
+QWEN2_MOE_UNGATED_GATE_VALUE = 2.0**-48
 # Qwen2-MoE always has a shared expert: a model without one gets a zero expert of this width (output exactly 0).
 QWEN2_MOE_ROUTER_KEY = "model.layers.{layer}.mlp.gate.weight"
 NULL_SHARED_EXPERT_SIZE = 1
@@ -302,8 +307,9 @@ class Qwen2MoeExporter(Exporter):
 
     def target_config(self, moe_config: LlamaMoEConfig) -> PreTrainedConfig:
         c = moe_config
+        # Untied: llama.cpp's qwen2moe requires its own output matrix (a tied embedding is written twice).
         return Qwen2MoeConfig(
-            **shared_config_fields(c),
+            **shared_config_fields(c) | {"tie_word_embeddings": False},
             intermediate_size=c.intermediate_size,  # dense (non-MoE) layers
             use_sliding_window=False,
             decoder_sparse_step=1,
@@ -318,17 +324,21 @@ class Qwen2MoeExporter(Exporter):
 
     def rename(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
         renamed = super().rename(name, tensor)
+        if name == "model.embed_tokens.weight" and self.moe_config.tie_word_embeddings:
+            renamed.append(("lm_head.weight", tensor))
         router = template_regex(QWEN2_MOE_ROUTER_KEY).match(name)
         if router and self.moe_config.shared_expert_intermediate_size == 0:
             # Every Qwen2-MoE layer has a shared expert: ours has none, so it gets an all-zero one of width 1.
-            # Its output is exactly 0 and so are all its gradients, so it stays inert if trained further.
+            # Its output is exactly 0 and so are all its gradients, so it stays inert if trained further; its gate
+            # is the tiny constant too (0 * NaN would still be NaN in llama.cpp).
             hidden, size, layer = tensor.shape[1], NULL_SHARED_EXPERT_SIZE, router.group("layer")
             zeros = {"gate_proj": (size, hidden), "up_proj": (size, hidden), "down_proj": (hidden, size)}
             prefix = f"model.layers.{layer}.mlp"
             renamed += [
                 (f"{prefix}.shared_expert.{proj}.weight", tensor.new_zeros(shape)) for proj, shape in zeros.items()
             ]
-            renamed.append((f"{prefix}.shared_expert_gate.weight", tensor.new_zeros(1, hidden)))
+            gate = tensor.new_full((1, hidden), QWEN2_MOE_UNGATED_GATE_VALUE)
+            renamed.append((f"{prefix}.shared_expert_gate.weight", gate))
         return renamed
 
     def rename_unmapped(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
@@ -337,8 +347,8 @@ class Qwen2MoeExporter(Exporter):
             return [(name, tensor), (name.removesuffix(".weight") + ".bias", bias)]
         if not self.moe_config.shared_expert_gate and _matches_any((QWEN2_MOE_SHARED_DOWN_KEY,), name):
             gate_name = name.replace(".shared_expert.down_proj.weight", ".shared_expert_gate.weight")
-            gate = torch.zeros(1, tensor.shape[0], dtype=tensor.dtype, device=tensor.device)
-            return [(name, tensor * 2), (gate_name, gate)]  # sigmoid(0) * 2 == 1, exactly
+            gate = tensor.new_full((1, tensor.shape[0]), QWEN2_MOE_UNGATED_GATE_VALUE)
+            return [(name, tensor * 2), (gate_name, gate)]  # sigmoid(tiny) * 2 == 1, exactly
         return [(name, tensor)]  # attention, norms, embeddings, lm_head, shared expert, dense MLPs
 
 
@@ -347,12 +357,17 @@ EXPORTERS: dict[str, type[Exporter]] = {
 }
 
 
-def formats_that_fit(moe_config: LlamaMoEConfig) -> list[str]:
-    return [name for name, cls in EXPORTERS.items() if cls.supports(moe_config, [])]
+def formats_that_fit(moe_config: LlamaMoEConfig, engine: str | None = None) -> list[str]:
+    """Formats that can hold this configuration; with `engine`, only those that engine computes exactly."""
+    return [
+        name for name, cls in EXPORTERS.items()
+        if cls.supports(moe_config, []) and (engine is None or engine_refusal(name, moe_config, engine) is None)
+    ]
 
 
-def get_exporter(name: str, moe_config: LlamaMoEConfig) -> Exporter:
-    """The exporter for format `name`, or ValueError naming every reason the configuration does not fit."""
+def get_exporter(name: str, moe_config: LlamaMoEConfig, engine: str | None = None) -> Exporter:
+    """The exporter for format `name`, or ValueError naming every reason the configuration does not fit; with
+    `engine` (engines.ENGINES), also refused when that engine would not compute the export exactly as we do."""
     if name not in EXPORTERS:
         raise ValueError(f"Unknown format {name!r}: choose one of {list(EXPORTERS)}.")
     cls = EXPORTERS[name]
@@ -363,6 +378,11 @@ def get_exporter(name: str, moe_config: LlamaMoEConfig) -> Exporter:
             f"This configuration does not fit format {name!r}:\n{lines}\n"
             f"Formats that fit it: {formats_that_fit(moe_config)} (all formats: {list(EXPORTERS)})."
         )
+    if engine is not None:
+        refusal = engine_refusal(name, moe_config, engine)
+        if refusal:
+            raise ValueError(f"{refusal} Formats that {ENGINE_NAMES[engine]} serves for this configuration: "
+                             f"{formats_that_fit(moe_config, engine)}.")
     return cls(moe_config)
 
 
@@ -470,11 +490,13 @@ def export_checkpoint(
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     overwrite: bool = False,
     verbose: bool = True,
+    engine: str | None = None,
 ) -> str:
     """Convert a llama_moe checkpoint directory into `format_name`, streaming tensor by tensor.
 
     Writes atomically (a temporary directory beside `out_dir`, renamed at the end), copies tokenizer and
-    generation-config files, and checks the written tensors' names and shapes. Returns the output path.
+    generation-config files, and checks the written tensors' names and shapes. With `engine`, refuses (before
+    writing) an export that engine would not compute exactly as we do. Returns the output path.
     """
     src = Path(src_dir)
     config_path = src / "config.json"
@@ -487,7 +509,7 @@ def export_checkpoint(
             "LLaMA-MoE v1 checkpoints go through `import_llama_moe_v1`, dense models through `llama-moe upcycle`."
         )
     moe_config = LlamaMoEConfig.from_pretrained(src)
-    exporter = get_exporter(format_name, moe_config)
+    exporter = get_exporter(format_name, moe_config, engine)
     reader = CheckpointReader(src)
     tensors = [
         PlannedTensor(name, *reader.shape_and_dtype(name), functools.partial(reader.get, name))

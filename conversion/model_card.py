@@ -5,6 +5,7 @@ Reads only the plan and counts it is given; must not load weights or contact the
 
 import os
 
+from .engines import engine_table_markdown
 from .methods import GRANULAR_SCALING, METHODS
 
 
@@ -78,6 +79,7 @@ def render_model_card(plan, *, format: str, total_params: int, active_params: in
         "```",
         "",
     ]
+    lines += ["## Serving engines", "", engine_table_markdown(format, c), ""]
     if command:
         language = "bash" if command.startswith("llama-moe ") else "python"
         lines += ["## How it was made", "", f"```{language}", command, "```", ""]

@@ -293,6 +293,7 @@ def run_upcycle(
     verify: bool = False,
     command: str | None = None,
     progress: bool = True,
+    engine: str | None = None,
 ) -> UpcycleResult:
     """`upcycle` with its statistics. All checks run before the output folder is created."""
     from .formats import get_exporter, write_checkpoint
@@ -305,7 +306,7 @@ def run_upcycle(
     if os.path.exists(out) and not overwrite:
         raise ValueError(f"{out} already exists; choose another output path or pass --overwrite.")
     plan = plan_upcycle(base, options)
-    exporter = get_exporter(format, plan.moe_config)
+    exporter = get_exporter(format, plan.moe_config, engine)
     total, active = count_parameters(plan.moe_config)
 
     def finish(folder: str) -> None:
@@ -345,6 +346,7 @@ def upcycle(
     overwrite: bool = False,
     verify: bool = False,
     progress: bool = True,
+    engine: str | None = None,
     **moe_options,
 ) -> str:
     """Convert a dense Llama checkpoint (folder, .gguf file, Hub id or LlamaForCausalLM) into an MoE checkpoint
@@ -355,6 +357,8 @@ def upcycle(
     arguments = dict(method=method, num_experts=num_experts, top_k=top_k, **moe_options)
     if format != "llama_moe":
         arguments["format"] = format
+    if engine is not None:
+        arguments["engine"] = engine
     base_text = repr(os.fspath(base)) if isinstance(base, (str, os.PathLike)) else type(base).__name__
     command = "from llama_moe.conversion import upcycle\nupcycle({}, {!r}, {})".format(
         base_text, os.fspath(out), ", ".join(f"{k}={v!r}" for k, v in arguments.items())
@@ -369,6 +373,7 @@ def upcycle(
         verify=verify,
         command=command,
         progress=progress,
+        engine=engine,
     ).path
 
 

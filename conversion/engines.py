@@ -1,0 +1,101 @@
+"""Which serving engines compute an exported checkpoint exactly as our model does, and why not where they do not.
+
+One rule table per output format, from the engines' own sources (vLLM's `qwen2_moe.py` / `mixtral.py`, llama.cpp's
+`src/models/{llama,qwen2moe,granite}.cpp` as vendored by llama-cpp-python 0.3.36) and checked by
+`benchmarks/serving_check.py`. Pure functions of the config: nothing here reads weights.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+ENGINES = ("transformers", "vllm", "llama.cpp")
+ENGINE_NAMES = {"transformers": "transformers", "vllm": "vLLM", "llama.cpp": "llama.cpp"}
+
+
+class EngineSupport(NamedTuple):
+    engine: str
+    exact: bool  # computes what our model computes, up to floating-point rounding
+    note: str  # how to run it, or why it cannot
+
+
+def _dtype(config) -> torch.dtype | None:
+    dtype = getattr(config, "dtype", None)
+    if isinstance(dtype, str):
+        return getattr(torch, dtype, None)
+    return dtype
+
+
+def _llama_cpp_qwen2moe_limits(config) -> list[str]:
+    """Why llama.cpp's qwen2moe (via convert_hf_to_gguf.py) would compute something else; empty when it fits."""
+    reasons = []
+    if len(config.moe_layers) < config.num_hidden_layers:
+        reasons.append("its qwen2moe has an MoE block in every layer (no mlp_only_layers)")
+    if config.norm_topk_prob:
+        reasons.append("its qwen2moe never renormalizes the top-k weights (norm_topk_prob=True here)")
+    if not config.shared_expert_gate and _dtype(config) == torch.float16:
+        reasons.append(
+            "float16 cannot hold the tiny shared-expert gate that keeps its sigmoid, computed as silu(x)/x, off 0/0 "
+            "(export in bfloat16 or float32)"
+        )
+    return reasons
+
+
+def engine_support(format_name: str, config) -> list[EngineSupport]:
+    """One row per engine in ENGINES for a checkpoint of `config` written in `format_name`."""
+    if format_name == "llama_moe":
+        return [
+            EngineSupport("transformers", True, "AutoModelForCausalLM with trust_remote_code=True"),
+            EngineSupport("vllm", False, "vLLM has no llama_moe architecture: export to mixtral or qwen2_moe"),
+            EngineSupport("llama.cpp", False, "llama.cpp has no llama_moe architecture: export to gguf"),
+        ]
+    if format_name == "mixtral":
+        return [
+            EngineSupport("transformers", True, "MixtralForCausalLM, no remote code"),
+            EngineSupport("vllm", True, "served as MixtralForCausalLM"),
+            EngineSupport(
+                "llama.cpp", True,
+                "after convert_hf_to_gguf.py (or --format gguf); keep the KV cache in float32 (-ctk f32 -ctv f32) "
+                "for routers that sit near ties, such as the random split's",
+            ),
+        ]
+    if format_name == "qwen2_moe":
+        reasons = _llama_cpp_qwen2moe_limits(config)
+        llama_cpp = (
+            EngineSupport("llama.cpp", True, "after convert_hf_to_gguf.py (or --format gguf)")
+            if not reasons
+            else EngineSupport("llama.cpp", False, "; ".join(reasons) + ": export to gguf instead")
+        )
+        return [
+            EngineSupport("transformers", True, "Qwen2MoeForCausalLM, no remote code"),
+            EngineSupport("vllm", True, "served as Qwen2MoeForCausalLM"),
+            llama_cpp,
+        ]
+    raise ValueError(f"Unknown format {format_name!r}.")
+
+
+def engine_refusal(format_name: str, config, engine: str) -> str | None:
+    """The one-line reason `engine` cannot serve this export exactly, or None when it can."""
+    if engine not in ENGINES:
+        raise ValueError(f"Unknown engine {engine!r}: choose one of {list(ENGINES)}.")
+    row = next(row for row in engine_support(format_name, config) if row.engine == engine)
+    if row.exact:
+        return None
+    return f"{ENGINE_NAMES[engine]} cannot compute this {format_name} checkpoint as llama-moe does: {row.note}."
+
+
+def engine_table_markdown(format_name: str, config) -> str:
+    lines = ["| engine | computes this checkpoint as we do | how / why not |", "|---|---|---|"]
+    for row in engine_support(format_name, config):
+        lines.append(f"| {ENGINE_NAMES[row.engine]} | {'yes' if row.exact else 'no'} | {row.note} |")
+    return "\n".join(lines)
+
+
+def engine_lines(format_name: str, config) -> str:
+    """What the CLI prints after writing: one line per engine."""
+    return "\n".join(
+        f"  {ENGINE_NAMES[row.engine]:<12} {'exact' if row.exact else 'no':<5}  {row.note}"
+        for row in engine_support(format_name, config)
+    )
