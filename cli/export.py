@@ -9,9 +9,10 @@ import argparse
 
 def build_parser() -> argparse.ArgumentParser:
     from llama_moe.conversion.engines import ENGINES
-    from llama_moe.conversion.formats import EXPORTERS
+    from llama_moe.conversion.formats import EXPORTERS, FORMATS
 
     formats = "\n".join(f"  {name:<10} {exporter.description}" for name, exporter in EXPORTERS.items())
+    formats += "\n  gguf       one GGUF file that llama.cpp computes exactly as we do (architecture from the routing)"
     parser = argparse.ArgumentParser(
         prog="llama-moe export",
         description="Write a llama_moe checkpoint in another format, streamed tensor by tensor.\n\nformats:\n" + formats,
@@ -19,7 +20,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("src", metavar="SRC", help="llama_moe checkpoint folder (from upcycle or train)")
     parser.add_argument("out", metavar="OUT", help="output folder (must not exist unless --overwrite)")
-    parser.add_argument("--format", required=True, help=f"target format: {', '.join(EXPORTERS)}")
+    parser.add_argument("--format", required=True, choices=FORMATS,
+                        help=f"target format: {', '.join(FORMATS)} (gguf: OUT is a .gguf file for llama.cpp)")
+    parser.add_argument("--outtype", default=None, choices=["f32", "f16", "bf16"],
+                        help="gguf: tensor type of the file (default: the checkpoint's dtype)")
+    parser.add_argument("--gguf-tokenizer-pre", default=None,
+                        help="gguf: llama.cpp's name of the tokenizer's pre-tokenizer where it is not detected")
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     parser.add_argument(
@@ -37,8 +43,18 @@ def main(argv: list[str]) -> int:
     from llama_moe.modeling import LlamaMoEConfig
 
     args = build_parser().parse_args(argv)
-    out = export_checkpoint(args.src, args.out, args.format, max_shard_size=args.max_shard_size,
-                            overwrite=args.overwrite, engine=args.engine)
+    if args.format == "gguf":
+        from llama_moe.conversion.engines import engine_refusal
+        from llama_moe.conversion.gguf_export import export_gguf
+
+        refusal = args.engine and engine_refusal("gguf", LlamaMoEConfig.from_pretrained(args.src), args.engine)
+        if refusal:
+            raise ValueError(refusal)
+        out = export_gguf(args.src, args.out, outtype=args.outtype, tokenizer_pre=args.gguf_tokenizer_pre,
+                          overwrite=args.overwrite)
+    else:
+        out = export_checkpoint(args.src, args.out, args.format, max_shard_size=args.max_shard_size,
+                                overwrite=args.overwrite, engine=args.engine)
     print("Serving engines:\n" + engine_lines(args.format, LlamaMoEConfig.from_pretrained(args.src)))
     print(f"Exported {args.src} -> {out} ({args.format})")
     return 0

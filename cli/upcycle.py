@@ -29,7 +29,7 @@ def add_method_options(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from llama_moe.conversion.engines import ENGINES
-    from llama_moe.conversion.formats import EXPORTERS
+    from llama_moe.conversion.formats import FORMATS
     from llama_moe.conversion.methods import METHODS
     from llama_moe.conversion.options import ROUTER_INIT_HELP
 
@@ -97,8 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     parser.add_argument(
-        "--format", default="llama_moe", help=f"output architecture: {', '.join(EXPORTERS)} (default llama_moe)"
+        "--format", default="llama_moe",
+        help=f"output architecture: {', '.join(FORMATS)} (default llama_moe); gguf: OUT is a .gguf file for llama.cpp "
+        "in --dtype",
     )
+    parser.add_argument("--gguf-tokenizer-pre", default=None,
+                        help="gguf: llama.cpp's name of the tokenizer's pre-tokenizer where it is not detected")
     parser.add_argument(
         "--from",
         dest="source_format",
@@ -151,6 +155,7 @@ def main(argv: list[str]) -> int:
         command=command,
         progress=not args.no_progress,
         engine=args.engine,
+        gguf_tokenizer_pre=args.gguf_tokenizer_pre,
     )
     if result.verify:
         print(result.verify["summary"], file=sys.stderr)

@@ -73,6 +73,20 @@ def engine_support(format_name: str, config) -> list[EngineSupport]:
             EngineSupport("vllm", True, "served as Qwen2MoeForCausalLM"),
             llama_cpp,
         ]
+    if format_name == "gguf":
+        from .gguf_export import gguf_architecture
+
+        reasons: list[str] = []
+        arch = gguf_architecture(config, reasons)
+        return [
+            EngineSupport("transformers", arch == "qwen2moe",
+                          "Qwen2MoeForCausalLM.from_pretrained(folder, gguf_file=..., config=<the qwen2_moe export's "
+                          "config>)" if arch == "qwen2moe" else
+                          "transformers' GGUF reader has no experts for llama.cpp's llama and granitemoe files"),
+            EngineSupport("vllm", False, "serve the mixtral or qwen2_moe export (vLLM's GGUF loading is not checked)"),
+            EngineSupport("llama.cpp", arch is not None,
+                          f"llama-cli / llama-server -m FILE.gguf (architecture {arch})" if arch else "; ".join(reasons)),
+        ]
     raise ValueError(f"Unknown format {format_name!r}.")
 
 

@@ -357,26 +357,34 @@ EXPORTERS: dict[str, type[Exporter]] = {
 }
 
 
+FORMATS = [*EXPORTERS, "gguf"]  # every --format value
+
+
 def formats_that_fit(moe_config: LlamaMoEConfig, engine: str | None = None) -> list[str]:
-    """Formats that can hold this configuration; with `engine`, only those that engine computes exactly."""
-    return [
-        name for name, cls in EXPORTERS.items()
-        if cls.supports(moe_config, []) and (engine is None or engine_refusal(name, moe_config, engine) is None)
-    ]
+    """Formats that can hold this configuration (gguf included, conversion/gguf_export.py); with `engine`, only
+    those that engine computes exactly."""
+    from .gguf_export import gguf_architecture
+
+    fit = [name for name, cls in EXPORTERS.items() if cls.supports(moe_config, [])]
+    if gguf_architecture(moe_config, []) is not None:
+        fit.append("gguf")
+    return [name for name in fit if engine is None or engine_refusal(name, moe_config, engine) is None]
 
 
 def get_exporter(name: str, moe_config: LlamaMoEConfig, engine: str | None = None) -> Exporter:
     """The exporter for format `name`, or ValueError naming every reason the configuration does not fit; with
     `engine` (engines.ENGINES), also refused when that engine would not compute the export exactly as we do."""
+    if name == "gguf":
+        raise ValueError("The gguf format is one file written by conversion.gguf_export.export_gguf, not an Exporter.")
     if name not in EXPORTERS:
-        raise ValueError(f"Unknown format {name!r}: choose one of {list(EXPORTERS)}.")
+        raise ValueError(f"Unknown format {name!r}: choose one of {FORMATS}.")
     cls = EXPORTERS[name]
     reasons: list[str] = []
     if not cls.supports(moe_config, reasons):
         lines = "\n".join(f"  - {reason}" for reason in reasons)
         raise ValueError(
             f"This configuration does not fit format {name!r}:\n{lines}\n"
-            f"Formats that fit it: {formats_that_fit(moe_config)} (all formats: {list(EXPORTERS)})."
+            f"Formats that fit it: {formats_that_fit(moe_config)} (all formats: {FORMATS})."
         )
     if engine is not None:
         refusal = engine_refusal(name, moe_config, engine)
@@ -531,6 +539,7 @@ def export_checkpoint(
 
 __all__ = [
     "EXPORTERS",
+    "FORMATS",
     "Exporter",
     "LlamaMoEExporter",
     "MixtralExporter",

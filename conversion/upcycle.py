@@ -7,8 +7,11 @@ math (conversion/methods/), file formats (writer.py, formats.py) or argument par
 
 import copy
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -294,19 +297,33 @@ def run_upcycle(
     command: str | None = None,
     progress: bool = True,
     engine: str | None = None,
+    gguf_tokenizer_pre: str | None = None,
 ) -> UpcycleResult:
-    """`upcycle` with its statistics. All checks run before the output folder is created."""
-    from .formats import get_exporter, write_checkpoint
+    """`upcycle` with its statistics. All checks run before the output folder is created. `format="gguf"`: `out`
+    is a .gguf file, written from a llama_moe folder staged beside it (removed afterwards)."""
+    from .formats import LlamaMoEExporter, get_exporter, write_checkpoint
     from .model_card import write_model_card
     from .writer import parse_size
 
     start = time.perf_counter()
     shard_bytes = parse_size(max_shard_size)  # a bad size is refused before the dense model is opened
     out = os.path.abspath(os.fspath(out))
-    if os.path.exists(out) and not overwrite:
+    if format == "gguf":
+        from .gguf_export import check_gguf_fit, check_gguf_output, check_gguf_tokenizer, export_gguf, outtype_of
+
+        check_gguf_output(Path(out), "f32", overwrite)
+        if engine not in (None, "llama.cpp"):
+            raise ValueError(f"--format gguf is for llama.cpp, not {engine}: use --format mixtral or qwen2_moe.")
+    elif os.path.exists(out) and not overwrite:
         raise ValueError(f"{out} already exists; choose another output path or pass --overwrite.")
     plan = plan_upcycle(base, options)
-    exporter = get_exporter(format, plan.moe_config, engine)
+    staging = None
+    if format == "gguf":
+        check_gguf_fit(plan.moe_config)
+        staging = tempfile.mkdtemp(prefix=os.path.basename(out) + ".staging-", dir=os.path.dirname(out))
+        exporter = LlamaMoEExporter(plan.moe_config)
+    else:
+        exporter = get_exporter(format, plan.moe_config, engine)
     total, active = count_parameters(plan.moe_config)
 
     def finish(folder: str) -> None:
@@ -314,23 +331,38 @@ def run_upcycle(
         plan.source.save_tokenizer(folder)
         write_model_card(folder, plan, format=format, total_params=total, active_params=active, command=command)
 
-    written = write_checkpoint(
-        [(name, shape, plan.dtype) for name, shape in plan.tensors], iter_moe_tensors(plan, progress=progress),
-        exporter, out, finish=finish, max_shard_size=shard_bytes, overwrite=overwrite,
-    )
-    result = UpcycleResult(
-        path=out,
-        plan=plan,
-        bytes_written=written.bytes_written,
-        num_files=written.num_shards,
-        seconds=time.perf_counter() - start,
-        total_params=total,
-        active_params=active,
-    )
-    if verify:
-        from .verify import verify_upcycled
+    try:
+        if staging is not None:  # the tokenizer must fit the GGUF file before the heavy work starts
+            os.mkdir(os.path.join(staging, "tokenizer"))
+            plan.source.save_tokenizer(os.path.join(staging, "tokenizer"))
+            check_gguf_tokenizer(Path(staging) / "tokenizer", gguf_tokenizer_pre)
+        folder = out if staging is None else os.path.join(staging, "moe")
+        written = write_checkpoint(
+            [(name, shape, plan.dtype) for name, shape in plan.tensors], iter_moe_tensors(plan, progress=progress),
+            exporter, folder, finish=finish, max_shard_size=shard_bytes, overwrite=overwrite,
+        )
+        result = UpcycleResult(
+            path=out,
+            plan=plan,
+            bytes_written=written.bytes_written,
+            num_files=written.num_shards,
+            seconds=0.0,
+            total_params=total,
+            active_params=active,
+        )
+        if verify:
+            from .verify import verify_upcycled
 
-        result.verify = verify_upcycled(plan.source, out)  # the dense model already opened (no second GGUF parse)
+            # The dense model already opened (no second GGUF parse).
+            result.verify = verify_upcycled(plan.source, folder)
+        if staging is not None:
+            export_gguf(folder, out, outtype=outtype_of(plan.dtype), tokenizer_pre=gguf_tokenizer_pre,
+                        overwrite=overwrite, progress=progress)
+            result.bytes_written, result.num_files = os.path.getsize(out), 1
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+    result.seconds = time.perf_counter() - start
     return result
 
 
@@ -347,6 +379,7 @@ def upcycle(
     verify: bool = False,
     progress: bool = True,
     engine: str | None = None,
+    gguf_tokenizer_pre: str | None = None,
     **moe_options,
 ) -> str:
     """Convert a dense Llama checkpoint (folder, .gguf file, Hub id or LlamaForCausalLM) into an MoE checkpoint
@@ -374,6 +407,7 @@ def upcycle(
         command=command,
         progress=progress,
         engine=engine,
+        gguf_tokenizer_pre=gguf_tokenizer_pre,
     ).path
 
 

@@ -174,6 +174,25 @@ def atomic_output_dir(out: str, overwrite: bool = False):
         os.rename(tmp, out)
 
 
+@contextlib.contextmanager
+def atomic_output_file(out: str | os.PathLike, overwrite: bool = False):
+    """Yield a temporary file path beside `out`; rename it to `out` only if the block finishes."""
+    out = os.path.abspath(os.fspath(out))
+    if os.path.exists(out) and not overwrite:
+        raise ValueError(f"{out} already exists; choose another output path or pass --overwrite.")
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(out) + ".tmp-", dir=parent)
+    os.close(fd)
+    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it owner-only
+    try:
+        yield tmp
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    os.replace(tmp, out)
+
+
 def write_dense_checkpoint(source, out: str, overwrite: bool = False) -> str:
     """A dense source (conversion.reader.DenseSource) as a float32 Hugging Face folder: config, safetensors
     weights, tokenizer and generation config, written atomically. Reading a .gguf dequantizes it and parses its

@@ -204,7 +204,7 @@ def test_mixtral_refusal_lists_every_reason_and_the_formats_that_fit():
 
 
 def test_unknown_format_and_bad_source_are_refused_before_writing(tmp_path):
-    with pytest.raises(ValueError, match=r"Unknown format 'qwen9'.*\['llama_moe', 'mixtral', 'qwen2_moe'\]"):
+    with pytest.raises(ValueError, match=r"Unknown format 'qwen9'.*\['llama_moe', 'mixtral', 'qwen2_moe', 'gguf'\]"):
         get_exporter("qwen9", tiny_moe_config())
     _, src = _saved_moe(tmp_path, router_type="mlp")
     out = tmp_path / "mixtral"

@@ -15,12 +15,12 @@ def dense_dir(tmp_path_factory):
     return write_dense(tmp_path_factory.mktemp("dense") / "llama2", "llama2")
 
 
-def refused(tmp_path, base, match, **options):
-    out = tmp_path / "out"
+def refused(tmp_path, base, match, out_name="out", **options):
+    out = tmp_path / out_name
     with pytest.raises((ValueError, FileNotFoundError), match=match):
         upcycle(base, out, progress=False, **options)
     assert not out.exists()
-    assert not [f for f in os.listdir(tmp_path) if ".tmp-" in f]
+    assert not [f for f in os.listdir(tmp_path) if ".tmp-" in f or ".staging-" in f]
 
 
 def test_option_errors(dense_dir, tmp_path):
@@ -48,7 +48,10 @@ def test_option_errors(dense_dir, tmp_path):
     refused(tmp_path, dense_dir, r"--calibration-data .*nothing.txt does not exist", method="gradient",
             calibration_data=str(tmp_path / "nothing.txt"))
     refused(tmp_path, dense_dir, r"unknown upcycling option\(s\) \['num_expert'\]", num_expert=4)
-    refused(tmp_path, dense_dir, r"Unknown format 'gguf'", format="gguf")
+    refused(tmp_path, dense_dir, r"Unknown format 'onnx'", format="onnx")
+    refused(tmp_path, dense_dir, r"must end in .gguf", format="gguf")  # OUT names a file for gguf
+    refused(tmp_path, dense_dir, r"(?s)llama.cpp cannot compute.*dense", format="gguf", out_name="moe.gguf",
+            moe_layers="every-other")
     refused(tmp_path, dense_dir, r"(?s)does not fit format 'mixtral'.*no shared expert", format="mixtral",
             method="random", num_experts=4, shared_experts=2)
     refused(tmp_path, dense_dir, r"--max-shard-size 'lots'", max_shard_size="lots")

@@ -78,3 +78,25 @@ def test_carve_at_half_the_ffn_stays_within_5x_of_dense_perplexity(dense, tmp_pa
         ratio = domain_perplexity(moe, blocks)["perplexity"] / domain_perplexity(dense, blocks)["perplexity"]
         print(f"carve 50% on held-out {domain.name}: {ratio:.2f}x the dense perplexity")
         assert ratio < 5.0, (domain.name, ratio)
+
+
+def test_gguf_export_of_the_real_model_names_its_tokenizer_for_llama_cpp(copy_out, tmp_path):
+    """SmolLM2's byte-level BPE is recognized as llama.cpp's `smollm` pre-tokenizer; the copy MoE (renormalized
+    top-2, no shared expert) is llama.cpp's Mixtral-style `llama` architecture with the dense model's embedding."""
+    from gguf import GGUFReader
+    from safetensors import safe_open
+
+    from llama_moe.conversion.gguf_export import export_gguf
+
+    out = export_gguf(copy_out, tmp_path / "copy.gguf", outtype="bf16", progress=False)
+    reader = GGUFReader(out)
+    fields = {name: field.contents() for name, field in reader.fields.items() if not name.startswith("tokenizer.ggml.t")}
+    assert fields["general.architecture"] == "llama" and fields["llama.expert_count"] == 8
+    assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "smollm"
+    assert len(reader.fields["tokenizer.ggml.tokens"].data) == 49152
+    embedding = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    got = torch.from_numpy(embedding.data.copy()).view(torch.bfloat16).reshape(49152, 576)
+    with safe_open(os.path.join(copy_out, "model.safetensors"), "pt") as f:
+        expected = f.get_tensor("model.embed_tokens.weight").bfloat16()
+    assert torch.equal(got, expected)
+    os.remove(out)

@@ -1,0 +1,387 @@
+"""`--format gguf`: a llama_moe checkpoint written as one GGUF file that llama.cpp computes exactly as we do.
+
+The llama.cpp architecture follows from the routing (llama.cpp's sources, `src/models/*.cpp`):
+- `llama` (Mixtral): renormalized top-k, no shared expert;
+- `granitemoe`: renormalized top-k plus an ungated shared expert (Granite-MoE-Shared); embedding, residual and
+  attention scales left unset (llama.cpp then applies none) and a logit scale of 1;
+- `qwen2moe`: top-k weights not renormalized (its fixed rule), with a sigmoid-gated shared expert: ours, or for an
+  ungated / missing one the constant gate of formats.py (sigmoid exactly 1/2, never 0/0) and a doubled down_proj.
+Every MoE architecture of llama.cpp has MoE in every layer; other configurations are refused before writing.
+Tensors stream one at a time from the checkpoint (GGUF needs every tensor's shape before the first byte of data,
+which the file headers give). `llama` and `granitemoe` use llama.cpp's interleaved RoPE: q/k rows are permuted as
+its converter does; qwen2moe uses transformers' half-split RoPE as is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from llama_moe.modeling import LlamaMoEConfig
+
+from .formats import NULL_SHARED_EXPERT_SIZE, QWEN2_MOE_UNGATED_GATE_VALUE
+from .reader import CheckpointReader, is_recomputed_buffer
+from .writer import atomic_output_file
+
+OUTTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+ARCHITECTURES = ("llama", "granitemoe", "qwen2moe")
+ROPE_TYPES = ("default", "linear", "llama3")
+
+# llama.cpp names a BPE pre-tokenizer by the hash of the token ids of this text (its converter's `chktxt`), so the
+# same identifier is computed here. Known hashes for the Llama family; others need `tokenizer_pre=`.
+PRE_TOKENIZER_TEXT = (
+    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ 🦙🦙 3 33 "
+    "333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ ------======= "
+    "нещо на Български ''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, 'RE you sure? 'M not sure "
+    "I'll make it, 'D you like some tea? We'Ve a'lL"
+)
+KNOWN_PRE_TOKENIZERS = {
+    "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",  # Llama 3 / 3.1 / 3.2
+    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",  # SmolLM, SmolLM2
+}
+
+
+def gguf_architecture(config: LlamaMoEConfig, explain: list[str]) -> str | None:
+    """The llama.cpp architecture that computes this configuration exactly, or None (reasons appended)."""
+    reasons = []
+    dense = [i for i in range(config.num_hidden_layers) if not config.is_moe_layer(i)]
+    if dense:
+        reasons.append(f"layers {dense} are dense, but every llama.cpp MoE architecture has MoE in every layer")
+    if config.router_type != "linear":
+        reasons.append(f"router_type={config.router_type!r}: llama.cpp's routers are one linear layer")
+    if config.router_noise == "noisy_topk":
+        reasons.append("router_noise='noisy_topk': llama.cpp has no learned noisy gate")
+    if config.capacity_factor is not None:
+        reasons.append(f"capacity_factor={config.capacity_factor}: llama.cpp is dropless")
+    if config.attention_bias or config.mlp_bias:
+        reasons.append("attention_bias/mlp_bias: not written to GGUF by this exporter")
+    rope_type = (config.rope_parameters or {}).get("rope_type", "default")
+    if rope_type not in ROPE_TYPES:
+        reasons.append(f"rope_type={rope_type!r}: this exporter writes {list(ROPE_TYPES)}")
+    if config.norm_topk_prob and config.shared_expert_intermediate_size and config.shared_expert_gate:
+        reasons.append("a gated shared expert with renormalized top-k: llama.cpp's qwen2moe gates its shared expert "
+                       "but never renormalizes, granitemoe renormalizes but has no gate")
+    explain.extend(reasons)
+    if reasons:
+        return None
+    if not config.norm_topk_prob:
+        return "qwen2moe"
+    return "granitemoe" if config.shared_expert_intermediate_size else "llama"
+
+
+def outtype_of(dtype) -> str:
+    """The GGUF outtype that stores `dtype` (a torch dtype or its name) without rounding; f32 for anything else."""
+    name = str(dtype).replace("torch.", "")
+    return {"bfloat16": "bf16", "float16": "f16"}.get(name, "f32")
+
+
+def check_gguf_fit(config: LlamaMoEConfig) -> str:
+    """The llama.cpp architecture, or ValueError naming every reason llama.cpp would compute something else."""
+    reasons: list[str] = []
+    arch = gguf_architecture(config, reasons)
+    if arch is None:
+        lines = "\n".join(f"  - {reason}" for reason in reasons)
+        raise ValueError(f"llama.cpp cannot compute this configuration as llama-moe does:\n{lines}\n"
+                         "Write it with --format llama_moe (or qwen2_moe / mixtral for vLLM where they fit) instead.")
+    return arch
+
+
+def check_gguf_output(out: Path, outtype: str, overwrite: bool) -> None:
+    if outtype not in OUTTYPES:
+        raise ValueError(f"Unknown GGUF outtype {outtype!r}: choose one of {list(OUTTYPES)}.")
+    if out.suffix != ".gguf":
+        raise ValueError(f"{str(out)!r}: a GGUF output path must end in .gguf.")
+    if out.exists() and not overwrite:
+        raise ValueError(f"{out} already exists; choose another output path or pass --overwrite.")
+
+
+def check_gguf_tokenizer(folder: Path, tokenizer_pre: str | None) -> None:
+    """Refuse a tokenizer the GGUF file could not describe (before any heavy work)."""
+    tokenizer_json = folder / "tokenizer.json"
+    if not tokenizer_json.is_file():
+        raise ValueError(f"{str(folder)!r} has no tokenizer.json: llama.cpp needs the tokenizer inside the GGUF file.")
+    model = json.loads(tokenizer_json.read_text()).get("model", {})
+    if model.get("type") != "BPE":
+        raise ValueError(f"tokenizer.json model type {model.get('type')!r}: this exporter writes BPE tokenizers.")
+    if model.get("byte_fallback") or tokenizer_pre:
+        return
+    from transformers import AutoTokenizer
+
+    if pre_tokenizer_name(AutoTokenizer.from_pretrained(folder)) is None:
+        raise ValueError(
+            "llama.cpp needs the name of this tokenizer's pre-tokenizer and it is not one this exporter knows "
+            f"({list(KNOWN_PRE_TOKENIZERS.values())}): pass llama.cpp's name for it with --gguf-tokenizer-pre "
+            "(see its src/llama-vocab.cpp)."
+        )
+
+
+def interleave_rope_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """q/k rows from transformers' half-split RoPE layout to llama.cpp's pairwise one (its converter's permute)."""
+    rows = weight.shape[0]
+    return weight.reshape(num_heads, 2, rows // num_heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def llama3_rope_factors(config: LlamaMoEConfig) -> torch.Tensor:
+    """llama.cpp's `rope_freqs.weight` for llama3 RoPE: default inverse frequencies over the scaled ones, from
+    transformers' own RoPE functions."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    default, _ = LlamaRotaryEmbedding.compute_default_rope_parameters(config)
+    return (default / scaled).float()
+
+
+class GgufTensorMap:
+    """Our tensor names to llama.cpp's, with the changes one architecture needs (permuted q/k, folded scales,
+    stacked experts split into gate and up, the qwen2moe shared-expert gate)."""
+
+    def __init__(self, config: LlamaMoEConfig, arch: str):
+        self.config, self.arch = config, arch
+        self.routed_scale = float(config.routed_scaling_factor)
+        self.temperature = float(config.router_temperature)
+
+    def __call__(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        c = self.config
+        if name == "model.embed_tokens.weight":
+            out = [("token_embd.weight", tensor)]
+            if c.tie_word_embeddings and self.arch == "qwen2moe":  # its output matrix is required
+                out.append(("output.weight", tensor))
+            return out
+        if name == "model.norm.weight":
+            return [("output_norm.weight", tensor)]
+        if name == "lm_head.weight":
+            return [("output.weight", tensor)]
+        parts = name.split(".")
+        if parts[:2] != ["model", "layers"]:
+            raise ValueError(f"Tensor {name!r} has no place in a GGUF file of this exporter.")
+        layer, rest = parts[2], ".".join(parts[3:])
+        blk = f"blk.{layer}."
+        simple = {
+            "input_layernorm.weight": "attn_norm.weight",
+            "post_attention_layernorm.weight": "ffn_norm.weight",
+            "self_attn.v_proj.weight": "attn_v.weight",
+            "self_attn.o_proj.weight": "attn_output.weight",
+            "mlp.shared_expert.gate_proj.weight": "ffn_gate_shexp.weight",
+            "mlp.shared_expert.up_proj.weight": "ffn_up_shexp.weight",
+        }
+        if rest in simple:
+            return [(blk + simple[rest], tensor)]
+        if rest in ("self_attn.q_proj.weight", "self_attn.k_proj.weight"):
+            if self.arch != "qwen2moe":
+                heads = c.num_attention_heads if rest.startswith("self_attn.q") else c.num_key_value_heads
+                tensor = interleave_rope_rows(tensor, heads)
+            return [(blk + ("attn_q.weight" if rest.startswith("self_attn.q") else "attn_k.weight"), tensor)]
+        if rest == "mlp.gate.weight":
+            router = tensor / self.temperature if self.temperature != 1.0 else tensor
+            out = [(blk + "ffn_gate_inp.weight", router)]
+            if self.arch == "qwen2moe" and not c.shared_expert_intermediate_size:
+                out += self._null_shared_expert(blk, tensor)
+            return out
+        if rest == "mlp.experts.gate_up_proj":
+            width = tensor.shape[1] // 2
+            return [(blk + "ffn_gate_exps.weight", tensor[:, :width]), (blk + "ffn_up_exps.weight", tensor[:, width:])]
+        if rest == "mlp.experts.down_proj":
+            return [(blk + "ffn_down_exps.weight", tensor * self.routed_scale if self.routed_scale != 1.0 else tensor)]
+        if rest == "mlp.shared_expert.down_proj.weight":
+            if self.arch == "qwen2moe" and not c.shared_expert_gate:  # sigmoid(tiny) = 1/2, exactly
+                gate = tensor.new_full((tensor.shape[0],), QWEN2_MOE_UNGATED_GATE_VALUE)
+                return [(blk + "ffn_down_shexp.weight", tensor * 2), (blk + "ffn_gate_inp_shexp.weight", gate)]
+            return [(blk + "ffn_down_shexp.weight", tensor)]
+        if rest == "mlp.shared_expert_gate.weight":
+            return [(blk + "ffn_gate_inp_shexp.weight", tensor.reshape(-1))]
+        raise ValueError(f"Tensor {name!r} has no place in a GGUF file of this exporter.")
+
+    @staticmethod
+    def _null_shared_expert(blk: str, router: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        """qwen2moe requires a shared expert: an all-zero one of width 1 (output exactly 0, never NaN)."""
+        hidden, size = router.shape[1], NULL_SHARED_EXPERT_SIZE
+        return [
+            (blk + "ffn_gate_shexp.weight", router.new_zeros(size, hidden)),
+            (blk + "ffn_up_shexp.weight", router.new_zeros(size, hidden)),
+            (blk + "ffn_down_shexp.weight", router.new_zeros(hidden, size)),
+            (blk + "ffn_gate_inp_shexp.weight", router.new_full((hidden,), QWEN2_MOE_UNGATED_GATE_VALUE)),
+        ]
+
+
+def stored_dtype(gguf_name: str, shape: tuple[int, ...], outtype: torch.dtype) -> torch.dtype:
+    """As llama.cpp's converter: 1-D tensors (norms, shared-expert gate) and routers stay float32."""
+    if len(shape) == 1 or gguf_name.endswith("ffn_gate_inp.weight") or gguf_name == "rope_freqs.weight":
+        return torch.float32
+    return outtype
+
+
+def _numpy(tensor: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
+    tensor = tensor.detach().to(dtype).contiguous()
+    if dtype == torch.bfloat16:  # numpy has no bfloat16: its raw bytes
+        return tensor.view(torch.uint8).numpy()
+    return tensor.numpy()
+
+
+def _ggml_type(dtype: torch.dtype):
+    import gguf
+
+    return {torch.float32: gguf.GGMLQuantizationType.F32, torch.float16: gguf.GGMLQuantizationType.F16,
+            torch.bfloat16: gguf.GGMLQuantizationType.BF16}[dtype]
+
+
+def add_model_metadata(writer, config: LlamaMoEConfig, arch: str, name: str, outtype: str) -> None:
+    import gguf
+
+    c = config
+    writer.add_name(name)
+    writer.add_context_length(c.max_position_embeddings)
+    writer.add_embedding_length(c.hidden_size)
+    writer.add_block_count(c.num_hidden_layers)
+    writer.add_head_count(c.num_attention_heads)
+    writer.add_head_count_kv(c.num_key_value_heads)
+    writer.add_key_length(c.head_dim)
+    writer.add_value_length(c.head_dim)
+    writer.add_rope_dimension_count(c.head_dim)
+    writer.add_layer_norm_rms_eps(float(c.rms_norm_eps))
+    writer.add_rope_freq_base(float(c.rope_parameters["rope_theta"]))
+    if c.rope_parameters.get("rope_type") == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(c.rope_parameters["factor"]))
+    writer.add_vocab_size(c.vocab_size)
+    writer.add_expert_count(c.num_local_experts)
+    writer.add_expert_used_count(c.num_experts_per_tok)
+    if arch == "qwen2moe":
+        writer.add_feed_forward_length(c.intermediate_size)
+        writer.add_expert_feed_forward_length(c.moe_intermediate_size)
+        writer.add_expert_shared_feed_forward_length(c.shared_expert_intermediate_size or NULL_SHARED_EXPERT_SIZE)
+    else:
+        writer.add_feed_forward_length(c.moe_intermediate_size)  # llama / granitemoe: one expert's width
+    if arch == "granitemoe":
+        writer.add_expert_shared_feed_forward_length(c.shared_expert_intermediate_size)
+        writer.add_logit_scale(1.0)
+    file_types = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                  "bf16": gguf.LlamaFileType.MOSTLY_BF16}
+    writer.add_file_type(file_types[outtype])
+
+
+def add_tokenizer(writer, folder: Path, vocab_size: int, tokenizer_pre: str | None) -> None:
+    """llama.cpp's tokenizer keys from the checkpoint's tokenizer.json: SentencePiece-style byte-fallback BPE
+    (Llama 2) as model `llama`, byte-level BPE (Llama 3, SmolLM) as `gpt2` with its pre-tokenizer name."""
+    import gguf
+
+    check_gguf_tokenizer(folder, tokenizer_pre)
+    model = json.loads((folder / "tokenizer.json").read_text())["model"]
+    if model.get("byte_fallback"):
+        vocab = gguf.LlamaHfVocab(folder)
+        tokens, scores, types = zip(*vocab.all_tokens())
+        writer.add_tokenizer_model("llama")
+        writer.add_tokenizer_pre("default")
+        writer.add_token_list(list(tokens))
+        writer.add_token_scores(list(scores))
+        writer.add_token_types(list(types))
+    else:
+        tokens, types, detected = byte_level_vocab(folder, vocab_size)
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(tokenizer_pre or detected)
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+    gguf.SpecialVocab(folder, load_merges=True, n_vocab=vocab_size).add_to_gguf(writer, quiet=True)
+
+
+def pre_tokenizer_name(tokenizer) -> str | None:
+    digest = hashlib.sha256(str(tokenizer.encode(PRE_TOKENIZER_TEXT)).encode()).hexdigest()
+    return KNOWN_PRE_TOKENIZERS.get(digest)
+
+
+def byte_level_vocab(folder: Path, vocab_size: int) -> tuple[list[str], list[int], str | None]:
+    """Token strings and types by id, as llama.cpp's converter lists them, and the detected pre-tokenizer name."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    by_id = {index: token for token, index in tokenizer.get_vocab().items()}
+    added = tokenizer.added_tokens_decoder
+    tokens, types = [], []
+    for index in range(vocab_size):
+        if index not in by_id:
+            tokens.append(f"[PAD{index}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif index in added:
+            tokens.append(by_id[index])
+            types.append(gguf.TokenType.CONTROL if added[index].special else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(by_id[index])
+            types.append(gguf.TokenType.NORMAL)
+    return tokens, types, pre_tokenizer_name(tokenizer)
+
+
+def export_gguf(
+    src_dir: str | os.PathLike,
+    out_file: str | os.PathLike,
+    *,
+    outtype: str | None = None,
+    tokenizer_pre: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> str:
+    """Write the llama_moe checkpoint `src_dir` as the GGUF file `out_file` (atomically), in `outtype` (f32, f16,
+    bf16; default: the checkpoint's dtype). Every check (fit, tokenizer) runs before a byte is written; returns
+    the file's path."""
+    import gguf
+
+    src, out = Path(src_dir), Path(out_file)
+    config = LlamaMoEConfig.from_pretrained(src)
+    outtype = outtype or outtype_of(config.dtype)
+    check_gguf_output(out, outtype, overwrite)
+    arch = check_gguf_fit(config)
+    reader = CheckpointReader(src)
+    tensor_map = GgufTensorMap(config, arch)
+    names = [
+        n for n in reader.keys()
+        if not is_recomputed_buffer(n) and not (n == "lm_head.weight" and config.tie_word_embeddings)
+    ]
+    outdtype = OUTTYPES[outtype]
+
+    # The plan: every output tensor's name, shape and stored dtype, from the headers (meta tensors).
+    extra: list[tuple[str, Callable[[], torch.Tensor]]] = []
+    if (config.rope_parameters or {}).get("rope_type") == "llama3":
+        extra.append(("rope_freqs.weight", lambda: llama3_rope_factors(config)))
+    plan = []
+    for name in names:
+        shape, dtype = reader.shape_and_dtype(name)
+        for new_name, meta in tensor_map(name, torch.empty(shape, dtype=dtype, device="meta")):
+            plan.append((new_name, tuple(meta.shape)))
+    plan += [(name, tuple(make().shape)) for name, make in extra]
+
+    writer = gguf.GGUFWriter(path=None, arch=arch)
+    add_model_metadata(writer, config, arch, src.resolve().name, outtype)
+    add_tokenizer(writer, src, config.vocab_size, tokenizer_pre)
+    for new_name, shape in plan:
+        dtype = stored_dtype(new_name, shape, outdtype)
+        nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+        if dtype == torch.bfloat16:
+            byte_shape = (*shape[:-1], shape[-1] * 2)
+            writer.add_tensor_info(new_name, byte_shape, np.dtype(np.uint8), nbytes, raw_dtype=_ggml_type(dtype))
+        else:
+            writer.add_tensor_info(new_name, shape, np.dtype(_numpy(torch.empty(0), dtype).dtype), nbytes)
+
+    def stream() -> Iterator[tuple[str, torch.Tensor]]:
+        for name in tqdm(names, desc="Exporting to gguf", unit="tensor", disable=not progress):
+            yield from tensor_map(name, reader.get(name))
+        for name, make in extra:
+            yield name, make()
+
+    with atomic_output_file(out, overwrite=overwrite) as tmp:
+        writer.write_header_to_file(Path(tmp))
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for (planned_name, shape), (new_name, tensor) in zip(plan, stream(), strict=True):
+            if planned_name != new_name or tuple(tensor.shape) != shape:
+                raise RuntimeError(f"GGUF stream out of plan: {new_name} {tuple(tensor.shape)}, planned "
+                                   f"{planned_name} {shape}")
+            writer.write_tensor_data(_numpy(tensor, stored_dtype(new_name, shape, outdtype)))
+        writer.close()
+    return os.fspath(out)
