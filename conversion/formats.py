@@ -22,6 +22,7 @@ from transformers.dynamic_module_utils import custom_object_save
 from llama_moe.modeling import LlamaMoEConfig, LlamaMoEForCausalLM
 
 from .engines import ENGINE_NAMES, engine_refusal
+from .model_card import render_export_card
 from .reader import CheckpointReader, copy_side_files, is_recomputed_buffer
 from .writer import (
     ShardedSafetensorsWriter,
@@ -480,13 +481,21 @@ def write_converted_checkpoint(
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     overwrite: bool = False,
     desc: str = "Converting",
+    card: str | None = None,
 ) -> ConversionResult:
     """`write_checkpoint` for tensors read from another checkpoint folder (export, v1 import): each loaded when
-    its turn comes, and the source's tokenizer and generation-config files copied beside."""
+    its turn comes, the source's tokenizer and generation-config files copied beside, and `card` (if given)
+    written as README.md."""
     stream = ((item.name, item.load()) for item in tqdm(tensors, desc=desc, unit="tensor"))
+
+    def finish(folder: str) -> None:
+        copy_side_files(src_dir, folder)
+        if card is not None:
+            Path(folder, "README.md").write_text(card)
+
     return write_checkpoint(
         [(item.name, item.shape, item.dtype) for item in tensors], stream, exporter, out_dir,
-        finish=lambda folder: copy_side_files(src_dir, folder), max_shard_size=max_shard_size, overwrite=overwrite,
+        finish=finish, max_shard_size=max_shard_size, overwrite=overwrite,
     )
 
 
@@ -527,7 +536,7 @@ def export_checkpoint(
     ]
     result = write_converted_checkpoint(
         tensors, exporter, src, out_dir, max_shard_size=max_shard_size, overwrite=overwrite,
-        desc=f"Exporting to {format_name}",
+        desc=f"Exporting to {format_name}", card=render_export_card(os.fspath(src_dir), format_name, moe_config),
     )
     if verbose:
         tqdm.write(

@@ -1,4 +1,5 @@
-"""The README.md model card of an upcycled checkpoint: Hub metadata plus what was built, from what, and how.
+"""The README.md model card of an upcycled or exported checkpoint: Hub metadata plus what was built, from what,
+how, and which serving engines compute it as we do.
 
 Reads only the plan and counts it is given; must not load weights or contact the Hub.
 """
@@ -91,3 +92,39 @@ def write_model_card(folder: str, plan, **kwargs) -> str:
     with open(path, "w") as f:
         f.write(render_model_card(plan, **kwargs))
     return path
+
+
+def render_export_card(src: str, format_name: str, config) -> str:
+    """The card of `llama-moe export`: where it came from, how to load it, which engines serve it exactly."""
+    remote = ", trust_remote_code=True" if format_name == "llama_moe" else ""
+    return "\n".join([
+        "---",
+        "library_name: transformers",
+        "pipeline_tag: text-generation",
+        "tags:",
+        _yaml_list(["moe", "mixture-of-experts", "custom_code" if format_name == "llama_moe" else format_name,
+                    "llama-moe"]),
+        "---",
+        "",
+        f"# {os.path.basename(os.path.abspath(src))} ({format_name})",
+        "",
+        f"A Mixture-of-Experts checkpoint made with [llama-moe](https://github.com/llama-moe/llama-moe), exported "
+        f"to the `{format_name}` format from `{src}`: {config.num_local_experts} routed experts, top-"
+        f"{config.num_experts_per_tok}"
+        + (f", shared expert of width {config.shared_expert_intermediate_size}"
+           if config.shared_expert_intermediate_size else "") + ".",
+        "",
+        "## Serving engines",
+        "",
+        engine_table_markdown(format_name, config),
+        "",
+        "## Usage",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f'model = AutoModelForCausalLM.from_pretrained("PATH_OR_REPO"{remote})',
+        f'tokenizer = AutoTokenizer.from_pretrained("PATH_OR_REPO"{remote})',
+        "```",
+        "",
+    ])

@@ -97,3 +97,9 @@ def test_cli_refuses_before_writing_and_prints_the_engines(tmp_path, capsys):
     assert main(["export", str(src), str(out), "--format", "qwen2_moe", "--engine", "vllm"]) == 0
     printed = capsys.readouterr().out
     assert "vLLM" in printed and "exact" in printed and "never renormalizes" in printed
+    card = (out / "README.md").read_text()  # the exported model's card carries the same table
+    assert "| vLLM | yes |" in card and "| llama.cpp | no | its qwen2moe never renormalizes" in card
+    assert main(["export", str(src), str(tmp_path / "mixtral"), "--format", "mixtral"]) == 2  # shared expert
+    _, plain = _saved_moe(tmp_path / "plain")
+    assert main(["export", str(plain), str(tmp_path / "mixtral"), "--format", "mixtral"]) == 0
+    assert "-ctk f32 -ctv f32" in (tmp_path / "mixtral" / "README.md").read_text()  # precision advice
