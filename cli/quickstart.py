@@ -109,7 +109,18 @@ def next_commands(args, out: Path, trained: str, corpus, base: str) -> list[tupl
         ("analyze", ["llama-moe", "analyze", trained, "--base", base,
                      *[arg for domain in corpus.values() for arg in ("--data", f"{domain.name}={domain.heldout}")]]),
         ("publish", ["llama-moe", "push", trained, "YOUR_NAME/smollm2-moe", "--dry-run"]),
+        *serving_commands(trained, out),
     ]
+
+
+def serving_commands(trained: str, out: Path) -> list[tuple[str, list[str]]]:
+    """A GGUF file for llama.cpp, where llama.cpp can compute the trained model exactly (conversion/engines.py)."""
+    from llama_moe.conversion.gguf_export import gguf_architecture
+    from llama_moe.modeling import LlamaMoEConfig
+
+    if gguf_architecture(LlamaMoEConfig.from_pretrained(trained), []) is None:
+        return []
+    return [("serve with llama.cpp", ["llama-moe", "export", trained, str(out / "model.gguf"), "--format", "gguf"])]
 
 
 def _stage(number: int, title: str):

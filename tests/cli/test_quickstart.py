@@ -41,9 +41,9 @@ def test_shortened_quickstart_writes_the_whole_story(tmp_path):
 
     # Every command the quickstart prints works on what it wrote (shortened where it would run long).
     shorter = {"train": ["--max_steps", "1", "--save_steps", "1"], "eval": ["--limit", "2"],
-               "analyze": ["--max-tokens", "64", "--no-speed"], "push": []}
+               "analyze": ["--max-tokens", "64", "--no-speed"], "push": [], "export": []}
     commands = summary["next_commands"]
-    assert [c["argv"][1] for c in commands] == ["train", "eval", "analyze", "push"]
+    assert [c["argv"][1] for c in commands] == ["train", "eval", "analyze", "push", "export"]  # carve: granitemoe
     for command in commands:
         argv = command["argv"]
         assert argv[0] == "llama-moe"
