@@ -75,7 +75,10 @@ def main():
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
     job = json.load(open(sys.argv[1]))
-    llm = LLM(model=job["model"], dtype="float32", enforce_eager=True, max_model_len=256, seed=0)
+    # On CPU the memory fraction is of system RAM, weights and KV cache together (default 0.92: refused when
+    # anything else runs).
+    llm = LLM(model=job["model"], dtype="float32", enforce_eager=True, max_model_len=256, seed=0,
+              gpu_memory_utilization=0.3)
     params = SamplingParams(temperature=0.0, max_tokens=job["tokens"], logprobs=0)
     results = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in job["prompts"]], params)
     out = []
