@@ -38,7 +38,7 @@ CASES = {
     "copy 8x2": (dict(method="copy", num_experts=8, top_k=2), ["mixtral", "gguf"]),
     "random 8x2": (dict(method="random", num_experts=8, top_k=2), ["mixtral", "gguf"]),
     "gradient 8x2 + shared": (dict(method="gradient", num_experts=8, top_k=2, shared_experts=1), ["qwen2_moe"]),
-    "gradient 8x2 + shared, no renorm": (
+    "gradient 8x2 + shared + no renorm": (
         dict(method="gradient", num_experts=8, top_k=2, shared_experts=1, norm_topk_prob=False), ["qwen2_moe", "gguf"]),
     "carve 4+4 of 12 (quickstart)": (dict(method="carve", num_experts=12, shared_experts=4, top_k=4),
                                      ["qwen2_moe", "gguf"]),
@@ -208,7 +208,7 @@ def main() -> None:
     parser.add_argument("--work", required=True, help="folder for exports, GGUF files and logs")
     parser.add_argument("--venvs", required=True, help="folder of the engines' virtual environments (reused)")
     parser.add_argument("--engines", default="llama.cpp,vllm")
-    parser.add_argument("--cases", default=",".join(CASES), help="comma list of " + ", ".join(CASES))
+    parser.add_argument("--cases", default=";".join(CASES), help="semicolon list of " + "; ".join(CASES))
     parser.add_argument("--tokens", type=int, default=20)
     args = parser.parse_args()
 
@@ -240,7 +240,7 @@ def main() -> None:
         calibration.write_text(calibration_text(None, max_chars=400_000))
 
     rows, prompts = [], None
-    for case in args.cases.split(","):
+    for case in args.cases.split(";"):
         options, formats = CASES[case]
         slug = case.split(" (")[0].replace(" ", "-").replace(",", "").replace("+", "plus")
         moe_dir = work / slug / "llama_moe"
