@@ -15,6 +15,11 @@ ENGINES = ("transformers", "vllm", "llama.cpp")
 ENGINE_NAMES = {"transformers": "transformers", "vllm": "vLLM", "llama.cpp": "llama.cpp"}
 
 
+# Measured by benchmarks/serving_check.py: llama.cpp's default float16 KV cache flips routing near ties.
+F32_KV_ADVICE = ("keep the KV cache in float32 (-ctk f32 -ctv f32): its default float16 cache flips routers that "
+                 "sit near ties (the random split's always)")
+
+
 class EngineSupport(NamedTuple):
     engine: str
     exact: bool  # computes what our model computes, up to floating-point rounding
@@ -57,14 +62,13 @@ def engine_support(format_name: str, config) -> list[EngineSupport]:
             EngineSupport("vllm", True, "served as MixtralForCausalLM"),
             EngineSupport(
                 "llama.cpp", True,
-                "after convert_hf_to_gguf.py (or --format gguf); keep the KV cache in float32 (-ctk f32 -ctv f32) "
-                "for routers that sit near ties, such as the random split's",
+                "after convert_hf_to_gguf.py (or --format gguf); " + F32_KV_ADVICE,
             ),
         ]
     if format_name == "qwen2_moe":
         reasons = _llama_cpp_qwen2moe_limits(config)
         llama_cpp = (
-            EngineSupport("llama.cpp", True, "after convert_hf_to_gguf.py (or --format gguf)")
+            EngineSupport("llama.cpp", True, "after convert_hf_to_gguf.py (or --format gguf); " + F32_KV_ADVICE)
             if not reasons
             else EngineSupport("llama.cpp", False, "; ".join(reasons) + ": export to gguf instead")
         )
@@ -85,7 +89,8 @@ def engine_support(format_name: str, config) -> list[EngineSupport]:
                           "transformers' GGUF reader has no experts for llama.cpp's llama and granitemoe files"),
             EngineSupport("vllm", False, "serve the mixtral or qwen2_moe export (vLLM's GGUF loading is not checked)"),
             EngineSupport("llama.cpp", arch is not None,
-                          f"llama-cli / llama-server -m FILE.gguf (architecture {arch})" if arch else "; ".join(reasons)),
+                          f"llama-cli / llama-server -m FILE.gguf (architecture {arch}); {F32_KV_ADVICE}"
+                          if arch else "; ".join(reasons)),
         ]
     raise ValueError(f"Unknown format {format_name!r}.")
 
