@@ -222,15 +222,12 @@ def main() -> None:
             report(dense)
         if args.no_train:
             continue
-        stages_left = [s for s in STAGES[1:] if not (results_dir / f"{recipe}.{s}.json").exists()]
-        if args.no_distill:
-            stages_left = [s for s in stages_left if s != "distilled"]
-        if stages_left and not (init_dir / "config.json").exists():
-            build()  # the folder was removed after its row was measured; same seed, same model
         init_row = json.loads((results_dir / f"{recipe}.init.json").read_text())
         for stage, distill in (("trained", 0.0), ("distilled", 1.0)):
             if (results_dir / f"{recipe}.{stage}.json").exists() or (distill and args.no_distill):
                 continue
+            if not (init_dir / "config.json").exists():
+                build()  # the folder was removed after its row was measured; same seed, same model
             start = time.perf_counter()
             qs.distill_weight = distill
             qs.learning_rate = learning_rates.get(options["method"], quickstart.RECIPES["carve"]["learning_rate"])

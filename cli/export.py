@@ -44,14 +44,10 @@ def main(argv: list[str]) -> int:
 
     args = build_parser().parse_args(argv)
     if args.format == "gguf":
-        from llama_moe.conversion.engines import engine_refusal
         from llama_moe.conversion.gguf_export import export_gguf
 
-        refusal = args.engine and engine_refusal("gguf", LlamaMoEConfig.from_pretrained(args.src), args.engine)
-        if refusal:
-            raise ValueError(refusal)
         out = export_gguf(args.src, args.out, outtype=args.outtype, tokenizer_pre=args.gguf_tokenizer_pre,
-                          overwrite=args.overwrite)
+                          overwrite=args.overwrite, engine=args.engine)
     else:
         out = export_checkpoint(args.src, args.out, args.format, max_shard_size=args.max_shard_size,
                                 overwrite=args.overwrite, engine=args.engine)

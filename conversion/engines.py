@@ -11,6 +11,8 @@ from typing import NamedTuple
 
 import torch
 
+from .options import DTYPES
+
 ENGINES = ("transformers", "vllm", "llama.cpp")
 ENGINE_NAMES = {"transformers": "transformers", "vllm": "vLLM", "llama.cpp": "llama.cpp"}
 
@@ -28,9 +30,7 @@ class EngineSupport(NamedTuple):
 
 def _dtype(config) -> torch.dtype | None:
     dtype = getattr(config, "dtype", None)
-    if isinstance(dtype, str):
-        return getattr(torch, dtype, None)
-    return dtype
+    return DTYPES.get(dtype) if isinstance(dtype, str) else dtype
 
 
 def _llama_cpp_qwen2moe_limits(config) -> list[str]:

@@ -18,7 +18,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -31,7 +31,9 @@ from .reader import CheckpointReader, is_recomputed_buffer
 from .writer import atomic_output_file
 
 OUTTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
-ARCHITECTURES = ("llama", "granitemoe", "qwen2moe")
+# What numpy hands the GGUF writer per stored dtype (numpy has no bfloat16: its raw bytes, typed by GGML's name).
+NUMPY_DTYPES = {torch.float32: np.dtype(np.float32), torch.float16: np.dtype(np.float16),
+                torch.bfloat16: np.dtype(np.uint8)}
 ROPE_TYPES = ("default", "linear", "llama3")
 
 # llama.cpp names a BPE pre-tokenizer by the hash of the token ids of this text (its converter's `chktxt`), so the
@@ -82,44 +84,53 @@ def outtype_of(dtype) -> str:
     return {"bfloat16": "bf16", "float16": "f16"}.get(name, "f32")
 
 
-def check_gguf_fit(config: LlamaMoEConfig) -> str:
-    """The llama.cpp architecture, or ValueError naming every reason llama.cpp would compute something else."""
+def check_gguf_fit(config: LlamaMoEConfig, engine: str | None = None) -> str:
+    """The llama.cpp architecture, or ValueError naming every reason llama.cpp would compute something else; with
+    `engine`, also refused where that engine would not serve the file as we compute it (engines.py)."""
+    from .engines import engine_refusal
+
     reasons: list[str] = []
     arch = gguf_architecture(config, reasons)
     if arch is None:
         lines = "\n".join(f"  - {reason}" for reason in reasons)
         raise ValueError(f"llama.cpp cannot compute this configuration as llama-moe does:\n{lines}\n"
                          "Write it with --format llama_moe (or qwen2_moe / mixtral for vLLM where they fit) instead.")
+    refusal = engine and engine_refusal("gguf", config, engine)
+    if refusal:
+        raise ValueError(refusal)
     return arch
 
 
-def check_gguf_output(out: Path, outtype: str, overwrite: bool) -> None:
-    if outtype not in OUTTYPES:
-        raise ValueError(f"Unknown GGUF outtype {outtype!r}: choose one of {list(OUTTYPES)}.")
+def check_gguf_output(out: Path, overwrite: bool) -> None:
     if out.suffix != ".gguf":
         raise ValueError(f"{str(out)!r}: a GGUF output path must end in .gguf.")
     if out.exists() and not overwrite:
         raise ValueError(f"{out} already exists; choose another output path or pass --overwrite.")
 
 
-def check_gguf_tokenizer(folder: Path, tokenizer_pre: str | None) -> None:
-    """Refuse a tokenizer the GGUF file could not describe (before any heavy work)."""
+def check_gguf_tokenizer(folder: Path, tokenizer_pre: str | None) -> str | None:
+    """Refuse a tokenizer the GGUF file could not describe (before any heavy work). Returns the pre-tokenizer name
+    of a byte-level BPE tokenizer (`tokenizer_pre`, else detected), None for a byte-fallback (Llama 2) one."""
     tokenizer_json = folder / "tokenizer.json"
     if not tokenizer_json.is_file():
         raise ValueError(f"{str(folder)!r} has no tokenizer.json: llama.cpp needs the tokenizer inside the GGUF file.")
     model = json.loads(tokenizer_json.read_text()).get("model", {})
     if model.get("type") != "BPE":
         raise ValueError(f"tokenizer.json model type {model.get('type')!r}: this exporter writes BPE tokenizers.")
-    if model.get("byte_fallback") or tokenizer_pre:
-        return
+    if model.get("byte_fallback"):
+        return None
+    if tokenizer_pre:
+        return tokenizer_pre
     from transformers import AutoTokenizer
 
-    if pre_tokenizer_name(AutoTokenizer.from_pretrained(folder)) is None:
+    detected = pre_tokenizer_name(AutoTokenizer.from_pretrained(folder))
+    if detected is None:
         raise ValueError(
             "llama.cpp needs the name of this tokenizer's pre-tokenizer and it is not one this exporter knows "
             f"({list(KNOWN_PRE_TOKENIZERS.values())}): pass llama.cpp's name for it with --gguf-tokenizer-pre "
             "(see its src/llama-vocab.cpp)."
         )
+    return detected
 
 
 def interleave_rope_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -220,8 +231,8 @@ def stored_dtype(gguf_name: str, shape: tuple[int, ...], outtype: torch.dtype) -
 
 def _numpy(tensor: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
     tensor = tensor.detach().to(dtype).contiguous()
-    if dtype == torch.bfloat16:  # numpy has no bfloat16: its raw bytes
-        return tensor.view(torch.uint8).numpy()
+    if dtype == torch.bfloat16:
+        tensor = tensor.view(torch.uint8)
     return tensor.numpy()
 
 
@@ -272,9 +283,8 @@ def add_tokenizer(writer, folder: Path, vocab_size: int, tokenizer_pre: str | No
     (Llama 2) as model `llama`, byte-level BPE (Llama 3, SmolLM) as `gpt2` with its pre-tokenizer name."""
     import gguf
 
-    check_gguf_tokenizer(folder, tokenizer_pre)
-    model = json.loads((folder / "tokenizer.json").read_text())["model"]
-    if model.get("byte_fallback"):
+    pre = check_gguf_tokenizer(folder, tokenizer_pre)
+    if pre is None:
         vocab = gguf.LlamaHfVocab(folder)
         tokens, scores, types = zip(*vocab.all_tokens())
         writer.add_tokenizer_model("llama")
@@ -283,9 +293,9 @@ def add_tokenizer(writer, folder: Path, vocab_size: int, tokenizer_pre: str | No
         writer.add_token_scores(list(scores))
         writer.add_token_types(list(types))
     else:
-        tokens, types, detected = byte_level_vocab(folder, vocab_size)
+        tokens, types = byte_level_vocab(folder, vocab_size)
         writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre(tokenizer_pre or detected)
+        writer.add_tokenizer_pre(pre)
         writer.add_token_list(tokens)
         writer.add_token_types(types)
     gguf.SpecialVocab(folder, load_merges=True, n_vocab=vocab_size).add_to_gguf(writer, quiet=True)
@@ -296,8 +306,8 @@ def pre_tokenizer_name(tokenizer) -> str | None:
     return KNOWN_PRE_TOKENIZERS.get(digest)
 
 
-def byte_level_vocab(folder: Path, vocab_size: int) -> tuple[list[str], list[int], str | None]:
-    """Token strings and types by id, as llama.cpp's converter lists them, and the detected pre-tokenizer name."""
+def byte_level_vocab(folder: Path, vocab_size: int) -> tuple[list[str], list[int]]:
+    """Token strings and types by id, as llama.cpp's converter lists them."""
     import gguf
     from transformers import AutoTokenizer
 
@@ -315,7 +325,7 @@ def byte_level_vocab(folder: Path, vocab_size: int) -> tuple[list[str], list[int
         else:
             tokens.append(by_id[index])
             types.append(gguf.TokenType.NORMAL)
-    return tokens, types, pre_tokenizer_name(tokenizer)
+    return tokens, types
 
 
 def export_gguf(
@@ -326,17 +336,20 @@ def export_gguf(
     tokenizer_pre: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    engine: str | None = None,
 ) -> str:
     """Write the llama_moe checkpoint `src_dir` as the GGUF file `out_file` (atomically), in `outtype` (f32, f16,
-    bf16; default: the checkpoint's dtype). Every check (fit, tokenizer) runs before a byte is written; returns
-    the file's path."""
+    bf16; default: the checkpoint's dtype). Every check (fit, `engine`, tokenizer) runs before a byte is written;
+    returns the file's path."""
     import gguf
 
     src, out = Path(src_dir), Path(out_file)
     config = LlamaMoEConfig.from_pretrained(src)
     outtype = outtype or outtype_of(config.dtype)
-    check_gguf_output(out, outtype, overwrite)
-    arch = check_gguf_fit(config)
+    if outtype not in OUTTYPES:
+        raise ValueError(f"Unknown GGUF outtype {outtype!r}: choose one of {list(OUTTYPES)}.")
+    check_gguf_output(out, overwrite)
+    arch = check_gguf_fit(config, engine)
     reader = CheckpointReader(src)
     tensor_map = GgufTensorMap(config, arch)
     names = [
@@ -346,42 +359,41 @@ def export_gguf(
     outdtype = OUTTYPES[outtype]
 
     # The plan: every output tensor's name, shape and stored dtype, from the headers (meta tensors).
-    extra: list[tuple[str, Callable[[], torch.Tensor]]] = []
+    extra: list[tuple[str, torch.Tensor]] = []
     if (config.rope_parameters or {}).get("rope_type") == "llama3":
-        extra.append(("rope_freqs.weight", lambda: llama3_rope_factors(config)))
+        extra.append(("rope_freqs.weight", llama3_rope_factors(config)))
     plan = []
     for name in names:
         shape, dtype = reader.shape_and_dtype(name)
         for new_name, meta in tensor_map(name, torch.empty(shape, dtype=dtype, device="meta")):
             plan.append((new_name, tuple(meta.shape)))
-    plan += [(name, tuple(make().shape)) for name, make in extra]
+    plan += [(name, tuple(tensor.shape)) for name, tensor in extra]
+    plan = [(name, shape, stored_dtype(name, shape, outdtype)) for name, shape in plan]
 
     writer = gguf.GGUFWriter(path=None, arch=arch)
     add_model_metadata(writer, config, arch, src.resolve().name, outtype)
     add_tokenizer(writer, src, config.vocab_size, tokenizer_pre)
-    for new_name, shape in plan:
-        dtype = stored_dtype(new_name, shape, outdtype)
-        nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+    for new_name, shape, dtype in plan:
+        nbytes = int(np.prod(shape)) * dtype.itemsize
         if dtype == torch.bfloat16:
             byte_shape = (*shape[:-1], shape[-1] * 2)
-            writer.add_tensor_info(new_name, byte_shape, np.dtype(np.uint8), nbytes, raw_dtype=_ggml_type(dtype))
+            writer.add_tensor_info(new_name, byte_shape, NUMPY_DTYPES[dtype], nbytes, raw_dtype=_ggml_type(dtype))
         else:
-            writer.add_tensor_info(new_name, shape, np.dtype(_numpy(torch.empty(0), dtype).dtype), nbytes)
+            writer.add_tensor_info(new_name, shape, NUMPY_DTYPES[dtype], nbytes)
 
     def stream() -> Iterator[tuple[str, torch.Tensor]]:
         for name in tqdm(names, desc="Exporting to gguf", unit="tensor", disable=not progress):
             yield from tensor_map(name, reader.get(name))
-        for name, make in extra:
-            yield name, make()
+        yield from extra
 
     with atomic_output_file(out, overwrite=overwrite) as tmp:
         writer.write_header_to_file(Path(tmp))
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for (planned_name, shape), (new_name, tensor) in zip(plan, stream(), strict=True):
+        for (planned_name, shape, dtype), (new_name, tensor) in zip(plan, stream(), strict=True):
             if planned_name != new_name or tuple(tensor.shape) != shape:
                 raise RuntimeError(f"GGUF stream out of plan: {new_name} {tuple(tensor.shape)}, planned "
                                    f"{planned_name} {shape}")
-            writer.write_tensor_data(_numpy(tensor, stored_dtype(new_name, shape, outdtype)))
+            writer.write_tensor_data(_numpy(tensor, dtype))
         writer.close()
     return os.fspath(out)

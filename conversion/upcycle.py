@@ -311,15 +311,13 @@ def run_upcycle(
     if format == "gguf":
         from .gguf_export import check_gguf_fit, check_gguf_output, check_gguf_tokenizer, export_gguf, outtype_of
 
-        check_gguf_output(Path(out), "f32", overwrite)
-        if engine not in (None, "llama.cpp"):
-            raise ValueError(f"--format gguf is for llama.cpp, not {engine}: use --format mixtral or qwen2_moe.")
+        check_gguf_output(Path(out), overwrite)
     elif os.path.exists(out) and not overwrite:
         raise ValueError(f"{out} already exists; choose another output path or pass --overwrite.")
     plan = plan_upcycle(base, options)
     staging = None
     if format == "gguf":
-        check_gguf_fit(plan.moe_config)
+        check_gguf_fit(plan.moe_config, engine)
         staging = tempfile.mkdtemp(prefix=os.path.basename(out) + ".staging-", dir=os.path.dirname(out))
         exporter = LlamaMoEExporter(plan.moe_config)
     else:

@@ -150,14 +150,20 @@ def current_umask() -> int:
     return mask
 
 
-@contextlib.contextmanager
-def atomic_output_dir(out: str, overwrite: bool = False):
-    """Yield a fresh temporary folder beside `out`; rename it to `out` only if the block finishes."""
-    out = os.path.abspath(out)
+def _output_path(out: str | os.PathLike, overwrite: bool) -> tuple[str, str]:
+    """(absolute `out`, its parent folder, created): refused when `out` exists and `overwrite` is off."""
+    out = os.path.abspath(os.fspath(out))
     if os.path.exists(out) and not overwrite:
         raise ValueError(f"{out} already exists; choose another output path or pass --overwrite.")
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
+    return out, parent
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: str, overwrite: bool = False):
+    """Yield a fresh temporary folder beside `out`; rename it to `out` only if the block finishes."""
+    out, parent = _output_path(out, overwrite)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + ".tmp-", dir=parent)
     os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it owner-only; a model folder is an ordinary folder
     try:
@@ -177,11 +183,7 @@ def atomic_output_dir(out: str, overwrite: bool = False):
 @contextlib.contextmanager
 def atomic_output_file(out: str | os.PathLike, overwrite: bool = False):
     """Yield a temporary file path beside `out`; rename it to `out` only if the block finishes."""
-    out = os.path.abspath(os.fspath(out))
-    if os.path.exists(out) and not overwrite:
-        raise ValueError(f"{out} already exists; choose another output path or pass --overwrite.")
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
+    out, parent = _output_path(out, overwrite)
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(out) + ".tmp-", dir=parent)
     os.close(fd)
     os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it owner-only
