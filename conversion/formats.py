@@ -122,6 +122,45 @@ def _matches_any(templates, name: str) -> bool:
     return any(template_regex(t).match(name) for t in templates)
 
 
+def fold_routed_scale(config: LlamaMoEConfig, tensor: torch.Tensor) -> torch.Tensor:
+    """An expert down_proj (stacked or one expert's slice) with `routed_scaling_factor` folded in: the routed
+    output is linear in it. torch computes a bf16/fp16 product in float32 and rounds once: the same bits as an
+    explicit float32 round trip."""
+    scale = float(config.routed_scaling_factor)
+    return tensor * scale if scale != 1.0 else tensor
+
+
+def fold_router_temperature(config: LlamaMoEConfig, tensor: torch.Tensor) -> torch.Tensor:
+    """A linear router's weight with 1 / router_temperature folded in: logits / T = x (W / T)."""
+    temperature = float(config.router_temperature)
+    return tensor / temperature if temperature != 1.0 else tensor
+
+
+def qwen2_moe_shared_expert_tensors(
+    config: LlamaMoEConfig, name: str, tensor: torch.Tensor
+) -> list[tuple[str, torch.Tensor]]:
+    """Qwen2-MoE's shared-expert rules on one tensor of ours, in our names (Qwen2-MoE's for the shared expert):
+    the tensor itself first, then what Qwen2-MoE needs beside it. A layer without a shared expert gets an all-zero
+    one of width 1 next to its router (output exactly 0, and so are all its gradients, so it stays inert if
+    trained further); an ungated shared expert gets its down_proj doubled and the tiny constant gate (sigmoid = 1/2
+    exactly). Any other tensor comes back alone."""
+    router = template_regex(QWEN2_MOE_ROUTER_KEY).match(name)
+    if router and config.shared_expert_intermediate_size == 0:
+        hidden, size, prefix = tensor.shape[1], NULL_SHARED_EXPERT_SIZE, f"model.layers.{router.group('layer')}.mlp"
+        zeros = {"gate_proj": (size, hidden), "up_proj": (size, hidden), "down_proj": (hidden, size)}
+        return [
+            (name, tensor),
+            *[(f"{prefix}.shared_expert.{proj}.weight", tensor.new_zeros(shape)) for proj, shape in zeros.items()],
+            # the tiny constant gate, not 0: 0 * NaN would still be NaN in llama.cpp
+            (f"{prefix}.shared_expert_gate.weight", tensor.new_full((1, hidden), QWEN2_MOE_UNGATED_GATE_VALUE)),
+        ]
+    if not config.shared_expert_gate and _matches_any((QWEN2_MOE_SHARED_DOWN_KEY,), name):
+        gate_name = name.replace(".shared_expert.down_proj.weight", ".shared_expert_gate.weight")
+        gate = tensor.new_full((1, tensor.shape[0]), QWEN2_MOE_UNGATED_GATE_VALUE)
+        return [(name, tensor * 2), (gate_name, gate)]  # sigmoid(tiny) * 2 == 1, exactly
+    return [(name, tensor)]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Exporters
 # ----------------------------------------------------------------------------------------------------------------
@@ -180,14 +219,11 @@ class Exporter:
         renamed = apply_key_map(self.key_map, name, tensor)
         if renamed is None:
             return self.rename_unmapped(name, tensor)
-        scale = float(self.moe_config.routed_scaling_factor)
-        if scale != 1.0 and _matches_any(self.scaled_keys, name):
-            # Per expert slice, so a broadcast (expanded) source is never materialized whole. torch computes a
-            # bf16/fp16 product in float32 and rounds once: the same bits as an explicit float32 round trip.
-            renamed = [(new_name, t * scale) for new_name, t in renamed]
-        temperature = float(self.moe_config.router_temperature)
-        if temperature != 1.0 and _matches_any(self.router_keys, name):
-            renamed = [(new_name, t / temperature) for new_name, t in renamed]  # logits / T = x (W / T)
+        if _matches_any(self.scaled_keys, name):
+            # Per expert slice, so a broadcast (expanded) source is never materialized whole.
+            renamed = [(new_name, fold_routed_scale(self.moe_config, t)) for new_name, t in renamed]
+        if _matches_any(self.router_keys, name):
+            renamed = [(new_name, fold_router_temperature(self.moe_config, t)) for new_name, t in renamed]
         return renamed
 
     def rename_unmapped(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
@@ -324,32 +360,16 @@ class Qwen2MoeExporter(Exporter):
         )
 
     def rename(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-        renamed = super().rename(name, tensor)
+        (name, tensor), *added = qwen2_moe_shared_expert_tensors(self.moe_config, name, tensor)
+        renamed = super().rename(name, tensor) + added
         if name == "model.embed_tokens.weight" and self.moe_config.tie_word_embeddings:
             renamed.append(("lm_head.weight", tensor))
-        router = template_regex(QWEN2_MOE_ROUTER_KEY).match(name)
-        if router and self.moe_config.shared_expert_intermediate_size == 0:
-            # Every Qwen2-MoE layer has a shared expert: ours has none, so it gets an all-zero one of width 1.
-            # Its output is exactly 0 and so are all its gradients, so it stays inert if trained further; its gate
-            # is the tiny constant too (0 * NaN would still be NaN in llama.cpp).
-            hidden, size, layer = tensor.shape[1], NULL_SHARED_EXPERT_SIZE, router.group("layer")
-            zeros = {"gate_proj": (size, hidden), "up_proj": (size, hidden), "down_proj": (hidden, size)}
-            prefix = f"model.layers.{layer}.mlp"
-            renamed += [
-                (f"{prefix}.shared_expert.{proj}.weight", tensor.new_zeros(shape)) for proj, shape in zeros.items()
-            ]
-            gate = tensor.new_full((1, hidden), QWEN2_MOE_UNGATED_GATE_VALUE)
-            renamed.append((f"{prefix}.shared_expert_gate.weight", gate))
         return renamed
 
     def rename_unmapped(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
         if _matches_any(QWEN2_MOE_ZERO_BIAS_KEYS, name):
             bias = torch.zeros(tensor.shape[0], dtype=tensor.dtype, device=tensor.device)
             return [(name, tensor), (name.removesuffix(".weight") + ".bias", bias)]
-        if not self.moe_config.shared_expert_gate and _matches_any((QWEN2_MOE_SHARED_DOWN_KEY,), name):
-            gate_name = name.replace(".shared_expert.down_proj.weight", ".shared_expert_gate.weight")
-            gate = tensor.new_full((1, tensor.shape[0]), QWEN2_MOE_UNGATED_GATE_VALUE)
-            return [(name, tensor * 2), (gate_name, gate)]  # sigmoid(tiny) * 2 == 1, exactly
         return [(name, tensor)]  # attention, norms, embeddings, lm_head, shared expert, dense MLPs
 
 

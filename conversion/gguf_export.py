@@ -26,7 +26,12 @@ from tqdm.auto import tqdm
 
 from llama_moe.modeling import LlamaMoEConfig
 
-from .formats import NULL_SHARED_EXPERT_SIZE, QWEN2_MOE_UNGATED_GATE_VALUE
+from .formats import (
+    NULL_SHARED_EXPERT_SIZE,
+    fold_router_temperature,
+    fold_routed_scale,
+    qwen2_moe_shared_expert_tensors,
+)
 from .reader import CheckpointReader, is_recomputed_buffer
 from .writer import atomic_output_file
 
@@ -151,15 +156,19 @@ def llama3_rope_factors(config: LlamaMoEConfig) -> torch.Tensor:
 
 
 class GgufTensorMap:
-    """Our tensor names to llama.cpp's, with the changes one architecture needs (permuted q/k, folded scales,
-    stacked experts split into gate and up, the qwen2moe shared-expert gate)."""
+    """Our tensor names to llama.cpp's, with the changes one architecture needs (permuted q/k, stacked experts
+    split into gate and up) and the rules formats.py holds for the safetensors exports (folded scales, Qwen2-MoE's
+    shared expert)."""
 
     def __init__(self, config: LlamaMoEConfig, arch: str):
         self.config, self.arch = config, arch
-        self.routed_scale = float(config.routed_scaling_factor)
-        self.temperature = float(config.router_temperature)
 
     def __call__(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        if self.arch != "qwen2moe":
+            return self._rename(name, tensor)
+        return [out for pair in qwen2_moe_shared_expert_tensors(self.config, name, tensor) for out in self._rename(*pair)]
+
+    def _rename(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
         c = self.config
         if name == "model.embed_tokens.weight":
             out = [("token_embd.weight", tensor)]
@@ -182,6 +191,7 @@ class GgufTensorMap:
             "self_attn.o_proj.weight": "attn_output.weight",
             "mlp.shared_expert.gate_proj.weight": "ffn_gate_shexp.weight",
             "mlp.shared_expert.up_proj.weight": "ffn_up_shexp.weight",
+            "mlp.shared_expert.down_proj.weight": "ffn_down_shexp.weight",
         }
         if rest in simple:
             return [(blk + simple[rest], tensor)]
@@ -191,35 +201,15 @@ class GgufTensorMap:
                 tensor = interleave_rope_rows(tensor, heads)
             return [(blk + ("attn_q.weight" if rest.startswith("self_attn.q") else "attn_k.weight"), tensor)]
         if rest == "mlp.gate.weight":
-            router = tensor / self.temperature if self.temperature != 1.0 else tensor
-            out = [(blk + "ffn_gate_inp.weight", router)]
-            if self.arch == "qwen2moe" and not c.shared_expert_intermediate_size:
-                out += self._null_shared_expert(blk, tensor)
-            return out
+            return [(blk + "ffn_gate_inp.weight", fold_router_temperature(c, tensor))]
         if rest == "mlp.experts.gate_up_proj":
             width = tensor.shape[1] // 2
             return [(blk + "ffn_gate_exps.weight", tensor[:, :width]), (blk + "ffn_up_exps.weight", tensor[:, width:])]
         if rest == "mlp.experts.down_proj":
-            return [(blk + "ffn_down_exps.weight", tensor * self.routed_scale if self.routed_scale != 1.0 else tensor)]
-        if rest == "mlp.shared_expert.down_proj.weight":
-            if self.arch == "qwen2moe" and not c.shared_expert_gate:  # sigmoid(tiny) = 1/2, exactly
-                gate = tensor.new_full((tensor.shape[0],), QWEN2_MOE_UNGATED_GATE_VALUE)
-                return [(blk + "ffn_down_shexp.weight", tensor * 2), (blk + "ffn_gate_inp_shexp.weight", gate)]
-            return [(blk + "ffn_down_shexp.weight", tensor)]
+            return [(blk + "ffn_down_exps.weight", fold_routed_scale(c, tensor))]
         if rest == "mlp.shared_expert_gate.weight":
             return [(blk + "ffn_gate_inp_shexp.weight", tensor.reshape(-1))]
         raise ValueError(f"Tensor {name!r} has no place in a GGUF file of this exporter.")
-
-    @staticmethod
-    def _null_shared_expert(blk: str, router: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-        """qwen2moe requires a shared expert: an all-zero one of width 1 (output exactly 0, never NaN)."""
-        hidden, size = router.shape[1], NULL_SHARED_EXPERT_SIZE
-        return [
-            (blk + "ffn_gate_shexp.weight", router.new_zeros(size, hidden)),
-            (blk + "ffn_up_shexp.weight", router.new_zeros(size, hidden)),
-            (blk + "ffn_down_shexp.weight", router.new_zeros(hidden, size)),
-            (blk + "ffn_gate_inp_shexp.weight", router.new_full((hidden,), QWEN2_MOE_UNGATED_GATE_VALUE)),
-        ]
 
 
 def stored_dtype(gguf_name: str, shape: tuple[int, ...], outtype: torch.dtype) -> torch.dtype:
