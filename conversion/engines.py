@@ -20,6 +20,12 @@ ENGINE_NAMES = {"transformers": "transformers", "vllm": "vLLM", "llama.cpp": "ll
 # Measured by benchmarks/serving_check.py: llama.cpp's default float16 KV cache flips routing near ties.
 F32_KV_ADVICE = ("keep the KV cache in float32 (-ctk f32 -ctv f32): its default float16 cache flips routers that "
                  "sit near ties (the random split's always)")
+# Measured by the same check: in bfloat16 every engine, transformers itself included, changes greedy tokens of
+# upcycled models whose routers sit near ties (all but the copy method), each as far from float32 as the others.
+FLOAT32_ADVICE = ("Exact agreement between engines needs float32 (vLLM --dtype float32, f32 GGUF, f32 KV cache): "
+                  "in bfloat16 every engine, transformers included, rounds routing near ties its own way, so greedy "
+                  "tokens of an upcycled model differ from its float32 ones and from each other's "
+                  "(measured: README, serving check).")
 
 
 class EngineSupport(NamedTuple):
@@ -109,12 +115,12 @@ def engine_table_markdown(format_name: str, config) -> str:
     lines = ["| engine | computes this checkpoint as we do | how / why not |", "|---|---|---|"]
     for row in engine_support(format_name, config):
         lines.append(f"| {ENGINE_NAMES[row.engine]} | {'yes' if row.exact else 'no'} | {row.note} |")
-    return "\n".join(lines)
+    return "\n".join(lines + ["", FLOAT32_ADVICE])
 
 
 def engine_lines(format_name: str, config) -> str:
     """What the CLI prints after writing: one line per engine."""
     return "\n".join(
-        f"  {ENGINE_NAMES[row.engine]:<12} {'exact' if row.exact else 'no':<5}  {row.note}"
-        for row in engine_support(format_name, config)
+        [f"  {ENGINE_NAMES[row.engine]:<12} {'exact' if row.exact else 'no':<5}  {row.note}"
+         for row in engine_support(format_name, config)] + ["  " + FLOAT32_ADVICE]
     )

@@ -102,4 +102,6 @@ def test_cli_refuses_before_writing_and_prints_the_engines(tmp_path, capsys):
     assert main(["export", str(src), str(tmp_path / "mixtral"), "--format", "mixtral"]) == 2  # shared expert
     _, plain = _saved_moe(tmp_path / "plain")
     assert main(["export", str(plain), str(tmp_path / "mixtral"), "--format", "mixtral"]) == 0
-    assert "-ctk f32 -ctv f32" in (tmp_path / "mixtral" / "README.md").read_text()  # precision advice
+    card = (tmp_path / "mixtral" / "README.md").read_text()
+    assert "-ctk f32 -ctv f32" in card and "vLLM --dtype float32" in card  # precision advice
+    assert "vLLM --dtype float32" in capsys.readouterr().out
