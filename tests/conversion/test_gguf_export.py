@@ -102,14 +102,15 @@ def test_every_tensor_is_where_llama_cpp_reads_it(tmp_path, arch):
         assert tensors["rope_freqs.weight"].shape == (c.head_dim // 2,) and tensors["rope_freqs.weight"].max() > 1
 
 
-@pytest.mark.parametrize("outtype", ["f32", "bf16"])
+@pytest.mark.parametrize("outtype", ["f32", "f16", "bf16"])
 def test_qwen2moe_gguf_read_back_by_transformers_gives_our_logits(tmp_path, outtype):
     ours, src = _saved(tmp_path, **CASES["qwen2moe"])
-    if outtype == "bf16":  # the rounding the file applies: matrices, but not routers and norms (kept float32)
+    rounded = {"f16": torch.float16, "bf16": torch.bfloat16}.get(outtype)
+    if rounded:  # the rounding the file applies: matrices, but not routers and norms (kept float32)
         with torch.no_grad():
             for name, param in ours.named_parameters():
                 if param.dim() > 1 and not name.endswith("mlp.gate.weight"):
-                    param.copy_(param.bfloat16().float())
+                    param.copy_(param.to(rounded).float())
     export_checkpoint(src, tmp_path / "hf", "qwen2_moe")  # the same architecture's config, as transformers has it
     config = Qwen2MoeConfig.from_pretrained(tmp_path / "hf")
     export_gguf(src, tmp_path / "gguf" / "model.gguf", outtype=outtype, tokenizer_pre="gpt-2", progress=False)
