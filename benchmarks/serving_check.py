@@ -157,9 +157,18 @@ def version(python: Path, module: str) -> str:
 REFERENCES = ("float32", "bfloat16", "bf16 weights, float32 compute")
 
 
-def keeps_float32_in_gguf(name: str, param) -> bool:
-    """llama.cpp's converter stores 1-D tensors, routers and the shared-expert gate in f32 whatever the outtype."""
-    return param.dim() < 2 or name.endswith("mlp.gate.weight") or "shared_expert_gate" in name
+def round_as_gguf_stores(model, outtype) -> None:
+    """Round `model`'s parameters to what a GGUF file of `outtype` stores (our writer's rule, `stored_dtype`, which
+    is llama.cpp's converter's: routers and 1-D tensors stay float32); the model still computes in float32."""
+    import torch
+
+    from llama_moe.conversion.gguf_export import GgufTensorMap, gguf_architecture, stored_dtype
+
+    tensor_map = GgufTensorMap(model.config, gguf_architecture(model.config, []))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            gguf_name, stored = tensor_map(name, param.to("meta"))[0]  # the tensor itself comes first
+            param.copy_(param.to(stored_dtype(gguf_name, tuple(stored.shape), outtype)).float())
 
 
 def reference_model(moe_dir: Path, setting: str):
@@ -169,10 +178,7 @@ def reference_model(moe_dir: Path, setting: str):
     dtype = torch.bfloat16 if setting == "bfloat16" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(moe_dir, trust_remote_code=True, dtype=dtype).eval()
     if setting == "bf16 weights, float32 compute":
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if not keeps_float32_in_gguf(name, param):
-                    param.copy_(param.bfloat16().float())
+        round_as_gguf_stores(model, torch.bfloat16)
     return model
 
 
