@@ -33,7 +33,7 @@ from .formats import (
     qwen2_moe_shared_expert_tensors,
 )
 from .reader import CheckpointReader, is_recomputed_buffer
-from .writer import atomic_output_file
+from .writer import atomic_output_file, refuse_existing_output
 
 OUTTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 # What numpy hands the GGUF writer per stored dtype (numpy has no bfloat16: its raw bytes, typed by GGML's name).
@@ -109,8 +109,7 @@ def check_gguf_fit(config: LlamaMoEConfig, engine: str | None = None) -> str:
 def check_gguf_output(out: Path, overwrite: bool) -> None:
     if out.suffix != ".gguf":
         raise ValueError(f"{str(out)!r}: a GGUF output path must end in .gguf.")
-    if out.exists() and not overwrite:
-        raise ValueError(f"{out} already exists; choose another output path or pass --overwrite.")
+    refuse_existing_output(out, overwrite)
 
 
 def check_gguf_tokenizer(folder: Path, tokenizer_pre: str | None) -> str | None:

@@ -303,7 +303,7 @@ def run_upcycle(
     is a .gguf file, written from a llama_moe folder staged beside it (removed afterwards)."""
     from .formats import LlamaMoEExporter, get_exporter, write_checkpoint
     from .model_card import write_model_card
-    from .writer import parse_size
+    from .writer import parse_size, refuse_existing_output
 
     start = time.perf_counter()
     shard_bytes = parse_size(max_shard_size)  # a bad size is refused before the dense model is opened
@@ -312,8 +312,8 @@ def run_upcycle(
         from .gguf_export import check_gguf_fit, check_gguf_output, check_gguf_tokenizer, export_gguf, outtype_of
 
         check_gguf_output(Path(out), overwrite)
-    elif os.path.exists(out) and not overwrite:
-        raise ValueError(f"{out} already exists; choose another output path or pass --overwrite.")
+    else:
+        refuse_existing_output(out, overwrite)
     plan = plan_upcycle(base, options)
     staging = None
     if format == "gguf":

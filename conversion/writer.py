@@ -150,11 +150,16 @@ def current_umask() -> int:
     return mask
 
 
+def refuse_existing_output(out: str | os.PathLike, overwrite: bool) -> None:
+    """The one refusal of an output that exists (checked early by commands, and again when writing)."""
+    if os.path.exists(out) and not overwrite:
+        raise ValueError(f"{out} already exists; choose another output path or pass --overwrite.")
+
+
 def _output_path(out: str | os.PathLike, overwrite: bool) -> tuple[str, str]:
     """(absolute `out`, its parent folder, created): refused when `out` exists and `overwrite` is off."""
     out = os.path.abspath(os.fspath(out))
-    if os.path.exists(out) and not overwrite:
-        raise ValueError(f"{out} already exists; choose another output path or pass --overwrite.")
+    refuse_existing_output(out, overwrite)
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     return out, parent
