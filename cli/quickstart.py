@@ -115,10 +115,10 @@ def next_commands(args, out: Path, trained: str, corpus, base: str) -> list[tupl
 
 def serving_commands(trained: str, out: Path) -> list[tuple[str, list[str]]]:
     """A GGUF file for llama.cpp, where llama.cpp can compute the trained model exactly (conversion/engines.py)."""
-    from llama_moe.conversion.gguf_export import gguf_architecture
+    from llama_moe.conversion.engines import engine_refusal
     from llama_moe.modeling import LlamaMoEConfig
 
-    if gguf_architecture(LlamaMoEConfig.from_pretrained(trained), []) is None:
+    if engine_refusal("gguf", LlamaMoEConfig.from_pretrained(trained), "llama.cpp"):
         return []
     return [("serve with llama.cpp", ["llama-moe", "export", trained, str(out / "model.gguf"), "--format", "gguf"])]
 

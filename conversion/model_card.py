@@ -20,6 +20,27 @@ def _yaml_list(items) -> str:
     return "\n".join(f"- {item}" for item in items)
 
 
+def _usage_and_serving(format_name: str, config) -> list[str]:
+    """The card sections every checkpoint we write has: how to load it, and which engines compute it as we do."""
+    remote = ", trust_remote_code=True" if format_name == "llama_moe" else ""
+    return [
+        "## Usage",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f'model = AutoModelForCausalLM.from_pretrained("PATH_OR_REPO"{remote})',
+        # transformers reads the model's config before the tokenizer's: it asks for trust_remote_code too.
+        f'tokenizer = AutoTokenizer.from_pretrained("PATH_OR_REPO"{remote})',
+        "```",
+        "",
+        "## Serving engines",
+        "",
+        engine_table_markdown(format_name, config),
+        "",
+    ]
+
+
 def render_model_card(plan, *, format: str, total_params: int, active_params: int, command: str | None) -> str:
     c, o = plan.moe_config, plan.options
     base = plan.source.name
@@ -71,16 +92,7 @@ def render_model_card(plan, *, format: str, total_params: int, active_params: in
     ]
     if o.method == "granular":
         lines += [f"Granular scaling `{o.granular_scaling}`: {GRANULAR_SCALING[o.granular_scaling]}.", ""]
-    lines += ["## Usage", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", ""]
-    remote = ", trust_remote_code=True" if format == "llama_moe" else ""
-    lines += [
-        f'model = AutoModelForCausalLM.from_pretrained("PATH_OR_REPO"{remote})',
-        # transformers reads the model's config before the tokenizer's: it asks for trust_remote_code too.
-        f'tokenizer = AutoTokenizer.from_pretrained("PATH_OR_REPO"{remote})',
-        "```",
-        "",
-    ]
-    lines += ["## Serving engines", "", engine_table_markdown(format, c), ""]
+    lines += _usage_and_serving(format, c)
     if command:
         language = "bash" if command.startswith("llama-moe ") else "python"
         lines += ["## How it was made", "", f"```{language}", command, "```", ""]
@@ -96,7 +108,6 @@ def write_model_card(folder: str, plan, **kwargs) -> str:
 
 def render_export_card(src: str, format_name: str, config) -> str:
     """The card of `llama-moe export`: where it came from, how to load it, which engines serve it exactly."""
-    remote = ", trust_remote_code=True" if format_name == "llama_moe" else ""
     return "\n".join([
         "---",
         "library_name: transformers",
@@ -114,17 +125,5 @@ def render_export_card(src: str, format_name: str, config) -> str:
         + (f", shared expert of width {config.shared_expert_intermediate_size}"
            if config.shared_expert_intermediate_size else "") + ".",
         "",
-        "## Serving engines",
-        "",
-        engine_table_markdown(format_name, config),
-        "",
-        "## Usage",
-        "",
-        "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "",
-        f'model = AutoModelForCausalLM.from_pretrained("PATH_OR_REPO"{remote})',
-        f'tokenizer = AutoTokenizer.from_pretrained("PATH_OR_REPO"{remote})',
-        "```",
-        "",
+        *_usage_and_serving(format_name, config),
     ])
