@@ -102,7 +102,7 @@ def active_ffn_fraction(config) -> float:
 
 
 def save(results_dir: Path, name: str, row: dict) -> None:
-    from llama_moe.evaluation.io import atomic_write_text
+    from llama_moe.conversion.atomic import atomic_write_text
 
     atomic_write_text(results_dir / f"{name}.json", json.dumps(row, indent=2))
 

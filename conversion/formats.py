@@ -21,15 +21,11 @@ from transformers.dynamic_module_utils import custom_object_save
 
 from llama_moe.modeling import LlamaMoEConfig, LlamaMoEForCausalLM
 
+from .atomic import atomic_output_dir
 from .engines import ENGINE_NAMES, engine_refusal
 from .model_card import render_export_card
 from .reader import CheckpointReader, copy_side_files, is_recomputed_buffer
-from .writer import (
-    ShardedSafetensorsWriter,
-    atomic_output_dir,
-    parse_size,
-    read_written_shapes,
-)
+from .writer import ShardedSafetensorsWriter, parse_size, read_written_shapes
 
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"

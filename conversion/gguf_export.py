@@ -33,7 +33,7 @@ from .formats import (
     qwen2_moe_shared_expert_tensors,
 )
 from .reader import CheckpointReader, is_recomputed_buffer
-from .writer import atomic_output_file, refuse_existing_output
+from .atomic import atomic_output_file, refuse_existing_output
 
 OUTTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 # What numpy hands the GGUF writer per stored dtype (numpy has no bfloat16: its raw bytes, typed by GGML's name).

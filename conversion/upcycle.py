@@ -303,7 +303,8 @@ def run_upcycle(
     is a .gguf file, written from a llama_moe folder staged beside it (removed afterwards)."""
     from .formats import LlamaMoEExporter, get_exporter, write_checkpoint
     from .model_card import write_model_card
-    from .writer import parse_size, refuse_existing_output
+    from .atomic import refuse_existing_output
+    from .writer import parse_size
 
     start = time.perf_counter()
     shard_bytes = parse_size(max_shard_size)  # a bad size is refused before the dense model is opened

@@ -2,18 +2,17 @@
 
 Shards are planned from tensor shapes before any weight exists; each shard's header is written first and tensor
 bytes are then appended as they are produced, so memory stays at one tensor, never one shard. Output is built in
-`OUT.tmp-<random>` beside OUT and renamed at the end. Must not decide what the tensors contain.
+`OUT.tmp-<random>` beside OUT and renamed at the end (conversion/atomic.py). Must not decide what the tensors contain.
 """
 
-import contextlib
 import json
 import math
 import os
 import re
-import shutil
-import tempfile
 
 import torch
+
+from .atomic import atomic_output_dir
 
 
 SAFETENSORS_DTYPES = {
@@ -142,62 +141,6 @@ class ShardedSafetensorsWriter:
         if self._file is not None:
             self._file.close()
             self._file = None
-
-
-def current_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def refuse_existing_output(out: str | os.PathLike, overwrite: bool) -> None:
-    """The one refusal of an output that exists (checked early by commands, and again when writing)."""
-    if os.path.exists(out) and not overwrite:
-        raise ValueError(f"{out} already exists; choose another output path or pass --overwrite.")
-
-
-def _output_path(out: str | os.PathLike, overwrite: bool) -> tuple[str, str]:
-    """(absolute `out`, its parent folder, created): refused when `out` exists and `overwrite` is off."""
-    out = os.path.abspath(os.fspath(out))
-    refuse_existing_output(out, overwrite)
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    return out, parent
-
-
-@contextlib.contextmanager
-def atomic_output_dir(out: str, overwrite: bool = False):
-    """Yield a fresh temporary folder beside `out`; rename it to `out` only if the block finishes."""
-    out, parent = _output_path(out, overwrite)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + ".tmp-", dir=parent)
-    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it owner-only; a model folder is an ordinary folder
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if os.path.exists(out):  # overwrite=True: move the old folder aside first, drop it after the rename
-        trash = tempfile.mkdtemp(prefix=os.path.basename(out) + ".old-", dir=parent)
-        os.rename(out, os.path.join(trash, "old"))
-        os.rename(tmp, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
-
-
-@contextlib.contextmanager
-def atomic_output_file(out: str | os.PathLike, overwrite: bool = False):
-    """Yield a temporary file path beside `out`; rename it to `out` only if the block finishes."""
-    out, parent = _output_path(out, overwrite)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(out) + ".tmp-", dir=parent)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it owner-only
-    try:
-        yield tmp
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    os.replace(tmp, out)
 
 
 def write_dense_checkpoint(source, out: str, overwrite: bool = False) -> str:

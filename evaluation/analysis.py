@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from .io import atomic_write_text
+from llama_moe.conversion.atomic import atomic_write_text
 from .perplexity import domain_perplexity, read_domain_texts, token_blocks
 from .routing import RoutingStats, routing_settings
 from .speed import generation_speed, parameter_counts

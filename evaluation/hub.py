@@ -14,11 +14,10 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llama_moe.conversion.atomic import TEMPORARY_FILE_PATTERN, atomic_write_text
 from llama_moe.conversion.model_path import is_hub_id
 from llama_moe.conversion.reader import safetensors_header
 from llama_moe.modeling.parameters import count_parameters
-
-from .io import atomic_write_text
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
 # Hub rules (huggingface.co/docs/hub/storage-limits, repositories-recommendations): 50 GB per file at most,
@@ -29,7 +28,7 @@ LFS_THRESHOLD_BYTES = 10 * 1000**2
 SCAN_WHOLE_FILE_BYTES = 50 * 1000**2  # bigger files: only their safetensors header is scanned for secrets
 # Never uploaded: version-control and cache folders, bytecode, our own atomic-write temporaries.
 DEFAULT_IGNORE = [".git/*", "*/.git/*", ".cache/*", "*/.cache/*", "__pycache__/*", "*/__pycache__/*", "*.pyc",
-                  ".*.tmp", "*/.*.tmp", ".DS_Store", "*/.DS_Store"]
+                  TEMPORARY_FILE_PATTERN, f"*/{TEMPORARY_FILE_PATTERN}", ".DS_Store", "*/.DS_Store"]
 SECRET_PATTERNS = {
     "Hugging Face token": rb"hf_[A-Za-z0-9]{30,}",
     "Hugging Face org API token": rb"api_org_[A-Za-z0-9]{30,}",

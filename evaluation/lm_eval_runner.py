@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .io import atomic_write_text
+from llama_moe.conversion.atomic import atomic_write_text
 
 LOCAL_TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 LOCAL_TASK_TAG = "llama_moe_local"

@@ -9,7 +9,7 @@ import io
 import json
 from pathlib import Path
 
-from .io import atomic_write_bytes
+from llama_moe.conversion.atomic import atomic_write_bytes
 
 
 def _pyplot():

@@ -8,7 +8,7 @@ import json
 import math
 from pathlib import Path
 
-from .io import atomic_write_text
+from llama_moe.conversion.atomic import atomic_write_text
 from .plots import _pyplot, _save, load_heatmap
 
 LABELS = {"base": "dense base", "upcycled": "upcycled (before training)", "trained": "upcycled + trained"}

@@ -1,5 +1,5 @@
 """Dependencies point one way: cli -> training / evaluation -> conversion -> modeling, where training and
-evaluation use only conversion's checkpoint layer (model_path, reader).
+evaluation use only conversion's checkpoint layer (model_path, reader) and its atomic writes (atomic).
 
 modeling/ is the remote-code bundle copied into checkpoints, so it may import only the standard library,
 torch, transformers (and huggingface_hub, which transformers itself requires) and its own files by single-dot
@@ -85,7 +85,7 @@ def _package_imports(path: Path) -> list[tuple[str, int]]:
 
 
 def test_conversion_imports_no_training_or_evaluation_and_they_use_only_its_checkpoint_layer():
-    checkpoint_layer = {"conversion.model_path", "conversion.reader"}
+    checkpoint_layer = {"conversion.model_path", "conversion.reader", "conversion.atomic"}
     problems = []
     for part in ("conversion", "training", "evaluation"):
         for path in sorted((ROOT / part).rglob("*.py")):

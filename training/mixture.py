@@ -14,6 +14,8 @@ from collections import deque
 
 import torch
 
+from llama_moe.conversion.atomic import atomic_write_text
+
 MIXTURE_STATE_NAME = "mixture_state.json"
 
 
@@ -154,10 +156,7 @@ def as_hf_iterable(mixture: MixtureDataset):
 
 
 def save_state(folder: str, state: dict) -> None:
-    path = os.path.join(folder, MIXTURE_STATE_NAME)
-    with open(path + ".tmp", "w") as handle:
-        json.dump(state, handle, indent=1)
-    os.replace(path + ".tmp", path)
+    atomic_write_text(os.path.join(folder, MIXTURE_STATE_NAME), json.dumps(state, indent=1))
 
 
 def load_state(folder: str) -> dict | None:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from llama_moe.conversion.atomic import recover_dirs, replace_dir
+
 from .arguments import MoETrainingArguments, parse_mapping
 from .cpu_memory import keep_freed_memory
 from .data import DomainStream, check_domain, domain_size, parse_domains
@@ -204,11 +206,15 @@ def _reference_losses(options, model, validation, references):
 
 def remove_interrupted_saves(output_dir: str) -> None:
     """OUTPUT/.staging holds saves in progress only (finished ones are renamed out of it), so one found before
-    training starts was left by an interrupted run: nothing in it is complete."""
+    training starts was left by an interrupted run: nothing in it is complete. A run killed while it swapped a
+    finished save in (`replace_dir`) gets the complete folder back under its name."""
     from .trainer import STAGING_DIR
 
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    recover_dirs(output_dir)
     staging = os.path.join(output_dir, STAGING_DIR)
-    if os.path.isdir(staging) and int(os.environ.get("RANK", "0")) == 0:
+    if os.path.isdir(staging):
         shutil.rmtree(staging)
         print(f"[llama-moe train] removed {staging}: unfinished saves of an interrupted run.")
 
@@ -300,9 +306,7 @@ def train(options: MoETrainingArguments, config) -> str:
         pickled_arguments = os.path.join(staged, "training_args.bin")
         if os.path.exists(pickled_arguments):
             os.remove(pickled_arguments)
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(staged, final)
+        replace_dir(staged, final)  # a second run into the same folder swaps the old final model out
         staging_root = os.path.dirname(staged)
         card = os.path.join(staging_root, "README.md")  # TRL writes its model card beside the checkpoints
         if os.path.isfile(card):

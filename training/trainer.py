@@ -19,6 +19,8 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTTrainer
 
+from llama_moe.conversion.atomic import replace_dir
+
 from ..modeling.modeling_llama_moe import add_router_losses
 from .callbacks import MoEPrinterCallback, MoEProgressCallback
 
@@ -169,13 +171,7 @@ class MoETrainer(SFTTrainer):
             save_state(staged, self.mixture.state_at(self.examples_consumed()))
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
-            if os.path.exists(target):  # re-saving a step (e.g. after a resume): swap, then drop the old one
-                old = os.path.join(staging_root, name + ".old")
-                os.replace(target, old)
-                os.replace(staged, target)
-                shutil.rmtree(old)
-            else:
-                os.replace(staged, target)
+            replace_dir(staged, target)  # re-saving a step (e.g. after a resume) swaps the old folder out
             if limit:
                 from transformers.trainer_utils import rotate_checkpoints
 

@@ -202,7 +202,7 @@ def test_outputs_get_ordinary_permissions(dense_dirs, tmp_path):
     """Built under a temporary name (mkdtemp makes owner-only folders), the result still gets the umask's modes."""
     import stat
 
-    from llama_moe.evaluation.io import atomic_write_text
+    from llama_moe.conversion.atomic import atomic_write_text
 
     old = os.umask(0o022)
     try:

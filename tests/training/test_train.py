@@ -158,3 +158,34 @@ def test_unfinished_saves_of_an_interrupted_run_are_removed(tmp_path, corpora, t
     assert not (out / ".staging").exists()
     assert "unfinished saves of an interrupted run" in capsys.readouterr().out
     assert sorted(os.listdir(out)) == ["README.md", "checkpoint-2", "final"]
+
+
+def test_a_crash_while_the_final_model_is_swapped_in_keeps_a_complete_one(tmp_path, corpora, tiny_model_dir,
+                                                                         monkeypatch):
+    """A second run into the same folder replaces `final` in three steps (conversion/atomic.py, tested step by
+    step there); killed while renaming the new model in, the folder still holds the first run's model, whole."""
+    from transformers import AutoModelForCausalLM
+
+    from llama_moe.conversion import atomic
+
+    out = tmp_path / "run"
+    assert run_train(train_args(tiny_model_dir, corpora, out, 1)) == 0
+    first = load_file(out / "final" / "model.safetensors")
+    rename = os.rename
+
+    def crash_renaming_final_in(src, dst):
+        if os.fspath(dst) == os.fspath(out / "final") and ".staging" in os.fspath(src):
+            raise OSError("killed while renaming the new final model in")
+        return rename(src, dst)
+
+    monkeypatch.setattr(atomic.os, "rename", crash_renaming_final_in)
+    with pytest.raises(OSError, match="killed"):
+        run_train(train_args(tiny_model_dir, corpora, out, 2))
+    monkeypatch.undo()
+    model = AutoModelForCausalLM.from_pretrained(out / "final", trust_remote_code=True)
+    weights = model.state_dict()
+    assert all(torch.equal(weights[name], tensor) for name, tensor in first.items())
+    second = load_file(out / ".staging" / "final" / "model.safetensors")  # built whole, never renamed in
+    assert not torch.equal(second["model.layers.0.mlp.gate.weight"], first["model.layers.0.mlp.gate.weight"])
+    assert sorted(p for p in os.listdir(out) if not p.startswith(".")) == ["README.md", "checkpoint-1",
+                                                                          "checkpoint-2", "final"]
