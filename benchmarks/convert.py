@@ -89,7 +89,7 @@ def write_dense(folder: str, num_layers: int) -> int:
 CHILD = """
 import json, sys, time
 from llama_moe.conversion.options import UpcycleOptions
-from llama_moe.conversion.upcycle import run_upcycle
+from llama_moe.conversion.pipeline import run_upcycle
 base, out, shard = sys.argv[1:4]
 
 def vm_hwm():  # peak resident memory of this process (reset at exec, unlike ru_maxrss)

@@ -147,7 +147,7 @@ def main() -> None:
     from llama_moe.conversion.calibration import calibration_text
     from llama_moe.conversion.options import UpcycleOptions
     from llama_moe.conversion.stdlib_corpus import build_stdlib_corpus
-    from llama_moe.conversion.upcycle import run_upcycle
+    from llama_moe.conversion.pipeline import run_upcycle
     from llama_moe.training.arguments import parse_arguments
     from llama_moe.training.run import train
 

@@ -234,7 +234,7 @@ def evaluate_models(models: dict[str, str], heldout: dict[str, Path], args) -> d
 
 def main(argv: list[str]) -> int:
     from llama_moe.conversion.options import UpcycleOptions
-    from llama_moe.conversion.upcycle import run_upcycle
+    from llama_moe.conversion.pipeline import run_upcycle
     from llama_moe.evaluation.quickstart_report import write_quickstart_report
     from llama_moe.training.arguments import parse_arguments
     from llama_moe.training.run import train

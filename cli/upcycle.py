@@ -1,6 +1,6 @@
 """`llama-moe upcycle BASE OUT`: turn a dense Llama checkpoint into an MoE checkpoint folder.
 
-Parses arguments and calls `llama_moe.conversion.upcycle.run_upcycle`; must hold no conversion logic.
+Parses arguments and calls `llama_moe.conversion.pipeline.run_upcycle`; must hold no conversion logic.
 """
 
 import argparse
@@ -140,7 +140,7 @@ def main(argv: list[str]) -> int:
 
     from llama_moe.conversion.options import UpcycleOptions
     from llama_moe.conversion.engines import engine_lines
-    from llama_moe.conversion.upcycle import run_upcycle
+    from llama_moe.conversion.pipeline import run_upcycle
 
     options = UpcycleOptions.from_kwargs(**{f.name: getattr(args, f.name) for f in fields(UpcycleOptions)})
     command = "llama-moe upcycle " + shlex.join(argv)

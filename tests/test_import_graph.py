@@ -96,3 +96,21 @@ def test_conversion_imports_no_training_or_evaluation_and_they_use_only_its_chec
                 if part != "conversion" and top == "conversion" and module not in checkpoint_layer:
                     problems.append(f"{path.relative_to(ROOT)}:{line} imports {module}")
     assert not problems, problems
+
+
+def test_the_conversion_package_loads_its_parts_when_first_used():
+    """`llama_moe.conversion.upcycle` is the function (its module is `pipeline`), and importing a light module of
+    the package (what training and evaluation use) does not load the conversion code."""
+    import subprocess
+
+    script = (
+        "import sys, types\n"
+        "import llama_moe.conversion.model_path\n"
+        "assert 'llama_moe.conversion.pipeline' not in sys.modules and 'torch' not in sys.modules\n"
+        "import llama_moe.conversion as conversion\n"
+        "from llama_moe.conversion.pipeline import upcycle, upcycle_in_memory\n"
+        "assert conversion.upcycle is upcycle and conversion.upcycle_in_memory is upcycle_in_memory\n"
+        "assert all(getattr(conversion, name) is not None for name in conversion.__all__)\n"
+        "assert isinstance(conversion.pipeline, types.ModuleType)\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True)

@@ -21,7 +21,7 @@ def odd_dense(tmp_path_factory):
 def test_odd_widths_are_padded_with_inert_zero_neurons(odd_dense, tmp_path, monkeypatch):
     padded = upcycle(odd_dense, tmp_path / "padded", method="random", num_experts=4, top_k=2, progress=False)
     # the package's `upcycle` is the function; the module by its full name
-    monkeypatch.setattr(importlib.import_module("llama_moe.conversion.upcycle"), "EXPERT_WIDTH_MULTIPLE", 1)
+    monkeypatch.setattr(importlib.import_module("llama_moe.conversion.pipeline"), "EXPERT_WIDTH_MULTIPLE", 1)
     exact = upcycle(odd_dense, tmp_path / "exact", method="random", num_experts=4, top_k=2, progress=False)
     model, reference = load_moe(padded), load_moe(exact)
     assert model.config.moe_intermediate_size == 32 and reference.config.moe_intermediate_size == 25

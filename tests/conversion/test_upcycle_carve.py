@@ -112,7 +112,7 @@ def test_fitted_router_exports_fold_the_temperature(dense_dir, tmp_path):
 
 
 def test_carve_card_verify_and_exports(dense_dir, tmp_path):
-    from llama_moe.conversion.upcycle import run_upcycle
+    from llama_moe.conversion.pipeline import run_upcycle
     from llama_moe.conversion.options import UpcycleOptions
 
     options = UpcycleOptions.from_kwargs(method="carve", num_experts=4, top_k=2, shared_experts=2,

@@ -174,7 +174,7 @@ def test_verify_reports_logit_difference_and_perplexities(dense_dirs, tmp_path, 
     assert dense_ppl == pytest.approx(moe_ppl, rel=1e-4) and dense_ppl > 1
 
     from llama_moe.conversion.options import UpcycleOptions
-    from llama_moe.conversion.upcycle import run_upcycle
+    from llama_moe.conversion.pipeline import run_upcycle
 
     result = run_upcycle(dense_dirs["llama3"], tmp_path / "random", UpcycleOptions(method="random", num_experts=4),
                          verify=True, progress=False)

@@ -61,7 +61,7 @@ def test_option_errors_come_before_the_model_is_opened(tmp_path, monkeypatch):
     """A .gguf base is dequantized when opened: option mistakes must not wait for that."""
     import importlib
 
-    core = importlib.import_module("llama_moe.conversion.upcycle")  # the module (the package exports a function)
+    core = importlib.import_module("llama_moe.conversion.pipeline")
 
     def must_not_open(base):
         raise AssertionError("the base model was opened before the options were checked")
