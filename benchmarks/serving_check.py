@@ -162,7 +162,8 @@ def round_as_gguf_stores(model, outtype) -> None:
     is llama.cpp's converter's: routers and 1-D tensors stay float32); the model still computes in float32."""
     import torch
 
-    from llama_moe.conversion.gguf_export import GgufTensorMap, gguf_architecture, stored_dtype
+    from llama_moe.conversion.engines import gguf_architecture
+    from llama_moe.conversion.gguf_export import GgufTensorMap, stored_dtype
 
     tensor_map = GgufTensorMap(model.config, gguf_architecture(model.config, []))
     with torch.no_grad():

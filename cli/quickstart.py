@@ -184,8 +184,7 @@ def dense_folder(base: str, folder: Path) -> str:
     its metadata again at every load (about 30 s for SmolLM2 here), and the run loads the base four times. A folder
     already there is reused (it is written atomically, so it is complete; benchmarks/quality.py reruns rely on it)."""
     from llama_moe.conversion.model_path import locate_model
-    from llama_moe.conversion.reader import open_dense
-    from llama_moe.conversion.writer import write_dense_checkpoint
+    from llama_moe.conversion.reader import open_dense, write_dense_checkpoint
 
     if locate_model(base).kind != "gguf":
         return base

@@ -22,7 +22,7 @@ from transformers.dynamic_module_utils import custom_object_save
 from llama_moe.modeling import LlamaMoEConfig, LlamaMoEForCausalLM
 
 from .atomic import atomic_output_dir
-from .engines import ENGINE_NAMES, engine_refusal
+from .engines import ENGINE_NAMES, engine_refusal, gguf_architecture
 from .model_card import render_export_card
 from .reader import CheckpointReader, copy_side_files, is_recomputed_buffer
 from .writer import ShardedSafetensorsWriter, parse_size, read_written_shapes
@@ -380,8 +380,6 @@ FORMATS = [*EXPORTERS, "gguf"]  # every --format value
 def formats_that_fit(moe_config: LlamaMoEConfig, engine: str | None = None) -> list[str]:
     """Formats that can hold this configuration (gguf included, conversion/gguf_export.py); with `engine`, only
     those that engine computes exactly."""
-    from .gguf_export import gguf_architecture
-
     fit = [name for name, cls in EXPORTERS.items() if cls.supports(moe_config, [])]
     if gguf_architecture(moe_config, []) is not None:
         fit.append("gguf")

@@ -1,6 +1,7 @@
 """`--format gguf`: a llama_moe checkpoint written as one GGUF file that llama.cpp computes exactly as we do.
 
-The llama.cpp architecture follows from the routing (llama.cpp's sources, `src/models/*.cpp`):
+The llama.cpp architecture follows from the routing (llama.cpp's sources, `src/models/*.cpp`; the rule is
+engines.gguf_architecture):
 - `llama` (Mixtral): renormalized top-k, no shared expert;
 - `granitemoe`: renormalized top-k plus an ungated shared expert (Granite-MoE-Shared); embedding, residual and
   attention scales left unset (llama.cpp then applies none) and a logit scale of 1;
@@ -34,12 +35,12 @@ from .formats import (
 )
 from .reader import CheckpointReader, is_recomputed_buffer
 from .atomic import atomic_output_file, refuse_existing_output
+from .engines import engine_refusal, gguf_architecture
 
 OUTTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 # What numpy hands the GGUF writer per stored dtype (numpy has no bfloat16: its raw bytes, typed by GGML's name).
 NUMPY_DTYPES = {torch.float32: np.dtype(np.float32), torch.float16: np.dtype(np.float16),
                 torch.bfloat16: np.dtype(np.uint8)}
-ROPE_TYPES = ("default", "linear", "llama3")
 
 # llama.cpp names a BPE pre-tokenizer by the hash of the token ids of this text (its converter's `chktxt`), so the
 # same identifier is computed here. Known hashes for the Llama family; others need `tokenizer_pre=`.
@@ -55,34 +56,6 @@ KNOWN_PRE_TOKENIZERS = {
 }
 
 
-def gguf_architecture(config: LlamaMoEConfig, explain: list[str]) -> str | None:
-    """The llama.cpp architecture that computes this configuration exactly, or None (reasons appended)."""
-    reasons = []
-    dense = [i for i in range(config.num_hidden_layers) if not config.is_moe_layer(i)]
-    if dense:
-        reasons.append(f"layers {dense} are dense, but every llama.cpp MoE architecture has MoE in every layer")
-    if config.router_type != "linear":
-        reasons.append(f"router_type={config.router_type!r}: llama.cpp's routers are one linear layer")
-    if config.router_noise == "noisy_topk":
-        reasons.append("router_noise='noisy_topk': llama.cpp has no learned noisy gate")
-    if config.capacity_factor is not None:
-        reasons.append(f"capacity_factor={config.capacity_factor}: llama.cpp is dropless")
-    if config.attention_bias or config.mlp_bias:
-        reasons.append("attention_bias/mlp_bias: not written to GGUF by this exporter")
-    rope_type = (config.rope_parameters or {}).get("rope_type", "default")
-    if rope_type not in ROPE_TYPES:
-        reasons.append(f"rope_type={rope_type!r}: this exporter writes {list(ROPE_TYPES)}")
-    if config.norm_topk_prob and config.shared_expert_intermediate_size and config.shared_expert_gate:
-        reasons.append("a gated shared expert with renormalized top-k: llama.cpp's qwen2moe gates its shared expert "
-                       "but never renormalizes, granitemoe renormalizes but has no gate")
-    explain.extend(reasons)
-    if reasons:
-        return None
-    if not config.norm_topk_prob:
-        return "qwen2moe"
-    return "granitemoe" if config.shared_expert_intermediate_size else "llama"
-
-
 def outtype_of(dtype) -> str:
     """The GGUF outtype that stores `dtype` (a torch dtype or its name) without rounding; f32 for anything else."""
     name = str(dtype).replace("torch.", "")
@@ -92,8 +65,6 @@ def outtype_of(dtype) -> str:
 def check_gguf_fit(config: LlamaMoEConfig, engine: str | None = None) -> str:
     """The llama.cpp architecture, or ValueError naming every reason llama.cpp would compute something else; with
     `engine`, also refused where that engine would not serve the file as we compute it (engines.py)."""
-    from .engines import engine_refusal
-
     reasons: list[str] = []
     arch = gguf_architecture(config, reasons)
     if arch is None:

@@ -1,7 +1,7 @@
 """The one upcycling core: plan (every check, before any output), then stream the MoE tensors layer by layer.
 
 `upcycle()` writes a checkpoint folder (CLI `llama-moe upcycle`), `upcycle_in_memory()` builds the model in RAM
-(`LlamaMoEForCausalLM.from_dense`); both run `plan_upcycle` + `iter_moe_tensors`. Must not contain method
+(`llama-moe train --upcycle_from`); both run `plan_upcycle` + `iter_moe_tensors`. Must not contain method
 math (conversion/methods/), file formats (writer.py, formats.py) or argument parsing (cli/upcycle.py).
 """
 

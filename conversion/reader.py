@@ -1,7 +1,9 @@
 """Streaming access to a dense Llama checkpoint: a local safetensors folder, a `.gguf` file, a Hub id or a model.
 
 Everything is validated when opened (architecture, config, files, shard headers, expected tensors) so that bad
-input fails before any output exists; tensors are then read one at a time. Must not build MoE weights or write.
+input fails before any output exists; tensors are then read one at a time. Must not build MoE weights; the one
+thing it writes is a dense source as a plain float32 folder (`write_dense_checkpoint`, which a run that loads a
+.gguf base several times converts once).
 """
 
 import json
@@ -13,6 +15,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig
 
+from .atomic import atomic_output_dir
 from .model_path import locate_model
 from .writer import INDEX_FILE, SAFETENSORS_DTYPES
 
@@ -374,6 +377,19 @@ class ModelSource(DenseSource):
         if all(p.dtype == torch.float32 for p in self._model.parameters()):
             return self._model  # used as is (no copy, no mode change)
         return super().dense_model()
+
+
+def write_dense_checkpoint(source, out: str, overwrite: bool = False) -> str:
+    """A dense source (DenseSource) as a float32 Hugging Face folder: config, safetensors
+    weights, tokenizer and generation config, written atomically. Reading a .gguf dequantizes it and parses its
+    metadata again at every load (about 30 s for SmolLM2-135M on 2 cores, config and tokenizer included); a run
+    that loads the same base several times converts it once this way."""
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        # The base class's copy: a model dequantized from GGUF keeps a quantizer that save_pretrained refuses.
+        model = DenseSource.dense_model(source)
+        model.save_pretrained(tmp)
+        source.save_tokenizer(tmp)
+    return os.path.abspath(out)
 
 
 def open_gguf(path: str) -> ModelSource:

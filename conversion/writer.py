@@ -12,8 +12,6 @@ import re
 
 import torch
 
-from .atomic import atomic_output_dir
-
 
 SAFETENSORS_DTYPES = {
     torch.float32: "F32",
@@ -141,21 +139,6 @@ class ShardedSafetensorsWriter:
         if self._file is not None:
             self._file.close()
             self._file = None
-
-
-def write_dense_checkpoint(source, out: str, overwrite: bool = False) -> str:
-    """A dense source (conversion.reader.DenseSource) as a float32 Hugging Face folder: config, safetensors
-    weights, tokenizer and generation config, written atomically. Reading a .gguf dequantizes it and parses its
-    metadata again at every load (about 30 s for SmolLM2-135M on 2 cores, config and tokenizer included); a run
-    that loads the same base several times converts it once this way."""
-    from .reader import DenseSource
-
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        # The base class's copy: a model dequantized from GGUF keeps a quantizer that save_pretrained refuses.
-        model = DenseSource.dense_model(source)
-        model.save_pretrained(tmp)
-        source.save_tokenizer(tmp)
-    return os.path.abspath(out)
 
 
 def read_written_shapes(folder: str) -> dict[str, tuple]:

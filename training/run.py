@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from llama_moe.conversion import upcycle_in_memory
 from llama_moe.conversion.atomic import recover_dirs, replace_dir
 
 from .arguments import MoETrainingArguments, parse_mapping
@@ -133,10 +134,8 @@ def validate(options: MoETrainingArguments, config) -> TrainPlan:
 def load_model(options: MoETrainingArguments, config):
     from transformers import AutoModelForCausalLM
 
-    from llama_moe.modeling import LlamaMoEForCausalLM
-
     if options.upcycle_from:
-        model = LlamaMoEForCausalLM.from_dense(
+        model = upcycle_in_memory(
             options.upcycle_from,
             method=options.method,
             num_experts=options.num_experts,

@@ -12,7 +12,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2MoeConfig, Qwen2MoeForCausalLM
 
 from llama_moe.conversion.formats import export_checkpoint
-from llama_moe.conversion.gguf_export import export_gguf, gguf_architecture
+from llama_moe.conversion.engines import gguf_architecture
+from llama_moe.conversion.gguf_export import export_gguf
 from llama_moe.modeling import LlamaMoEForCausalLM
 from tests.conftest import LLAMA3_ROPE, tiny_moe_config
 

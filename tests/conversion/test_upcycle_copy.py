@@ -106,10 +106,8 @@ def test_cli_sharded_bf16_every_other(dense_dirs, tmp_path, capsys):
 
 
 def test_in_memory_matches_written_checkpoint(dense_dirs, tmp_path):
-    from llama_moe.modeling import LlamaMoEForCausalLM
-
     dense = load_dense(dense_dirs["llama3"])
-    moe = LlamaMoEForCausalLM.from_dense(dense, method="copy", num_experts=4, top_k=2, seed=7)
+    moe = upcycle_in_memory(dense, method="copy", num_experts=4, top_k=2, seed=7)
     ids = tokens()
     torch.testing.assert_close(logits_of(moe, ids), logits_of(dense, ids), atol=1e-5, rtol=1e-5)
     written = read_tensors(upcycle(dense_dirs["llama3"], tmp_path / "m", num_experts=4, top_k=2, seed=7, progress=False))
