@@ -8,6 +8,11 @@ import os
 import re
 from pathlib import Path
 
+from llama_moe.cli.extras import require
+from llama_moe.evaluation import lm_eval_runner as runner
+from llama_moe.evaluation.lm_eval_runner import LOCAL_TASK_TAG, PRESETS
+from llama_moe.evaluation.loading import check_model_path
+
 
 def _limit(text: str) -> int | float:
     value = float(text)
@@ -17,8 +22,6 @@ def _limit(text: str) -> int | float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from llama_moe.evaluation.lm_eval_runner import LOCAL_TASK_TAG, PRESETS
-
     parser = argparse.ArgumentParser(
         prog="llama-moe eval",
         description="Benchmark MODEL (a model directory or Hub id, loaded with trust_remote_code) with "
@@ -50,10 +53,6 @@ def default_output(model: str) -> Path:
 
 
 def main(argv: list[str]) -> int:
-    from llama_moe.evaluation import lm_eval_runner as runner
-    from llama_moe.cli.extras import require
-    from llama_moe.evaluation.loading import check_model_path
-
     args = build_parser().parse_args(argv)
     require("lm_eval", command="llama-moe eval")
     for model in filter(None, (args.model, args.compare)):  # before lm-eval builds its tasks (seconds)

@@ -18,7 +18,7 @@ _PUBLIC = {
     "export_checkpoint": "formats",
     "import_llama_moe_v1": "llama_moe_v1",
 }
-__all__ = list(_PUBLIC)
+__all__ = ["upcycle", "upcycle_in_memory", "METHODS", "EXPORTERS", "export_checkpoint", "import_llama_moe_v1"]
 
 if TYPE_CHECKING:  # what the table above gives, for type checkers and readers (and the import-graph test)
     from .formats import EXPORTERS, export_checkpoint

@@ -27,7 +27,6 @@ from .model_card import render_export_card
 from .reader import CheckpointReader, copy_side_files, is_recomputed_buffer
 from .writer import ShardedSafetensorsWriter, parse_size, read_written_shapes
 
-
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 
 

@@ -21,21 +21,25 @@ import os
 from pathlib import Path
 from typing import Iterator
 
+import gguf
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+from transformers import AutoTokenizer
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from llama_moe.modeling import LlamaMoEConfig
 
+from .atomic import atomic_output_file, refuse_existing_output
+from .engines import engine_refusal, gguf_architecture
 from .formats import (
     NULL_SHARED_EXPERT_SIZE,
-    fold_router_temperature,
     fold_routed_scale,
+    fold_router_temperature,
     qwen2_moe_shared_expert_tensors,
 )
 from .reader import CheckpointReader, is_recomputed_buffer
-from .atomic import atomic_output_file, refuse_existing_output
-from .engines import engine_refusal, gguf_architecture
 
 OUTTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 # What numpy hands the GGUF writer per stored dtype (numpy has no bfloat16: its raw bytes, typed by GGML's name).
@@ -96,7 +100,6 @@ def check_gguf_tokenizer(folder: Path, tokenizer_pre: str | None) -> str | None:
         return None
     if tokenizer_pre:
         return tokenizer_pre
-    from transformers import AutoTokenizer
 
     detected = pre_tokenizer_name(AutoTokenizer.from_pretrained(folder))
     if detected is None:
@@ -117,9 +120,6 @@ def interleave_rope_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
 def llama3_rope_factors(config: LlamaMoEConfig) -> torch.Tensor:
     """llama.cpp's `rope_freqs.weight` for llama3 RoPE: default inverse frequencies over the scaled ones, from
     transformers' own RoPE functions."""
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-
     scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
     default, _ = LlamaRotaryEmbedding.compute_default_rope_parameters(config)
     return (default / scaled).float()
@@ -197,15 +197,11 @@ def _numpy(tensor: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
 
 
 def _ggml_type(dtype: torch.dtype):
-    import gguf
-
     return {torch.float32: gguf.GGMLQuantizationType.F32, torch.float16: gguf.GGMLQuantizationType.F16,
             torch.bfloat16: gguf.GGMLQuantizationType.BF16}[dtype]
 
 
 def add_model_metadata(writer, config: LlamaMoEConfig, arch: str, name: str, outtype: str) -> None:
-    import gguf
-
     c = config
     writer.add_name(name)
     writer.add_context_length(c.max_position_embeddings)
@@ -241,8 +237,6 @@ def add_model_metadata(writer, config: LlamaMoEConfig, arch: str, name: str, out
 def add_tokenizer(writer, folder: Path, vocab_size: int, tokenizer_pre: str | None) -> None:
     """llama.cpp's tokenizer keys from the checkpoint's tokenizer.json: SentencePiece-style byte-fallback BPE
     (Llama 2) as model `llama`, byte-level BPE (Llama 3, SmolLM) as `gpt2` with its pre-tokenizer name."""
-    import gguf
-
     pre = check_gguf_tokenizer(folder, tokenizer_pre)
     if pre is None:
         vocab = gguf.LlamaHfVocab(folder)
@@ -268,9 +262,6 @@ def pre_tokenizer_name(tokenizer) -> str | None:
 
 def byte_level_vocab(folder: Path, vocab_size: int) -> tuple[list[str], list[int]]:
     """Token strings and types by id, as llama.cpp's converter lists them."""
-    import gguf
-    from transformers import AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(folder)
     by_id = {index: token for token, index in tokenizer.get_vocab().items()}
     added = tokenizer.added_tokens_decoder
@@ -301,8 +292,6 @@ def export_gguf(
     """Write the llama_moe checkpoint `src_dir` as the GGUF file `out_file` (atomically), in `outtype` (f32, f16,
     bf16; default: the checkpoint's dtype). Every check (fit, `engine`, tokenizer) runs before a byte is written;
     returns the file's path."""
-    import gguf
-
     src, out = Path(src_dir), Path(out_file)
     config = LlamaMoEConfig.from_pretrained(src)
     outtype = outtype or outtype_of(config.dtype)

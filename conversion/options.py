@@ -10,8 +10,8 @@ from dataclasses import dataclass, field, fields, make_dataclass
 
 import torch
 
+from .calibration import SEQUENCE_LENGTH, check_calibration_file
 from .methods import METHODS, flag
-
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ROUTER_INIT_HELP = {
@@ -116,8 +116,6 @@ def resolve_moe_layers(spec, num_layers: int) -> list[int]:
 
 
 def check_calibration(options: UpcycleOptions, method) -> None:
-    from .calibration import SEQUENCE_LENGTH, check_calibration_file
-
     layerwise = method.calibrated or options.router_init == "fit"
     if not (layerwise or method.needs_calibration_file):
         if options.calibration_data is not None:

@@ -16,12 +16,22 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from llama_moe.modeling import LlamaMoEConfig
+from llama_moe.modeling import LlamaMoEConfig, LlamaMoEForCausalLM
+from llama_moe.modeling.modeling_llama_moe import LlamaMoESparseMoeBlock
+from llama_moe.modeling.parameters import model_parameter_counts
 
+from .atomic import refuse_existing_output
+from .calibration import LayerwiseCalibration, calibration_blocks, calibration_text
+from .formats import LlamaMoEExporter, get_exporter, write_checkpoint
+from .gguf_export import check_gguf_fit, check_gguf_output, check_gguf_tokenizer, export_gguf, outtype_of
 from .methods import DenseFFN, UpcycleMethod, get_method
+from .model_card import write_model_card
 from .options import DTYPES, UpcycleOptions, check_common, resolve_moe_layers
+from .output_scale import routed_output_scale
 from .reader import CONFIG_KEYS_TO_DROP, DenseSource, layer_of, open_dense
-from .router_fit import FIT_TEMPERATURE
+from .router_fit import FIT_TEMPERATURE, fit_router
+from .verify import verify_upcycled
+from .writer import parse_size
 
 
 @dataclass
@@ -169,8 +179,6 @@ def layer_generator(seed: int, layer: int) -> torch.Generator:
 
 def open_calibration(plan: UpcyclePlan):
     """The dense model streamed over the calibration text (the user's file or the embedded corpus)."""
-    from .calibration import LayerwiseCalibration, calibration_blocks, calibration_text
-
     tokenizer = plan.source.load_tokenizer()
     if tokenizer is None:
         raise ValueError(f"calibration needs the base model's tokenizer, and {plan.source.name} has none.")
@@ -181,8 +189,6 @@ def open_calibration(plan: UpcyclePlan):
 
 def moe_block(config: LlamaMoEConfig, tensors: list[tuple[str, torch.Tensor]]):
     """The MoE block the model will run, in float32, from one layer's tensors (to carry calibration on)."""
-    from llama_moe.modeling.modeling_llama_moe import LlamaMoESparseMoeBlock
-
     config = copy.deepcopy(config)
     config._experts_implementation = "dropless"
     with torch.device("meta"):
@@ -195,8 +201,6 @@ def moe_block(config: LlamaMoEConfig, tensors: list[tuple[str, torch.Tensor]]):
 def build_moe_layer(plan: UpcyclePlan, layer: int, context=None, calibration=None) -> list[tuple[str, torch.Tensor]]:
     """Read one dense FFN, run the method, return the layer's MoE tensors (our names). With calibration, the
     method and the router fit see the layer's inputs, and the calibration goes on through the layer built."""
-    from .router_fit import fit_router
-
     prefix = f"model.layers.{layer}.mlp."
     ffn = DenseFFN(*(plan.source.get(f"{prefix}{p}_proj.weight").float() for p in ("gate", "up", "down")))
     if calibration is not None:
@@ -228,8 +232,6 @@ def build_moe_layer(plan: UpcyclePlan, layer: int, context=None, calibration=Non
     if calibration is not None:
         block = moe_block(plan.moe_config, out)
         if plan.method.fits_output_scale(plan.options):
-            from .output_scale import routed_output_scale
-
             scale = routed_output_scale(block, ffn)
             out[2] = (prefix + "experts.down_proj", (init.down.float() * scale).to(init.down.dtype))
             block = moe_block(plan.moe_config, out)
@@ -255,9 +257,6 @@ def iter_moe_tensors(plan: UpcyclePlan, progress: bool = True):
 def count_parameters(config: LlamaMoEConfig) -> tuple[int, int]:
     """(total, active per token) parameters of an MoE config (the project's one rule), from its shapes on the meta
     device (no memory)."""
-    from llama_moe.modeling import LlamaMoEForCausalLM
-    from llama_moe.modeling.parameters import model_parameter_counts
-
     with torch.device("meta"):
         model = LlamaMoEForCausalLM(config)
     counts = model_parameter_counts(model)
@@ -301,17 +300,10 @@ def run_upcycle(
 ) -> UpcycleResult:
     """`upcycle` with its statistics. All checks run before the output folder is created. `format="gguf"`: `out`
     is a .gguf file, written from a llama_moe folder staged beside it (removed afterwards)."""
-    from .formats import LlamaMoEExporter, get_exporter, write_checkpoint
-    from .model_card import write_model_card
-    from .atomic import refuse_existing_output
-    from .writer import parse_size
-
     start = time.perf_counter()
     shard_bytes = parse_size(max_shard_size)  # a bad size is refused before the dense model is opened
     out = os.path.abspath(os.fspath(out))
     if format == "gguf":
-        from .gguf_export import check_gguf_fit, check_gguf_output, check_gguf_tokenizer, export_gguf, outtype_of
-
         check_gguf_output(Path(out), overwrite)
     else:
         refuse_existing_output(out, overwrite)
@@ -350,8 +342,6 @@ def run_upcycle(
             active_params=active,
         )
         if verify:
-            from .verify import verify_upcycled
-
             # The dense model already opened (no second GGUF parse).
             result.verify = verify_upcycled(plan.source, folder)
         if staging is not None:
@@ -413,7 +403,7 @@ def upcycle(
 def upcycle_in_memory(dense_model_or_path, model_class=None, progress: bool = False, **moe_options):
     """Online upcycling: the MoE model built in memory (same tensors `upcycle` would write)."""
     if model_class is None:
-        from llama_moe.modeling import LlamaMoEForCausalLM as model_class
+        model_class = LlamaMoEForCausalLM
     options = UpcycleOptions.from_kwargs(**moe_options)
     plan = plan_upcycle(dense_model_or_path, options)
     state = {}

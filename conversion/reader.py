@@ -13,12 +13,14 @@ import shutil
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig
+from huggingface_hub import snapshot_download
+from huggingface_hub.constants import is_offline_mode
+from huggingface_hub.errors import LocalEntryNotFoundError
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from .atomic import atomic_output_dir
 from .model_path import locate_model
 from .writer import INDEX_FILE, SAFETENSORS_DTYPES
-
 
 LLAMA_ARCHITECTURE = "LlamaForCausalLM"
 # Files copied unchanged from a source checkpoint next to the weights written from it (upcycle, export, import).
@@ -273,8 +275,6 @@ class DenseSource:
 
     def dense_model(self):
         """The whole dense LlamaForCausalLM in float32 (for methods that need calibration forward passes)."""
-        from transformers import LlamaForCausalLM
-
         with torch.device("meta"):
             model = LlamaForCausalLM(self.config)
         state = {name: self.get(name).float() for name in self.keys()}
@@ -316,8 +316,6 @@ class SafetensorsSource(DenseSource):
         return self._reader.shape_and_dtype(name)[1]
 
     def load_tokenizer(self):
-        from transformers import AutoTokenizer
-
         try:
             return AutoTokenizer.from_pretrained(self.folder)
         except (OSError, ValueError):
@@ -394,8 +392,6 @@ def write_dense_checkpoint(source, out: str, overwrite: bool = False) -> str:
 
 def open_gguf(path: str) -> ModelSource:
     """Dequantize a .gguf file through transformers (float32) and read its state dict."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     folder, fname = os.path.split(os.path.abspath(path))
     try:
         import gguf  # noqa: F401
@@ -415,10 +411,6 @@ def open_gguf(path: str) -> ModelSource:
 
 def download_hub(repo_id: str) -> str:
     """Snapshot of a Hub model (weights as safetensors, config, tokenizer); clear message when offline."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-    from huggingface_hub.constants import is_offline_mode
-
     patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
     try:
         return snapshot_download(repo_id, allow_patterns=patterns, local_files_only=is_offline_mode())
@@ -441,7 +433,6 @@ def open_dense(base) -> DenseSource:
             def load_tokenizer():
                 if not os.path.isdir(name_or_path):
                     return None
-                from transformers import AutoTokenizer
 
                 try:
                     return AutoTokenizer.from_pretrained(name_or_path)

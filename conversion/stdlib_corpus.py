@@ -13,6 +13,7 @@ import sysconfig
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from pydoc_data.topics import topics
 
 HELDOUT_EVERY = 10  # one document in ten (by a stable hash) is held out
 
@@ -57,8 +58,6 @@ def _docstrings(source: str) -> list[str]:
 
 
 def _docs_documents():
-    from pydoc_data.topics import topics
-
     for key in sorted(topics):
         text = topics[key].strip()
         if len(text) > 200:

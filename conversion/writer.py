@@ -11,7 +11,7 @@ import os
 import re
 
 import torch
-
+from safetensors import safe_open
 
 SAFETENSORS_DTYPES = {
     torch.float32: "F32",
@@ -143,8 +143,6 @@ class ShardedSafetensorsWriter:
 
 def read_written_shapes(folder: str) -> dict[str, tuple]:
     """Tensor name -> shape, read back from the headers of the written shards."""
-    from safetensors import safe_open
-
     index = os.path.join(folder, INDEX_FILE)
     if os.path.isfile(index):
         with open(index) as f:

@@ -12,7 +12,11 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
+from fnmatch import fnmatch
 from pathlib import Path
+
+from huggingface_hub import HfApi, ModelCard, ModelCardData, get_token
+from huggingface_hub.utils import filter_repo_objects
 
 from llama_moe.conversion.atomic import TEMPORARY_FILE_PATTERN, atomic_write_text
 from llama_moe.conversion.model_path import is_hub_id
@@ -67,8 +71,6 @@ class UploadPlan:
 
 def list_files(folder: Path, exclude: list[str] | None = None) -> list[str]:
     """Relative paths (POSIX) of the files upload_folder would send, with huggingface_hub's pattern rules."""
-    from huggingface_hub.utils import filter_repo_objects
-
     paths = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
     return list(filter_repo_objects(paths, ignore_patterns=DEFAULT_IGNORE + list(exclude or [])))
 
@@ -83,8 +85,6 @@ def _lfs_patterns(folder: Path) -> list[str] | None:
 
 def check_files(folder: Path, files: list[str]) -> tuple[list[str], list[str]]:
     """(problems, warnings) about pickles and file sizes."""
-    from fnmatch import fnmatch
-
     problems, warnings = [], []
     pickles = [f for f in files if f.lower().endswith(PICKLE_SUFFIXES)]
     if pickles:
@@ -296,8 +296,6 @@ def _generated_body(folder: Path, facts: dict) -> str:
 def build_card(folder: Path, repo_id: str, base_model: str | None = None) -> tuple[str, list[str]]:
     """The README.md to upload: an existing card (from conversion) keeps its text and extra metadata; the Hub
     metadata is completed and the evaluation section (re)written. Returns (card text, warnings)."""
-    from huggingface_hub import ModelCard, ModelCardData
-
     facts = weight_facts(folder)
     readme = folder / "README.md"
     card = ModelCard.load(readme) if readme.is_file() else ModelCard(
@@ -372,8 +370,6 @@ def push(folder: str | Path, repo_id: str, *, private: bool = False, revision: s
          exclude: list[str] | None = None, load_check: bool = True) -> tuple[UploadPlan, str | None]:
     """Check, write the card into the folder, then create the repo (and branch) and upload; returns the plan
     and the commit URL (None for a dry run)."""
-    from huggingface_hub import HfApi, get_token
-
     token = get_token()
     if token is None and not dry_run:
         raise ValueError("No Hugging Face token is configured: run `hf auth login` or set HF_TOKEN "

@@ -8,7 +8,10 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
+
 from llama_moe.conversion.atomic import atomic_write_text
+
 from .plots import _pyplot, _save, load_heatmap
 
 LABELS = {"base": "dense base", "upcycled": "upcycled (before training)", "trained": "upcycled + trained"}
@@ -23,8 +26,6 @@ def training_log(train_dir: Path) -> list[dict]:
 
 
 def perplexity_figure(results: dict, path: Path) -> Path:
-    import numpy as np
-
     plt = _pyplot()
     labels = list(results)
     domains = list(results[labels[0]]["domains"])

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 from llama_moe.conversion.atomic import atomic_write_text
+
 from .plots import coactivation_layers
 
 

@@ -7,7 +7,6 @@ siblings (single-dot imports). Validation raises ValueError naming the field, th
 from huggingface_hub.dataclasses import strict
 from transformers import LlamaConfig
 
-
 ROUTER_TYPES = ("linear", "mlp")
 ROUTER_NOISE_TYPES = ("none", "jitter", "noisy_topk")
 AUX_LOSS_TYPES = ("switch", "cv2")

@@ -14,10 +14,11 @@ import os
 import sys
 import threading
 import types
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
-from transformers.integrations.moe import grouped_mm_experts_forward
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_experts_forward
 
 from .moe_ops import (
     InputGrads,
@@ -163,8 +164,6 @@ def _expert_threads(device: torch.device, rows_per_expert: list[int], mean_gemm_
 
 
 def _executor(workers: int):
-    from concurrent.futures import ThreadPoolExecutor
-
     if _POOL["executor"] is None or _POOL["workers"] != workers:
         if _POOL["executor"] is not None:
             _POOL["executor"].shutdown(wait=False)
@@ -505,8 +504,6 @@ def dropless_experts_forward(self, hidden_states, top_k_index, top_k_weights):
 
 def register_dropless_experts():
     """Make 'dropless' a valid `experts_implementation` for every transformers MoE model in this process."""
-    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
-
     ALL_EXPERTS_FUNCTIONS.register("dropless", dropless_experts_forward)
 
 

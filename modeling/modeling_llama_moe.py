@@ -33,7 +33,6 @@ from .configuration_llama_moe import LlamaMoEConfig
 from .dropless_moe import dropless_experts_forward  # noqa: F401  (importing registers "dropless")
 from .triton_moe import triton_experts_forward  # noqa: F401  (importing registers "dropless_triton")
 
-
 DEFAULT_EXPERTS_IMPLEMENTATION = "dropless"
 
 

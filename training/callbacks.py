@@ -14,6 +14,8 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+from llama_moe.modeling.parameters import model_parameter_counts
+
 from .mixture import dynamic_update
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -40,8 +42,6 @@ def active_parameters(model) -> int:
     """Parameters whose matmuls one token goes through, for MFU: the project's active count
     (llama_moe.modeling.parameters) without the embedding lookup, which is a gather, not a matmul. A tied LM head
     is the same matrix and is a matmul, so with tied embeddings nothing is taken off."""
-    from llama_moe.modeling.parameters import model_parameter_counts
-
     counts = model_parameter_counts(model)
     tied = model.get_output_embeddings() is not None and (
         model.get_output_embeddings().weight is model.get_input_embeddings().weight)

@@ -16,6 +16,9 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import pyarrow.parquet as pq
+from datasets import load_dataset, load_dataset_builder
+
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst", ".py", ".tex")
 TABLE_SUFFIXES = (".jsonl", ".json", ".parquet")
 CHUNK_CHARS = 1 << 16  # a plain text file is tokenized in pieces of about 64k characters, cut at line ends
@@ -112,7 +115,6 @@ def domain_size(spec: DomainSpec) -> float:
     """Size used by `--sampling proportional`: bytes on disk, or the Hub dataset's declared size."""
     if os.path.exists(spec.path):
         return float(sum(os.path.getsize(path) for path in _files(spec.path)))
-    from datasets import load_dataset_builder
 
     info = load_dataset_builder(spec.path).info
     size = info.dataset_size or info.size_in_bytes
@@ -148,8 +150,6 @@ def _jsonl_pieces(path: str, field: str) -> Iterator[tuple[str, bool]]:
 
 
 def _parquet_pieces(path: str, field: str) -> Iterator[tuple[str, bool]]:
-    import pyarrow.parquet as pq
-
     table = pq.ParquetFile(path)
     if field not in table.schema_arrow.names:
         raise ValueError(f"{path} has no column {field!r} (set --dataset_text_field); columns: {table.schema_arrow.names}.")
@@ -159,8 +159,6 @@ def _parquet_pieces(path: str, field: str) -> Iterator[tuple[str, bool]]:
 
 
 def _hub_pieces(spec: DomainSpec) -> Iterator[tuple[str, bool]]:
-    from datasets import load_dataset
-
     for record in load_dataset(spec.path, split="train", streaming=True):
         yield str(record[spec.text_field]), True
 

@@ -13,8 +13,11 @@ import random
 from collections import deque
 
 import torch
+from datasets import Features, IterableDataset, Sequence, Value
 
 from llama_moe.conversion.atomic import atomic_write_text
+
+from .data import StreamPosition
 
 MIXTURE_STATE_NAME = "mixture_state.json"
 
@@ -81,8 +84,6 @@ class MixtureDataset(torch.utils.data.IterableDataset):
         self._base = {}
 
     def load_state(self, state: dict) -> None:
-        from .data import StreamPosition
-
         if sorted(state["weights"]) != sorted(self.names):
             raise ValueError(
                 f"the checkpoint's mixture has domains {sorted(state['weights'])} but this run has {sorted(self.names)}; "
@@ -147,8 +148,6 @@ class MixtureDataset(torch.utils.data.IterableDataset):
 def as_hf_iterable(mixture: MixtureDataset):
     """The mixture as a `datasets.IterableDataset` (what TRL's SFTTrainer accepts). The generator is a plain
     closure, which `datasets` never copies, so the state stays in `mixture`."""
-    from datasets import Features, IterableDataset, Sequence, Value
-
     def generate():
         yield from mixture
 

@@ -13,7 +13,6 @@ from .gradient import GradientMethod
 from .granular import GRANULAR_SCALING, GranularMethod
 from .random import RandomMethod
 
-
 METHODS: dict[str, UpcycleMethod] = {
     method.name: method
     for method in (

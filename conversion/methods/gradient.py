@@ -53,7 +53,7 @@ def neuron_importance(model, batches, moe_layers, num_groups: int, generator: to
             done[members.reshape(-1)] = True
             assignment[~done] = (tokens_TH[~done] @ centroids[i].T).argmax(1)
         groups[i] = assignment
-    del inputs
+    inputs.clear()  # the FFN inputs of every MoE layer: free them before the second pass
 
     intermediate = model.config.intermediate_size
     importance = {i: torch.zeros(num_groups, intermediate) for i in moe_layers}
