@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from llama_moe.modeling import LlamaMoEConfig, LlamaMoEForCausalLM
 from llama_moe.modeling.modeling_llama_moe import LlamaMoESparseMoeBlock
-from llama_moe.modeling.parameters import model_parameter_counts
+from llama_moe.modeling.parameters import config_parameter_counts
 
 from .atomic import refuse_existing_output
 from .calibration import LayerwiseCalibration, calibration_blocks, calibration_text
@@ -254,15 +254,6 @@ def iter_moe_tensors(plan: UpcyclePlan, progress: bool = True):
     bar.close()
 
 
-def count_parameters(config: LlamaMoEConfig) -> tuple[int, int]:
-    """(total, active per token) parameters of an MoE config (the project's one rule), from its shapes on the meta
-    device (no memory)."""
-    with torch.device("meta"):
-        model = LlamaMoEForCausalLM(config)
-    counts = model_parameter_counts(model)
-    return counts["total"], counts["active"]
-
-
 @dataclass
 class UpcycleResult:
     path: str
@@ -315,7 +306,8 @@ def run_upcycle(
         exporter = LlamaMoEExporter(plan.moe_config)
     else:
         exporter = get_exporter(format, plan.moe_config, engine)
-    total, active = count_parameters(plan.moe_config)
+    counts = config_parameter_counts(plan.moe_config)
+    total, active = counts["total"], counts["active"]
 
     def finish(folder: str) -> None:
         plan.source.close()

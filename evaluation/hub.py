@@ -21,7 +21,7 @@ from huggingface_hub.utils import filter_repo_objects
 from llama_moe.conversion.atomic import TEMPORARY_FILE_PATTERN, atomic_write_text
 from llama_moe.conversion.model_path import is_hub_id
 from llama_moe.conversion.reader import safetensors_header
-from llama_moe.modeling.parameters import count_parameters
+from llama_moe.modeling.parameters import shape_parameter_counts
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
 # Hub rules (huggingface.co/docs/hub/storage-limits, repositories-recommendations): 50 GB per file at most,
@@ -152,7 +152,7 @@ def weight_facts(folder: Path) -> dict:
                 shapes[name] = info["shape"]
     config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
     num_experts = config.get("num_local_experts") or config.get("num_experts")
-    counts = count_parameters(shapes.items(), num_experts, config.get("num_experts_per_tok"))
+    counts = shape_parameter_counts(shapes.items(), num_experts, config.get("num_experts_per_tok"))
     return {"shapes": shapes, **counts, "config": config}
 
 
