@@ -17,7 +17,6 @@ from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, L
 from .stdlib_corpus import training_documents
 
 SEQUENCE_LENGTH = 256
-DEFAULT_CALIBRATION = "the embedded corpus (training split of the Python standard library's code and docs)"
 
 
 def read_calibration_text(path: str) -> str:
@@ -146,9 +145,3 @@ class LayerwiseCalibration:
         if layer != self.next_layer or self._inputs is None:
             raise RuntimeError(f"finish({layer}) without ffn_inputs({layer}) first")
         self._apply_ffn(ffn)
-
-    def final_hidden_states(self) -> torch.Tensor:
-        """After the last layer: the hidden states before the final norm (for tests)."""
-        while self.next_layer < self.config.num_hidden_layers:
-            self._dense_layer(self.next_layer)
-        return self.hidden_NSH

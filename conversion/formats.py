@@ -573,10 +573,8 @@ __all__ = [
     "export_checkpoint",
     "apply_key_map",
     "check_written_tensors",
-    "CheckpointReader",
     "PlannedTensor",
     "ConversionResult",
     "write_config_and_code",
-    "copy_side_files",
     "write_converted_checkpoint",
 ]
