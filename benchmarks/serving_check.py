@@ -284,10 +284,10 @@ def main() -> None:
 
     from llama_moe.cli.quickstart import default_base
     from llama_moe.conversion import upcycle
+    from llama_moe.conversion.calibration import calibration_text
     from llama_moe.conversion.engines import engine_refusal
     from llama_moe.conversion.formats import export_checkpoint
     from llama_moe.conversion.gguf_export import export_gguf
-    from llama_moe.conversion.calibration import calibration_text
     from llama_moe.modeling import LlamaMoEConfig
 
     work, venvs = Path(args.work), Path(args.venvs)

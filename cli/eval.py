@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="folder of extra lm-eval task YAMLs (repeatable)")
     parser.add_argument("--output", default=None, help="output folder (default: MODEL/eval for a local MODEL)")
     parser.add_argument("--compare", metavar="BASE", default=None,
-                        help="also evaluate this dense base (directory, Hub id or .gguf) and write one table with deltas")
+                        help="also evaluate this dense base (directory, Hub id or .gguf) and write one table with "
+                        "deltas")
     parser.add_argument("--batch-size", default="1", help="batch size or 'auto'")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:0, ... (default: cuda if available)")
     parser.add_argument("--dtype", default="auto", help="float32, bfloat16, ... (default: the checkpoint's)")

@@ -17,7 +17,8 @@ def build_parser() -> argparse.ArgumentParser:
     formats += "\n  gguf       one GGUF file that llama.cpp computes exactly as we do (architecture from the routing)"
     parser = argparse.ArgumentParser(
         prog="llama-moe export",
-        description="Write a llama_moe checkpoint in another format, streamed tensor by tensor.\n\nformats:\n" + formats,
+        description="Write a llama_moe checkpoint in another format, streamed tensor by tensor.\n\nformats:\n"
+        + formats,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("src", metavar="SRC", help="llama_moe checkpoint folder (from upcycle or train)")

@@ -287,7 +287,8 @@ def main(argv: list[str]) -> int:
     summary = {
         "base": base, "recipe": args.recipe, "method": args.method, "num_experts": args.num_experts,
         "shared_experts": args.shared_experts, "top_k": args.top_k, "steps": args.steps,
-        "learning_rate": args.learning_rate, "distill_weight": args.distill_weight, "models": models, "verify": upcycled.verify,
+        "learning_rate": args.learning_rate, "distill_weight": args.distill_weight, "models": models,
+        "verify": upcycled.verify,
         "parameters": {"total": upcycled.total_params, "active": upcycled.active_params},
         "corpus": {name: {"train": str(d.train), "heldout": str(d.heldout), "train_bytes": d.train_bytes,
                           "heldout_bytes": d.heldout_bytes, "description": d.description}

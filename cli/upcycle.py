@@ -27,8 +27,9 @@ def add_method_options(parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group(f"{name} options")
         for f in own:
             seen.add(f.name)
+            default = "" if f.default is None else f" (default {f.default})"
             group.add_argument(flag(f.name), dest=f.name, default=f.default, type=f.metadata["type"],
-                               choices=f.metadata["choices"], help=f.metadata["help"] + ("" if f.default is None else f" (default {f.default})"))
+                               choices=f.metadata["choices"], help=f.metadata["help"] + default)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
         "granular exact G, otherwise 1)",
     )
     parser.add_argument("--capacity-factor", type=float, default=None, help="expert capacity (default: dropless)")
-    parser.add_argument("--aux-loss-coef", type=float, default=0.01, help="load-balancing loss weight, per MoE layer (0.01)")
+    parser.add_argument("--aux-loss-coef", type=float, default=0.01,
+                        help="load-balancing loss weight, per MoE layer (0.01)")
     parser.add_argument(
         "--router-init",
         default=None,

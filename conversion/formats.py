@@ -11,8 +11,9 @@ import functools
 import json
 import os
 import re
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, ClassVar, Iterable, NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -88,7 +89,7 @@ QWEN2_MOE_ROUTER_KEY = "model.layers.{layer}.mlp.gate.weight"
 NULL_SHARED_EXPERT_SIZE = 1
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def template_regex(template: str) -> re.Pattern:
     """`model.layers.{layer}.x` -> a regex matching `model.layers.<digits>.x`, the index in group `layer`."""
     return re.compile("^" + re.escape(template).replace(r"\{layer\}", r"(?P<layer>\d+)") + "$")

@@ -18,8 +18,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import gguf
 import numpy as np
@@ -49,7 +49,8 @@ NUMPY_DTYPES = {torch.float32: np.dtype(np.float32), torch.float16: np.dtype(np.
 # llama.cpp names a BPE pre-tokenizer by the hash of the token ids of this text (its converter's `chktxt`), so the
 # same identifier is computed here. Known hashes for the Llama family; others need `tokenizer_pre=`.
 PRE_TOKENIZER_TEXT = (
-    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ 🦙🦙 3 33 "
+    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) "
+    "✅ 🦙🦙 3 33 "
     "333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ ------======= "
     "нещо на Български ''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, 'RE you sure? 'M not sure "
     "I'll make it, 'D you like some tea? We'Ve a'lL"
@@ -136,7 +137,8 @@ class GgufTensorMap:
     def __call__(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
         if self.arch != "qwen2moe":
             return self._rename(name, tensor)
-        return [out for pair in qwen2_moe_shared_expert_tensors(self.config, name, tensor) for out in self._rename(*pair)]
+        pairs = qwen2_moe_shared_expert_tensors(self.config, name, tensor)
+        return [out for pair in pairs for out in self._rename(*pair)]
 
     def _rename(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
         c = self.config

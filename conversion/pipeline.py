@@ -110,7 +110,9 @@ def method_expert_width(changes: dict, dense_config) -> int:
     return changes.get("moe_intermediate_size", dense_config.intermediate_size)
 
 
-def build_moe_config(dense_config, options: UpcycleOptions, method: UpcycleMethod, dtype: torch.dtype) -> LlamaMoEConfig:
+def build_moe_config(
+    dense_config, options: UpcycleOptions, method: UpcycleMethod, dtype: torch.dtype
+) -> LlamaMoEConfig:
     changes = method.config_changes(dense_config, options)
     fields = {k: v for k, v in dense_config.to_dict().items() if k not in CONFIG_KEYS_TO_DROP}
     fields.update(
@@ -410,7 +412,9 @@ def upcycle_in_memory(dense_model_or_path, model_class=None, progress: bool = Fa
     tied = set(model.all_tied_weights_keys) if plan.moe_config.tie_word_embeddings else set()
     missing = [k for k in result.missing_keys if k not in tied]
     if missing or result.unexpected_keys:
-        raise RuntimeError(f"upcycled state does not fit the model: missing {missing}, unexpected {result.unexpected_keys}")
+        raise RuntimeError(
+            f"upcycled state does not fit the model: missing {missing}, unexpected {result.unexpected_keys}"
+        )
     # Non-persistent buffers (rotary inv_freq) were created on the meta device: rebuild them.
     rotary = model.model.rotary_emb
     model.model.rotary_emb = type(rotary)(config=plan.moe_config)

@@ -208,7 +208,9 @@ def check_llama_config(config_dict: dict, where: str) -> None:
     if config_dict.get("hidden_act", "silu") != "silu":
         raise ValueError(f"{where} uses hidden_act {config_dict['hidden_act']!r}; the experts are SwiGLU (silu) only.")
     if config_dict.get("mlp_bias"):
-        raise ValueError(f"{where} has mlp_bias=True; the MoE experts have no biases, so it cannot be upcycled exactly.")
+        raise ValueError(
+            f"{where} has mlp_bias=True; the MoE experts have no biases, so it cannot be upcycled exactly."
+        )
 
 
 def dense_config_from_dict(config_dict: dict) -> LlamaConfig:

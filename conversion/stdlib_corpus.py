@@ -1,8 +1,9 @@
 """The quickstart's embedded multi-domain corpus, built from text every Python installation carries.
 
 Two domains: `code` (the standard library's own Python sources) and `docs` (English prose: the Python Language
-Reference topics shipped in `pydoc_data.topics`, then the standard library's docstrings, read with `ast`). Documents are split into training and held-out
-files by a stable hash, so no held-out document is ever trained on. Must not download anything.
+Reference topics shipped in `pydoc_data.topics`, then the standard library's docstrings, read with `ast`).
+Documents are split into training and held-out files by a stable hash, so no held-out document is ever trained on.
+Must not download anything.
 """
 
 import ast

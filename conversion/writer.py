@@ -88,7 +88,9 @@ class ShardedSafetensorsWriter:
         for i in self.shards[self._shard]:
             name, shape, dtype = self.specs[i]
             size = tensor_bytes(shape, dtype)
-            header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            header[name] = {
+                "dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]
+            }
             offset += size
         header["__metadata__"] = {"format": "pt"}
         header_bytes = json.dumps(header, separators=(",", ":")).encode()

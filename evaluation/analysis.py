@@ -30,7 +30,9 @@ def parse_data_args(items: list[str]) -> dict[str, Path]:
     for item in items:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
-            raise ValueError(f"--data {item!r}: write NAME=PATH (a text file, a .jsonl with a \"text\" field, or a folder).")
+            raise ValueError(
+                f"--data {item!r}: write NAME=PATH (a text file, a .jsonl with a \"text\" field, or a folder)."
+            )
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
             raise ValueError(f"--data name {name!r}: use letters, digits, '_', '-' or '.' (it names output files).")
         if name in domains:

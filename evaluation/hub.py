@@ -222,8 +222,9 @@ def check_remote_code(folder: Path, full_load_max_bytes: int = 1_000_000_000, ti
     report["mode"] = "full load + forward" if full else "meta-device build vs safetensors headers"
     bad = {k: report[k] for k in ("missing", "unexpected", "mismatched") if report.get(k)}
     if bad or report.get("finite_logits") is False:
+        non_finite = " (non-finite logits)" if report.get("finite_logits") is False else ""
         raise ValueError(f"{folder} loads with its remote code but its weights do not match the model: "
-                         f"{json.dumps(bad)[:600]}{' (non-finite logits)' if report.get('finite_logits') is False else ''}.")
+                         f"{json.dumps(bad)[:600]}{non_finite}.")
     report["summary"] = f"{report['model_class']} ({report['mode']}): ok"
     return report
 

@@ -85,7 +85,8 @@ def parse_task_specs(tasks: list[str] | None, preset: str | None, num_fewshot: i
 
 
 def _offline() -> bool:
-    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_DATASETS_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE")
+    datasets_offline = os.environ.get("HF_DATASETS_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE")
+    return bool(constants.HF_HUB_OFFLINE) or datasets_offline
 
 
 @functools.lru_cache(maxsize=4)

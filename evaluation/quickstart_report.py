@@ -182,7 +182,8 @@ def write_quickstart_report(summary: dict, out: Path) -> Path:
         lines += ["## Training", "", f"![training](figures/{training_png.name})", "",
                   f"Last logged step: loss {final.get('loss', float('nan')):.3f}, balance loss "
                   f"{final.get('aux_loss', float('nan')):.3f}, mean expert-load CV "
-                  f"{final.get('moe/load_cv_mean', float('nan')):.3f}. Full log: `train/checkpoint-*/trainer_state.json`.",
+                  f"{final.get('moe/load_cv_mean', float('nan')):.3f}. "
+                  "Full log: `train/checkpoint-*/trainer_state.json`.",
                   ""]
     lines += ["## Routing", "",
               "Share of routed token slots per expert (rows) and MoE layer (columns); red = busier than uniform.", ""]

@@ -150,7 +150,9 @@ class LlamaMoEConfig(LlamaConfig):
         if self.shared_expert_intermediate_size > 0:
             prefixes.append("layers.*.mlp.shared_expert.")
         for prefix in prefixes:
-            plan.update({prefix + "gate_proj": "colwise", prefix + "up_proj": "colwise", prefix + "down_proj": "rowwise"})
+            plan.update(
+                {prefix + "gate_proj": "colwise", prefix + "up_proj": "colwise", prefix + "down_proj": "rowwise"}
+            )
         return plan
 
     @property

@@ -38,7 +38,9 @@ def _guarded_imports(path: Path) -> set[int]:
             continue
         names = {ast.unparse(h.type) for h in node.handlers if h.type is not None}
         if names & {"ImportError", "ModuleNotFoundError"}:
-            lines |= {n.lineno for stmt in node.body for n in ast.walk(stmt) if isinstance(n, (ast.Import, ast.ImportFrom))}
+            lines |= {
+                n.lineno for stmt in node.body for n in ast.walk(stmt) if isinstance(n, (ast.Import, ast.ImportFrom))
+            }
     return lines
 
 

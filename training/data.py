@@ -44,7 +44,7 @@ class StreamPosition:
         return [self.epoch, self.piece, self.offset]
 
     @classmethod
-    def from_list(cls, values) -> "StreamPosition":
+    def from_list(cls, values) -> StreamPosition:
         return cls(*[int(v) for v in values])
 
 
@@ -67,7 +67,9 @@ def parse_domains(entries, text_field: str = "text") -> list[DomainSpec]:
             raise ValueError(f"--dataset {entry!r} has an empty domain name.")
         specs.append(spec)
     if not specs:
-        raise ValueError("no training data: give at least one --dataset NAME=PATH (or a `dataset:` list in the recipe).")
+        raise ValueError(
+            "no training data: give at least one --dataset NAME=PATH (or a `dataset:` list in the recipe)."
+        )
     names = [spec.name for spec in specs]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
@@ -152,7 +154,9 @@ def _jsonl_pieces(path: str, field: str) -> Iterator[tuple[str, bool]]:
 def _parquet_pieces(path: str, field: str) -> Iterator[tuple[str, bool]]:
     table = pq.ParquetFile(path)
     if field not in table.schema_arrow.names:
-        raise ValueError(f"{path} has no column {field!r} (set --dataset_text_field); columns: {table.schema_arrow.names}.")
+        raise ValueError(
+            f"{path} has no column {field!r} (set --dataset_text_field); columns: {table.schema_arrow.names}."
+        )
     for batch in table.iter_batches(columns=[field], batch_size=1024):
         for text in batch.column(0).to_pylist():
             yield str(text), True

@@ -86,7 +86,8 @@ class MixtureDataset(torch.utils.data.IterableDataset):
     def load_state(self, state: dict) -> None:
         if sorted(state["weights"]) != sorted(self.names):
             raise ValueError(
-                f"the checkpoint's mixture has domains {sorted(state['weights'])} but this run has {sorted(self.names)}; "
+                f"the checkpoint's mixture has domains {sorted(state['weights'])} but this run has "
+                f"{sorted(self.names)}; "
                 "resume with the same domains."
             )
         self.weights = dict(state["weights"])

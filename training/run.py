@@ -94,7 +94,9 @@ class TrainPlan:
 def validate(options: MoETrainingArguments, config) -> TrainPlan:
     """Every check that needs no weights: domains, files, weights, model limits, resume, freezing, teacher."""
     if bool(options.model_name_or_path) == bool(options.upcycle_from):
-        raise ValueError("give exactly one of --model_name_or_path (a model to train) or --upcycle_from (a dense base).")
+        raise ValueError(
+            "give exactly one of --model_name_or_path (a model to train) or --upcycle_from (a dense base)."
+        )
     specs = parse_domains(options.dataset, config.dataset_text_field)
     names = [spec.name for spec in specs]
     recipe_weights = {spec.name: float(spec.weight) for spec in specs if spec.weight is not None}
@@ -105,7 +107,8 @@ def validate(options: MoETrainingArguments, config) -> TrainPlan:
         if unknown:
             raise ValueError(f"--{what} names unknown domain(s) {unknown}; the domains are {names}.")
     if references and sorted(references) != sorted(names):
-        raise ValueError(f"--reference_losses must give every domain a loss; missing {sorted(set(names) - set(references))}.")
+        missing = sorted(set(names) - set(references))
+        raise ValueError(f"--reference_losses must give every domain a loss; missing {missing}.")
     for spec in specs:
         check_domain(spec)
     # Weights now, so a bad recipe fails before any tokenizing (proportional reads only file sizes).
@@ -142,7 +145,8 @@ def load_model(options: MoETrainingArguments, config):
         )
     else:
         model = plain_copy(from_pretrained(
-            AutoModelForCausalLM, options.model_name_or_path, dtype=torch.float32, trust_remote_code=config.trust_remote_code
+            AutoModelForCausalLM, options.model_name_or_path, dtype=torch.float32,
+            trust_remote_code=config.trust_remote_code,
         ))
     if options.router_z_loss_coef is not None:
         if not hasattr(model.config, "router_z_loss_coef"):

@@ -108,7 +108,7 @@ class UpcycleMethod:
 
     def check(self, dense_config, options) -> None:
         """Raise ValueError when the options do not fit this method or the model (before any work). Checks that
-        need no model, `supports_shared_experts` and `check_choices` among them, run before it (options.check_common)."""
+        need no model (`supports_shared_experts`, `check_choices`) run before it, in options.check_common."""
 
     def config_changes(self, dense_config, options) -> dict:
         """LlamaMoEConfig fields this method decides (expert width, scaling, ...), known before any weight."""

@@ -32,8 +32,10 @@ def neuron_importance(model, batches, moe_layers, num_groups: int, generator: to
     """Per MoE layer: (importance [groups, I], centroids [groups, H]) from two passes over the calibration text."""
     layers = model.model.layers
     inputs = {i: [] for i in moe_layers}
-    hooks = [layers[i].mlp.register_forward_pre_hook(lambda m, args, i=i: inputs[i].append(args[0].detach().flatten(0, 1)))
-             for i in moe_layers]
+    hooks = [
+        layers[i].mlp.register_forward_pre_hook(lambda m, args, i=i: inputs[i].append(args[0].detach().flatten(0, 1)))
+        for i in moe_layers
+    ]
     with torch.no_grad():
         for ids in batches:
             model(input_ids=ids)

@@ -110,7 +110,9 @@ def test_in_memory_matches_written_checkpoint(dense_dirs, tmp_path):
     moe = upcycle_in_memory(dense, method="copy", num_experts=4, top_k=2, seed=7)
     ids = tokens()
     torch.testing.assert_close(logits_of(moe, ids), logits_of(dense, ids), atol=1e-5, rtol=1e-5)
-    written = read_tensors(upcycle(dense_dirs["llama3"], tmp_path / "m", num_experts=4, top_k=2, seed=7, progress=False))
+    written = read_tensors(
+        upcycle(dense_dirs["llama3"], tmp_path / "m", num_experts=4, top_k=2, seed=7, progress=False)
+    )
     state = moe.state_dict()
     for name, tensor in written.items():
         torch.testing.assert_close(state[name], tensor, atol=0, rtol=0)

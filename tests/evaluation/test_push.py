@@ -41,7 +41,8 @@ def _front_matter(card: str) -> dict:
 def test_dry_run_prints_files_and_card_without_a_token(model_dir, monkeypatch, capsys):
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
     readme_before = (model_dir / "README.md").read_text()
-    assert push_cli.main([str(model_dir), "me/tiny-moe", "--dry-run", "--base-model", "HuggingFaceTB/SmolLM2-135M"]) == 0
+    argv = [str(model_dir), "me/tiny-moe", "--dry-run", "--base-model", "HuggingFaceTB/SmolLM2-135M"]
+    assert push_cli.main(argv) == 0
     out = capsys.readouterr().out
     for name in ("config.json", "model.safetensors", "modeling_llama_moe.py", "configuration_llama_moe.py",
                  "tokenizer.json", "README.md", "eval/results.json", "analysis/report.md"):

@@ -38,7 +38,8 @@ def test_loss_goes_down_with_moe_logs_and_loadable_checkpoints(tmp_path, corpora
         assert {"modeling_llama_moe.py", "configuration_llama_moe.py", "model.safetensors", "config.json"} <= files
         model = AutoModelForCausalLM.from_pretrained(out / folder, trust_remote_code=True)
         saved = load_file(out / folder / "model.safetensors")
-        assert torch.equal(model.state_dict()["model.layers.0.mlp.gate.weight"], saved["model.layers.0.mlp.gate.weight"])
+        router = "model.layers.0.mlp.gate.weight"
+        assert torch.equal(model.state_dict()[router], saved[router])
     assert json.load(open(out / "checkpoint-15" / "mixture_state.json"))["next_index"] >= 15 * 4
     # The final model is what the Hub gets: no pickles (the Trainer's training_args.bin stays in checkpoints).
     assert not [f for f in os.listdir(out / "final") if f.endswith((".bin", ".pt", ".pth"))]
@@ -72,7 +73,8 @@ def test_resume_continues_with_same_losses_weights_and_data(tmp_path, corpora, t
     resumed = tmp_path / "resumed"
     args = train_args(tiny_model_dir, corpora, resumed, 6, **flags)
     assert run_train(args + ["--resume_from_checkpoint", str(full / "checkpoint-3")]) == 0
-    expected, got = train_losses(log_history(full / "checkpoint-6")), train_losses(log_history(resumed / "checkpoint-6"))
+    expected = train_losses(log_history(full / "checkpoint-6"))
+    got = train_losses(log_history(resumed / "checkpoint-6"))
     for step in (4, 5, 6):
         assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), step
     state_full = json.load(open(full / "checkpoint-6" / "mixture_state.json"))
