@@ -2,8 +2,9 @@
 
 Everything is written under a temporary name beside its target (same file system, so the last step is one rename)
 and renamed at the end; a folder that is already there is swapped out by `replace_dir`, in three steps that leave a
-complete folder under the target name whichever step fails. Standard library only, so every part may import it;
-it must not know what it writes.
+complete folder (old or new) under the target name whichever step fails, and `recover_dir` completes a swap whose
+process was killed between them. Standard library only, so every part may import it; it must not know what it
+writes.
 """
 
 from __future__ import annotations
