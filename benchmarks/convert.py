@@ -59,12 +59,14 @@ def write_dense(folder: str, num_layers: int) -> int:
     head_dim = HIDDEN // HEADS
     shards = [{"model.embed_tokens.weight": rand(VOCAB, HIDDEN)}]
     shards += [None] * num_layers
-    shards.append({"model.norm.weight": torch.ones(HIDDEN, dtype=torch.bfloat16), "lm_head.weight": rand(VOCAB, HIDDEN)})
+    shards.append(
+        {"model.norm.weight": torch.ones(HIDDEN, dtype=torch.bfloat16), "lm_head.weight": rand(VOCAB, HIDDEN)}
+    )
     weight_map, total = {}, 0
     for i in range(len(shards)):
         tensors = shards[i]
         if tensors is None:
-            layer, p = i - 1, f"model.layers.{i - 1}."
+            p = f"model.layers.{i - 1}."
             tensors = {
                 p + "self_attn.q_proj.weight": rand(HIDDEN, HIDDEN),
                 p + "self_attn.k_proj.weight": rand(KV_HEADS * head_dim, HIDDEN),
@@ -89,7 +91,7 @@ def write_dense(folder: str, num_layers: int) -> int:
 CHILD = """
 import json, sys, time
 from llama_moe.conversion.options import UpcycleOptions
-from llama_moe.conversion.upcycle import run_upcycle
+from llama_moe.conversion.pipeline import run_upcycle
 base, out, shard = sys.argv[1:4]
 
 def vm_hwm():  # peak resident memory of this process (reset at exec, unlike ru_maxrss)
@@ -113,7 +115,8 @@ rss_before = vm_hwm()
 result = run_upcycle(base, out, UpcycleOptions(method="copy", num_experts=8, top_k=2), max_shard_size=shard,
                      progress=False)
 print(json.dumps({"bytes": result.bytes_written, "seconds": result.seconds, "files": result.num_files,
-                  "rss_after_imports": rss_before, "peak": vm_hwm(), "peak_anon": peak_anon[0], "summary": result.summary()}))
+                  "rss_after_imports": rss_before, "peak": vm_hwm(), "peak_anon": peak_anon[0],
+                  "summary": result.summary()}))
 """
 
 
@@ -157,7 +160,8 @@ def main() -> None:
         print(f"written: {report['bytes'] / 1e9:.2f} GB in {report['files']} shards, "
               f"{report['bytes'] / 1e6 / report['seconds']:.0f} MB/s (whole run incl. checks, config, card); plain "
               f"sequential write of as many bytes on the same disk: {disk:.0f} MB/s")
-        print(f"peak RSS of the conversion process: {peak / 1e9:.2f} GB (of which {report['rss_after_imports'] / 1e9:.2f} "
+        print(f"peak RSS of the conversion process: {peak / 1e9:.2f} GB "
+              f"(of which {report['rss_after_imports'] / 1e9:.2f} "
               f"GB after imports); goal < {goal / 1e9:.2f} GB (shard {args.max_shard_size} + 2 dense FFN layers "
               f"{2 * ffn_layer / 1e9:.2f} GB + 1 GB): {'met' if peak < goal else 'NOT met'}; peak anonymous memory "
               f"(sampled every 20 ms, excludes mapped file pages): {report['peak_anon'] / 1e9:.2f} GB")

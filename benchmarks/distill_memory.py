@@ -3,8 +3,9 @@
 Each case runs in a fresh process that holds the student logits [tokens, V] with their gradient (what the
 language-model loss needs anyway) and measures how much the peak resident memory grows during one KL forward and
 backward beyond that. Any loss on the logits returns a gradient of their size; what the chunked KL needs besides
-that should not depend on the vocabulary. Plain = log_softmax of the full teacher and student logits, as a straightforward
-implementation writes it. Measures; asserts nothing. Run: python benchmarks/distill_memory.py [--tokens 2048]
+that should not depend on the vocabulary. Plain = log_softmax of the full teacher and student logits, as a
+straightforward implementation writes it. Measures; asserts nothing.
+Run: python benchmarks/distill_memory.py [--tokens 2048]
 """
 
 from __future__ import annotations

@@ -74,7 +74,8 @@ def smollm2_gguf() -> str:
 def evaluate(path: str, heldout: dict, eval_tokens: int, lm_eval_limit: int | None) -> dict:
     """Held-out perplexity and routing per domain, parameters, and the local lm-eval task's accuracy."""
     from llama_moe.evaluation.analysis import analyze_one
-    from llama_moe.evaluation.lm_eval_runner import evaluate as lm_eval, parse_task_specs
+    from llama_moe.evaluation.lm_eval_runner import evaluate as lm_eval
+    from llama_moe.evaluation.lm_eval_runner import parse_task_specs
     from llama_moe.evaluation.loading import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(path, dtype="float32")
@@ -102,7 +103,7 @@ def active_ffn_fraction(config) -> float:
 
 
 def save(results_dir: Path, name: str, row: dict) -> None:
-    from llama_moe.evaluation.io import atomic_write_text
+    from llama_moe.conversion.atomic import atomic_write_text
 
     atomic_write_text(results_dir / f"{name}.json", json.dumps(row, indent=2))
 
@@ -146,8 +147,8 @@ def main() -> None:
     from llama_moe.cli import quickstart
     from llama_moe.conversion.calibration import calibration_text
     from llama_moe.conversion.options import UpcycleOptions
+    from llama_moe.conversion.pipeline import run_upcycle
     from llama_moe.conversion.stdlib_corpus import build_stdlib_corpus
-    from llama_moe.conversion.upcycle import run_upcycle
     from llama_moe.training.arguments import parse_arguments
     from llama_moe.training.run import train
 

@@ -162,7 +162,8 @@ def round_as_gguf_stores(model, outtype) -> None:
     is llama.cpp's converter's: routers and 1-D tensors stay float32); the model still computes in float32."""
     import torch
 
-    from llama_moe.conversion.gguf_export import GgufTensorMap, gguf_architecture, stored_dtype
+    from llama_moe.conversion.engines import gguf_architecture
+    from llama_moe.conversion.gguf_export import GgufTensorMap, stored_dtype
 
     tensor_map = GgufTensorMap(model.config, gguf_architecture(model.config, []))
     with torch.no_grad():
@@ -283,10 +284,10 @@ def main() -> None:
 
     from llama_moe.cli.quickstart import default_base
     from llama_moe.conversion import upcycle
+    from llama_moe.conversion.calibration import calibration_text
     from llama_moe.conversion.engines import engine_refusal
     from llama_moe.conversion.formats import export_checkpoint
     from llama_moe.conversion.gguf_export import export_gguf
-    from llama_moe.conversion.calibration import calibration_text
     from llama_moe.modeling import LlamaMoEConfig
 
     work, venvs = Path(args.work), Path(args.venvs)

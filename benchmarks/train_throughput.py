@@ -82,7 +82,8 @@ def run(source_flags: list[str], data: str, out: str, args, peak: float) -> dict
     with open(os.path.join(out, f"checkpoint-{args.steps}", "trainer_state.json")) as handle:
         history = [e for e in json.load(handle)["log_history"] if "tokens_per_second" in e]
     timed = history[args.warmup :]  # the first steps include one-time work (allocations, first kernels)
-    return {"tokens_per_second": [e["tokens_per_second"] for e in timed], "mfu": [e["mfu"] for e in timed], "wall_s": wall}
+    return {"tokens_per_second": [e["tokens_per_second"] for e in timed], "mfu": [e["mfu"] for e in timed],
+            "wall_s": wall}
 
 
 def summarize(label: str, rounds: list[dict]) -> dict:

@@ -7,6 +7,11 @@ import argparse
 import os
 from pathlib import Path
 
+from llama_moe.cli.extras import require
+from llama_moe.evaluation.analysis import parse_data_args, run_analysis
+from llama_moe.evaluation.plots import make_plots
+from llama_moe.evaluation.report import write_report
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -31,11 +36,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    from llama_moe.cli.extras import require
-    from llama_moe.evaluation.analysis import parse_data_args, run_analysis
-    from llama_moe.evaluation.plots import make_plots
-    from llama_moe.evaluation.report import write_report
-
     args = build_parser().parse_args(argv)
     require("matplotlib", command="llama-moe analyze")
     domains = parse_data_args(args.data)

@@ -8,6 +8,11 @@ import os
 import re
 from pathlib import Path
 
+from llama_moe.cli.extras import require
+from llama_moe.evaluation import lm_eval_runner as runner
+from llama_moe.evaluation.lm_eval_runner import LOCAL_TASK_TAG, PRESETS
+from llama_moe.evaluation.loading import check_model_path
+
 
 def _limit(text: str) -> int | float:
     value = float(text)
@@ -17,8 +22,6 @@ def _limit(text: str) -> int | float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from llama_moe.evaluation.lm_eval_runner import LOCAL_TASK_TAG, PRESETS
-
     parser = argparse.ArgumentParser(
         prog="llama-moe eval",
         description="Benchmark MODEL (a model directory or Hub id, loaded with trust_remote_code) with "
@@ -35,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="folder of extra lm-eval task YAMLs (repeatable)")
     parser.add_argument("--output", default=None, help="output folder (default: MODEL/eval for a local MODEL)")
     parser.add_argument("--compare", metavar="BASE", default=None,
-                        help="also evaluate this dense base (directory, Hub id or .gguf) and write one table with deltas")
+                        help="also evaluate this dense base (directory, Hub id or .gguf) and write one table with "
+                        "deltas")
     parser.add_argument("--batch-size", default="1", help="batch size or 'auto'")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:0, ... (default: cuda if available)")
     parser.add_argument("--dtype", default="auto", help="float32, bfloat16, ... (default: the checkpoint's)")
@@ -50,10 +54,6 @@ def default_output(model: str) -> Path:
 
 
 def main(argv: list[str]) -> int:
-    from llama_moe.evaluation import lm_eval_runner as runner
-    from llama_moe.cli.extras import require
-    from llama_moe.evaluation.loading import check_model_path
-
     args = build_parser().parse_args(argv)
     require("lm_eval", command="llama-moe eval")
     for model in filter(None, (args.model, args.compare)):  # before lm-eval builds its tasks (seconds)

@@ -6,16 +6,19 @@ Parses arguments and calls `llama_moe.conversion.export_checkpoint`; no conversi
 
 import argparse
 
+from llama_moe.conversion.engines import ENGINES, engine_lines
+from llama_moe.conversion.formats import EXPORTERS, FORMATS, export_checkpoint
+from llama_moe.conversion.gguf_export import export_gguf
+from llama_moe.modeling import LlamaMoEConfig
+
 
 def build_parser() -> argparse.ArgumentParser:
-    from llama_moe.conversion.engines import ENGINES
-    from llama_moe.conversion.formats import EXPORTERS, FORMATS
-
     formats = "\n".join(f"  {name:<10} {exporter.description}" for name, exporter in EXPORTERS.items())
     formats += "\n  gguf       one GGUF file that llama.cpp computes exactly as we do (architecture from the routing)"
     parser = argparse.ArgumentParser(
         prog="llama-moe export",
-        description="Write a llama_moe checkpoint in another format, streamed tensor by tensor.\n\nformats:\n" + formats,
+        description="Write a llama_moe checkpoint in another format, streamed tensor by tensor.\n\nformats:\n"
+        + formats,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("src", metavar="SRC", help="llama_moe checkpoint folder (from upcycle or train)")
@@ -38,14 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    from llama_moe.conversion.engines import engine_lines
-    from llama_moe.conversion.formats import export_checkpoint
-    from llama_moe.modeling import LlamaMoEConfig
-
     args = build_parser().parse_args(argv)
     if args.format == "gguf":
-        from llama_moe.conversion.gguf_export import export_gguf
-
         out = export_gguf(args.src, args.out, outtype=args.outtype, tokenizer_pre=args.gguf_tokenizer_pre,
                           overwrite=args.overwrite, engine=args.engine)
     else:

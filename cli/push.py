@@ -5,6 +5,8 @@ Parses arguments and calls llama_moe.evaluation.hub; prints the plan for --dry-r
 
 import argparse
 
+from llama_moe.evaluation.hub import push
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -28,8 +30,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    from llama_moe.evaluation.hub import push
-
     args = build_parser().parse_args(argv)
     plan, url = push(args.model, args.repo_id, private=args.private, revision=args.revision,
                      commit_message=args.commit_message, dry_run=args.dry_run, base_model=args.base_model,

@@ -6,6 +6,7 @@ writes DIR/report.md. Each stage calls the same library code as the plain comman
 """
 
 import argparse
+import gc
 import importlib.util
 import os
 import shlex
@@ -13,6 +14,23 @@ import shutil
 import sys
 import time
 from pathlib import Path
+
+import torch
+
+from llama_moe.cli.extras import require
+from llama_moe.conversion.engines import engine_refusal
+from llama_moe.conversion.model_path import locate_model
+from llama_moe.conversion.options import UpcycleOptions
+from llama_moe.conversion.pipeline import run_upcycle
+from llama_moe.conversion.reader import open_dense, write_dense_checkpoint
+from llama_moe.conversion.stdlib_corpus import build_stdlib_corpus
+from llama_moe.evaluation.analysis import analyze_one
+from llama_moe.evaluation.lm_eval_runner import evaluate, parse_task_specs
+from llama_moe.evaluation.loading import load_model_and_tokenizer
+from llama_moe.evaluation.quickstart_report import write_quickstart_report
+from llama_moe.modeling import LlamaMoEConfig
+from llama_moe.training.arguments import parse_arguments
+from llama_moe.training.run import train
 
 PROMPTS = [
     "def fibonacci(n):",
@@ -115,9 +133,6 @@ def next_commands(args, out: Path, trained: str, corpus, base: str) -> list[tupl
 
 def serving_commands(trained: str, out: Path) -> list[tuple[str, list[str]]]:
     """A GGUF file for llama.cpp, where llama.cpp can compute the trained model exactly (conversion/engines.py)."""
-    from llama_moe.conversion.engines import engine_refusal
-    from llama_moe.modeling import LlamaMoEConfig
-
     if engine_refusal("gguf", LlamaMoEConfig.from_pretrained(trained), "llama.cpp"):
         return []
     return [("serve with llama.cpp", ["llama-moe", "export", trained, str(out / "model.gguf"), "--format", "gguf"])]
@@ -183,10 +198,6 @@ def dense_folder(base: str, folder: Path) -> str:
     """The base as a float32 safetensors folder when it is a .gguf file: transformers dequantizes a GGUF and parses
     its metadata again at every load (about 30 s for SmolLM2 here), and the run loads the base four times. A folder
     already there is reused (it is written atomically, so it is complete; benchmarks/quality.py reruns rely on it)."""
-    from llama_moe.conversion.model_path import locate_model
-    from llama_moe.conversion.reader import open_dense
-    from llama_moe.conversion.writer import write_dense_checkpoint
-
     if locate_model(base).kind != "gguf":
         return base
     if folder.exists():
@@ -197,8 +208,6 @@ def dense_folder(base: str, folder: Path) -> str:
 
 
 def sample_generations(model, tokenizer, prompts: list[str], new_tokens: int = 24) -> dict[str, str]:
-    import torch
-
     samples = {}
     for prompt in prompts:
         ids = tokenizer(prompt, return_tensors="pt").input_ids
@@ -211,12 +220,6 @@ def sample_generations(model, tokenizer, prompts: list[str], new_tokens: int = 2
 
 def evaluate_models(models: dict[str, str], heldout: dict[str, Path], args) -> dict:
     """Perplexity and routing per domain, speed, the local lm-eval task and generations for each model."""
-    import gc
-
-    from llama_moe.evaluation.analysis import analyze_one
-    from llama_moe.evaluation.lm_eval_runner import evaluate, parse_task_specs
-    from llama_moe.evaluation.loading import load_model_and_tokenizer
-
     specs = parse_task_specs(["llama_moe_docstring_mc"], None, None)
     results = {}
     for label, path in models.items():
@@ -233,15 +236,6 @@ def evaluate_models(models: dict[str, str], heldout: dict[str, Path], args) -> d
 
 
 def main(argv: list[str]) -> int:
-    from llama_moe.conversion.options import UpcycleOptions
-    from llama_moe.conversion.upcycle import run_upcycle
-    from llama_moe.evaluation.quickstart_report import write_quickstart_report
-    from llama_moe.training.arguments import parse_arguments
-    from llama_moe.training.run import train
-    from llama_moe.conversion.stdlib_corpus import build_stdlib_corpus
-
-    from llama_moe.cli.extras import require
-
     args = resolve_recipe(build_parser().parse_args(argv))
     require("lm_eval", "matplotlib", command="llama-moe quickstart")
     base = args.base or default_base()
@@ -293,7 +287,8 @@ def main(argv: list[str]) -> int:
     summary = {
         "base": base, "recipe": args.recipe, "method": args.method, "num_experts": args.num_experts,
         "shared_experts": args.shared_experts, "top_k": args.top_k, "steps": args.steps,
-        "learning_rate": args.learning_rate, "distill_weight": args.distill_weight, "models": models, "verify": upcycled.verify,
+        "learning_rate": args.learning_rate, "distill_weight": args.distill_weight, "models": models,
+        "verify": upcycled.verify,
         "parameters": {"total": upcycled.total_params, "active": upcycled.active_params},
         "corpus": {name: {"train": str(d.train), "heldout": str(d.heldout), "train_bytes": d.train_bytes,
                           "heldout_bytes": d.heldout_bytes, "description": d.description}

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import sys
 
+from llama_moe.training.arguments import help_text, parse_arguments
+from llama_moe.training.run import train
+
 
 def main(argv: list[str] | None = None) -> int:
-    from llama_moe.training.arguments import help_text, parse_arguments
-    from llama_moe.training.run import train
-
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help", "--help-all"):
         print(help_text(full=bool(argv) and argv[0] == "--help-all"), end="")

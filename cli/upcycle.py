@@ -1,20 +1,24 @@
 """`llama-moe upcycle BASE OUT`: turn a dense Llama checkpoint into an MoE checkpoint folder.
 
-Parses arguments and calls `llama_moe.conversion.upcycle.run_upcycle`; must hold no conversion logic.
+Parses arguments and calls `llama_moe.conversion.pipeline.run_upcycle`; must hold no conversion logic.
 """
 
 import argparse
 import shlex
 import sys
+from dataclasses import fields
+
+from llama_moe.conversion.engines import ENGINES, engine_lines
+from llama_moe.conversion.formats import FORMATS
+from llama_moe.conversion.llama_moe_v1 import import_llama_moe_v1
+from llama_moe.conversion.methods import METHODS, flag
+from llama_moe.conversion.options import ROUTER_INIT_HELP, UpcycleOptions
+from llama_moe.conversion.pipeline import run_upcycle
 
 
 def add_method_options(parser: argparse.ArgumentParser) -> None:
     """One argument group per method, made from its `options` dataclass (a flag shared by several methods is
     listed under the first)."""
-    from dataclasses import fields
-
-    from llama_moe.conversion.methods import METHODS, flag
-
     seen = set()
     for name, method in METHODS.items():
         own = [f for f in fields(method.options) if f.name not in seen]
@@ -23,16 +27,12 @@ def add_method_options(parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group(f"{name} options")
         for f in own:
             seen.add(f.name)
+            default = "" if f.default is None else f" (default {f.default})"
             group.add_argument(flag(f.name), dest=f.name, default=f.default, type=f.metadata["type"],
-                               choices=f.metadata["choices"], help=f.metadata["help"] + ("" if f.default is None else f" (default {f.default})"))
+                               choices=f.metadata["choices"], help=f.metadata["help"] + default)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from llama_moe.conversion.engines import ENGINES
-    from llama_moe.conversion.formats import FORMATS
-    from llama_moe.conversion.methods import METHODS
-    from llama_moe.conversion.options import ROUTER_INIT_HELP
-
     methods = "\n".join(f"  {name:<11} {m.summary}" for name, m in METHODS.items())
     parser = argparse.ArgumentParser(
         prog="llama-moe upcycle",
@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
         "granular exact G, otherwise 1)",
     )
     parser.add_argument("--capacity-factor", type=float, default=None, help="expert capacity (default: dropless)")
-    parser.add_argument("--aux-loss-coef", type=float, default=0.01, help="load-balancing loss weight, per MoE layer (0.01)")
+    parser.add_argument("--aux-loss-coef", type=float, default=0.01,
+                        help="load-balancing loss weight, per MoE layer (0.01)")
     parser.add_argument(
         "--router-init",
         default=None,
@@ -129,18 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.source_format == "llama-moe-v1":
-        from llama_moe.conversion.llama_moe_v1 import import_llama_moe_v1
-
         out = import_llama_moe_v1(
             args.base, args.out, format_name=args.format, max_shard_size=args.max_shard_size, overwrite=args.overwrite
         )
         print(f"Imported LLaMA-MoE v1 checkpoint {args.base} -> {out} ({args.format})")
         return 0
-    from dataclasses import fields
-
-    from llama_moe.conversion.options import UpcycleOptions
-    from llama_moe.conversion.engines import engine_lines
-    from llama_moe.conversion.upcycle import run_upcycle
 
     options = UpcycleOptions.from_kwargs(**{f.name: getattr(args, f.name) for f in fields(UpcycleOptions)})
     command = "llama-moe upcycle " + shlex.join(argv)

@@ -12,9 +12,11 @@ import os
 from collections.abc import Callable
 
 import torch
+from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding
+
+from .stdlib_corpus import training_documents
 
 SEQUENCE_LENGTH = 256
-DEFAULT_CALIBRATION = "the embedded corpus (training split of the Python standard library's code and docs)"
 
 
 def read_calibration_text(path: str) -> str:
@@ -53,7 +55,6 @@ def calibration_text(path: str | None, max_chars: int) -> str:
     documents, code and docs alternating; only what the tokenizer will need is kept."""
     if path is not None:
         return read_calibration_text(path)[:max_chars]
-    from .stdlib_corpus import training_documents
 
     parts, size = [], 0
     for text in training_documents():
@@ -82,8 +83,6 @@ class LayerwiseCalibration:
     that stay dense run with their own FFN."""
 
     def __init__(self, source, blocks_NS: torch.Tensor, batch_size: int = 8):
-        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-
         self.source, self.batch_size = source, batch_size
         self.config = copy.deepcopy(source.config)
         self.config._attn_implementation = "sdpa"  # causal without a mask (every block is full length)
@@ -106,8 +105,6 @@ class LayerwiseCalibration:
 
     @torch.no_grad()
     def _attention(self, layer: int) -> None:
-        from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRMSNorm
-
         prefix = f"model.layers.{layer}."
         H, eps = self.config.hidden_size, self.config.rms_norm_eps
         input_norm = self._module(LlamaRMSNorm, prefix + "input_layernorm.", H, eps)
@@ -131,8 +128,6 @@ class LayerwiseCalibration:
         self.next_layer += 1
 
     def _dense_layer(self, layer: int) -> None:
-        from transformers.models.llama.modeling_llama import LlamaMLP
-
         self._attention(layer)
         self._apply_ffn(self._module(LlamaMLP, f"model.layers.{layer}.mlp.", self.config))
 
@@ -150,9 +145,3 @@ class LayerwiseCalibration:
         if layer != self.next_layer or self._inputs is None:
             raise RuntimeError(f"finish({layer}) without ffn_inputs({layer}) first")
         self._apply_ffn(ffn)
-
-    def final_hidden_states(self) -> torch.Tensor:
-        """After the last layer: the hidden states before the final norm (for tests)."""
-        while self.next_layer < self.config.num_hidden_layers:
-            self._dense_layer(self.next_layer)
-        return self.hidden_NSH

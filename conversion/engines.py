@@ -2,7 +2,8 @@
 
 One rule table per output format, from the engines' own sources (vLLM's `qwen2_moe.py` / `mixtral.py`, llama.cpp's
 `src/models/{llama,qwen2moe,granite}.cpp` as vendored by llama-cpp-python 0.3.36) and checked by
-`benchmarks/serving_check.py`. Pure functions of the config: nothing here reads weights.
+`benchmarks/serving_check.py`, and the llama.cpp architecture a GGUF export gets (`gguf_architecture`). Pure
+functions of the config: nothing here reads weights.
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ FLOAT32_ADVICE = ("Exact agreement between engines needs float32 (vLLM --dtype f
                   "in bfloat16 every engine, transformers included, rounds routing near ties its own way, so greedy "
                   "tokens of an upcycled model differ from its float32 ones and from each other's "
                   "(measured: README, serving check).")
+
+
+# RoPE variants the GGUF exporter writes (conversion/gguf_export.py); llama.cpp reads each from the file's metadata.
+ROPE_TYPES = ("default", "linear", "llama3")
 
 
 class EngineSupport(NamedTuple):
@@ -52,6 +57,37 @@ def _llama_cpp_qwen2moe_limits(config) -> list[str]:
             "(export in bfloat16 or float32)"
         )
     return reasons
+
+
+def gguf_architecture(config, explain: list[str]) -> str | None:
+    """The llama.cpp architecture that computes this configuration exactly when written by `--format gguf`
+    (conversion/gguf_export.py), or None (reasons appended). From the routing: `llama` (Mixtral) for renormalized
+    top-k without a shared expert, `granitemoe` with an ungated one, `qwen2moe` for top-k weights that are not
+    renormalized."""
+    reasons = []
+    dense = [i for i in range(config.num_hidden_layers) if not config.is_moe_layer(i)]
+    if dense:
+        reasons.append(f"layers {dense} are dense, but every llama.cpp MoE architecture has MoE in every layer")
+    if config.router_type != "linear":
+        reasons.append(f"router_type={config.router_type!r}: llama.cpp's routers are one linear layer")
+    if config.router_noise == "noisy_topk":
+        reasons.append("router_noise='noisy_topk': llama.cpp has no learned noisy gate")
+    if config.capacity_factor is not None:
+        reasons.append(f"capacity_factor={config.capacity_factor}: llama.cpp is dropless")
+    if config.attention_bias or config.mlp_bias:
+        reasons.append("attention_bias/mlp_bias: not written to GGUF by this exporter")
+    rope_type = (config.rope_parameters or {}).get("rope_type", "default")
+    if rope_type not in ROPE_TYPES:
+        reasons.append(f"rope_type={rope_type!r}: this exporter writes {list(ROPE_TYPES)}")
+    if config.norm_topk_prob and config.shared_expert_intermediate_size and config.shared_expert_gate:
+        reasons.append("a gated shared expert with renormalized top-k: llama.cpp's qwen2moe gates its shared expert "
+                       "but never renormalizes, granitemoe renormalizes but has no gate")
+    explain.extend(reasons)
+    if reasons:
+        return None
+    if not config.norm_topk_prob:
+        return "qwen2moe"
+    return "granitemoe" if config.shared_expert_intermediate_size else "llama"
 
 
 def engine_support(format_name: str, config) -> list[EngineSupport]:
@@ -84,8 +120,6 @@ def engine_support(format_name: str, config) -> list[EngineSupport]:
             llama_cpp,
         ]
     if format_name == "gguf":
-        from .gguf_export import gguf_architecture
-
         reasons: list[str] = []
         arch = gguf_architecture(config, reasons)
         return [

@@ -11,8 +11,9 @@ import functools
 import json
 import os
 import re
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, ClassVar, Iterable, NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -21,16 +22,11 @@ from transformers.dynamic_module_utils import custom_object_save
 
 from llama_moe.modeling import LlamaMoEConfig, LlamaMoEForCausalLM
 
-from .engines import ENGINE_NAMES, engine_refusal
+from .atomic import atomic_output_dir
+from .engines import ENGINE_NAMES, engine_refusal, gguf_architecture
 from .model_card import render_export_card
 from .reader import CheckpointReader, copy_side_files, is_recomputed_buffer
-from .writer import (
-    ShardedSafetensorsWriter,
-    atomic_output_dir,
-    parse_size,
-    read_written_shapes,
-)
-
+from .writer import ShardedSafetensorsWriter, parse_size, read_written_shapes
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 
@@ -93,7 +89,7 @@ QWEN2_MOE_ROUTER_KEY = "model.layers.{layer}.mlp.gate.weight"
 NULL_SHARED_EXPERT_SIZE = 1
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def template_regex(template: str) -> re.Pattern:
     """`model.layers.{layer}.x` -> a regex matching `model.layers.<digits>.x`, the index in group `layer`."""
     return re.compile("^" + re.escape(template).replace(r"\{layer\}", r"(?P<layer>\d+)") + "$")
@@ -384,8 +380,6 @@ FORMATS = [*EXPORTERS, "gguf"]  # every --format value
 def formats_that_fit(moe_config: LlamaMoEConfig, engine: str | None = None) -> list[str]:
     """Formats that can hold this configuration (gguf included, conversion/gguf_export.py); with `engine`, only
     those that engine computes exactly."""
-    from .gguf_export import gguf_architecture
-
     fit = [name for name, cls in EXPORTERS.items() if cls.supports(moe_config, [])]
     if gguf_architecture(moe_config, []) is not None:
         fit.append("gguf")
@@ -580,10 +574,8 @@ __all__ = [
     "export_checkpoint",
     "apply_key_map",
     "check_written_tensors",
-    "CheckpointReader",
     "PlannedTensor",
     "ConversionResult",
     "write_config_and_code",
-    "copy_side_files",
     "write_converted_checkpoint",
 ]

@@ -1,6 +1,7 @@
 """`--format gguf`: a llama_moe checkpoint written as one GGUF file that llama.cpp computes exactly as we do.
 
-The llama.cpp architecture follows from the routing (llama.cpp's sources, `src/models/*.cpp`):
+The llama.cpp architecture follows from the routing (llama.cpp's sources, `src/models/*.cpp`; the rule is
+engines.gguf_architecture):
 - `llama` (Mixtral): renormalized top-k, no shared expert;
 - `granitemoe`: renormalized top-k plus an ungated shared expert (Granite-MoE-Shared); embedding, residual and
   attention scales left unset (llama.cpp then applies none) and a logit scale of 1;
@@ -17,34 +18,39 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
+import gguf
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+from transformers import AutoTokenizer
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from llama_moe.modeling import LlamaMoEConfig
 
+from .atomic import atomic_output_file, refuse_existing_output
+from .engines import engine_refusal, gguf_architecture
 from .formats import (
     NULL_SHARED_EXPERT_SIZE,
-    fold_router_temperature,
     fold_routed_scale,
+    fold_router_temperature,
     qwen2_moe_shared_expert_tensors,
 )
 from .reader import CheckpointReader, is_recomputed_buffer
-from .writer import atomic_output_file, refuse_existing_output
 
 OUTTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 # What numpy hands the GGUF writer per stored dtype (numpy has no bfloat16: its raw bytes, typed by GGML's name).
 NUMPY_DTYPES = {torch.float32: np.dtype(np.float32), torch.float16: np.dtype(np.float16),
                 torch.bfloat16: np.dtype(np.uint8)}
-ROPE_TYPES = ("default", "linear", "llama3")
 
 # llama.cpp names a BPE pre-tokenizer by the hash of the token ids of this text (its converter's `chktxt`), so the
 # same identifier is computed here. Known hashes for the Llama family; others need `tokenizer_pre=`.
 PRE_TOKENIZER_TEXT = (
-    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ 🦙🦙 3 33 "
+    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) "
+    "✅ 🦙🦙 3 33 "
     "333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ ------======= "
     "нещо на Български ''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, 'RE you sure? 'M not sure "
     "I'll make it, 'D you like some tea? We'Ve a'lL"
@@ -53,34 +59,6 @@ KNOWN_PRE_TOKENIZERS = {
     "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",  # Llama 3 / 3.1 / 3.2
     "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",  # SmolLM, SmolLM2
 }
-
-
-def gguf_architecture(config: LlamaMoEConfig, explain: list[str]) -> str | None:
-    """The llama.cpp architecture that computes this configuration exactly, or None (reasons appended)."""
-    reasons = []
-    dense = [i for i in range(config.num_hidden_layers) if not config.is_moe_layer(i)]
-    if dense:
-        reasons.append(f"layers {dense} are dense, but every llama.cpp MoE architecture has MoE in every layer")
-    if config.router_type != "linear":
-        reasons.append(f"router_type={config.router_type!r}: llama.cpp's routers are one linear layer")
-    if config.router_noise == "noisy_topk":
-        reasons.append("router_noise='noisy_topk': llama.cpp has no learned noisy gate")
-    if config.capacity_factor is not None:
-        reasons.append(f"capacity_factor={config.capacity_factor}: llama.cpp is dropless")
-    if config.attention_bias or config.mlp_bias:
-        reasons.append("attention_bias/mlp_bias: not written to GGUF by this exporter")
-    rope_type = (config.rope_parameters or {}).get("rope_type", "default")
-    if rope_type not in ROPE_TYPES:
-        reasons.append(f"rope_type={rope_type!r}: this exporter writes {list(ROPE_TYPES)}")
-    if config.norm_topk_prob and config.shared_expert_intermediate_size and config.shared_expert_gate:
-        reasons.append("a gated shared expert with renormalized top-k: llama.cpp's qwen2moe gates its shared expert "
-                       "but never renormalizes, granitemoe renormalizes but has no gate")
-    explain.extend(reasons)
-    if reasons:
-        return None
-    if not config.norm_topk_prob:
-        return "qwen2moe"
-    return "granitemoe" if config.shared_expert_intermediate_size else "llama"
 
 
 def outtype_of(dtype) -> str:
@@ -92,8 +70,6 @@ def outtype_of(dtype) -> str:
 def check_gguf_fit(config: LlamaMoEConfig, engine: str | None = None) -> str:
     """The llama.cpp architecture, or ValueError naming every reason llama.cpp would compute something else; with
     `engine`, also refused where that engine would not serve the file as we compute it (engines.py)."""
-    from .engines import engine_refusal
-
     reasons: list[str] = []
     arch = gguf_architecture(config, reasons)
     if arch is None:
@@ -125,7 +101,6 @@ def check_gguf_tokenizer(folder: Path, tokenizer_pre: str | None) -> str | None:
         return None
     if tokenizer_pre:
         return tokenizer_pre
-    from transformers import AutoTokenizer
 
     detected = pre_tokenizer_name(AutoTokenizer.from_pretrained(folder))
     if detected is None:
@@ -146,9 +121,6 @@ def interleave_rope_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
 def llama3_rope_factors(config: LlamaMoEConfig) -> torch.Tensor:
     """llama.cpp's `rope_freqs.weight` for llama3 RoPE: default inverse frequencies over the scaled ones, from
     transformers' own RoPE functions."""
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-
     scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
     default, _ = LlamaRotaryEmbedding.compute_default_rope_parameters(config)
     return (default / scaled).float()
@@ -165,7 +137,8 @@ class GgufTensorMap:
     def __call__(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
         if self.arch != "qwen2moe":
             return self._rename(name, tensor)
-        return [out for pair in qwen2_moe_shared_expert_tensors(self.config, name, tensor) for out in self._rename(*pair)]
+        pairs = qwen2_moe_shared_expert_tensors(self.config, name, tensor)
+        return [out for pair in pairs for out in self._rename(*pair)]
 
     def _rename(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
         c = self.config
@@ -226,15 +199,11 @@ def _numpy(tensor: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
 
 
 def _ggml_type(dtype: torch.dtype):
-    import gguf
-
     return {torch.float32: gguf.GGMLQuantizationType.F32, torch.float16: gguf.GGMLQuantizationType.F16,
             torch.bfloat16: gguf.GGMLQuantizationType.BF16}[dtype]
 
 
 def add_model_metadata(writer, config: LlamaMoEConfig, arch: str, name: str, outtype: str) -> None:
-    import gguf
-
     c = config
     writer.add_name(name)
     writer.add_context_length(c.max_position_embeddings)
@@ -270,8 +239,6 @@ def add_model_metadata(writer, config: LlamaMoEConfig, arch: str, name: str, out
 def add_tokenizer(writer, folder: Path, vocab_size: int, tokenizer_pre: str | None) -> None:
     """llama.cpp's tokenizer keys from the checkpoint's tokenizer.json: SentencePiece-style byte-fallback BPE
     (Llama 2) as model `llama`, byte-level BPE (Llama 3, SmolLM) as `gpt2` with its pre-tokenizer name."""
-    import gguf
-
     pre = check_gguf_tokenizer(folder, tokenizer_pre)
     if pre is None:
         vocab = gguf.LlamaHfVocab(folder)
@@ -297,9 +264,6 @@ def pre_tokenizer_name(tokenizer) -> str | None:
 
 def byte_level_vocab(folder: Path, vocab_size: int) -> tuple[list[str], list[int]]:
     """Token strings and types by id, as llama.cpp's converter lists them."""
-    import gguf
-    from transformers import AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(folder)
     by_id = {index: token for token, index in tokenizer.get_vocab().items()}
     added = tokenizer.added_tokens_decoder
@@ -330,8 +294,6 @@ def export_gguf(
     """Write the llama_moe checkpoint `src_dir` as the GGUF file `out_file` (atomically), in `outtype` (f32, f16,
     bf16; default: the checkpoint's dtype). Every check (fit, `engine`, tokenizer) runs before a byte is written;
     returns the file's path."""
-    import gguf
-
     src, out = Path(src_dir), Path(out_file)
     config = LlamaMoEConfig.from_pretrained(src)
     outtype = outtype or outtype_of(config.dtype)

@@ -27,7 +27,6 @@ from .formats import (
 )
 from .reader import CheckpointReader, is_recomputed_buffer
 
-
 # v1 names -> ours. LLaMA-MoE's gate is `gate_network` = Linear(H, E) [-> Tanh -> Linear(E, E)] plus a noise
 # projection; the rest of the model (attention, norms, embeddings, lm_head) keeps Llama's names.
 V1_KEY_MAP: dict[str, str] = {

@@ -70,9 +70,11 @@ def render_model_card(plan, *, format: str, total_params: int, active_params: in
         f"| base model | `{base}` |",
         f"| method | `{o.method}` ({option_text}) |",
         f"| experts per MoE layer | {c.num_local_experts} routed"
-        + (f" + shared expert of width {c.shared_expert_intermediate_size}" if c.shared_expert_intermediate_size else "")
+        + (f" + shared expert of width {c.shared_expert_intermediate_size}"
+           if c.shared_expert_intermediate_size else "")
         + " |",
-        f"| top-k | {c.num_experts_per_tok} (renormalized: {c.norm_topk_prob}, routed scaling {c.routed_scaling_factor:g}) |",
+        f"| top-k | {c.num_experts_per_tok} (renormalized: {c.norm_topk_prob}, "
+        f"routed scaling {c.routed_scaling_factor:g}) |",
         f"| expert width | {c.moe_intermediate_size} (dense FFN {c.intermediate_size})"
         + (f"; {plan.built_expert_width} neurons built, padded with zero neurons (they add nothing) so that weight "
            "rows span a multiple of 16 bytes, as grouped-GEMM kernels need"

@@ -1,4 +1,4 @@
-"""Upcycling options: one dataclass shared by the CLI, `upcycle()` and `from_dense()`, with its checks.
+"""Upcycling options: one dataclass shared by the CLI, `upcycle()` and `upcycle_in_memory()`, with its checks.
 
 The common fields (experts, top-k, routing, dtype, seed) are written here; each construction method adds its own
 knobs through its `options` dataclass (conversion/methods/), and `UpcycleOptions` is built from both, so a new
@@ -10,8 +10,8 @@ from dataclasses import dataclass, field, fields, make_dataclass
 
 import torch
 
+from .calibration import SEQUENCE_LENGTH, check_calibration_file
 from .methods import METHODS, flag
-
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ROUTER_INIT_HELP = {
@@ -116,8 +116,6 @@ def resolve_moe_layers(spec, num_layers: int) -> list[int]:
 
 
 def check_calibration(options: UpcycleOptions, method) -> None:
-    from .calibration import SEQUENCE_LENGTH, check_calibration_file
-
     layerwise = method.calibrated or options.router_init == "fit"
     if not (layerwise or method.needs_calibration_file):
         if options.calibration_data is not None:
@@ -166,3 +164,8 @@ def check_common(options: UpcycleOptions) -> None:
         check_calibration(options, method)
     if options.dtype != "auto" and options.dtype not in DTYPES:
         raise ValueError(f"--dtype {options.dtype!r} is unknown; choose auto or one of {list(DTYPES)}.")
+    if method is not None and options.shared_experts and not method.supports_shared_experts:
+        splitters = ", ".join(name for name, m in METHODS.items() if m.supports_shared_experts)
+        raise ValueError(
+            f"--shared-experts needs a method that splits the FFN ({splitters}); {method.name!r} does not."
+        )

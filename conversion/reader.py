@@ -1,7 +1,9 @@
 """Streaming access to a dense Llama checkpoint: a local safetensors folder, a `.gguf` file, a Hub id or a model.
 
 Everything is validated when opened (architecture, config, files, shard headers, expected tensors) so that bad
-input fails before any output exists; tensors are then read one at a time. Must not build MoE weights or write.
+input fails before any output exists; tensors are then read one at a time. Must not build MoE weights; the one
+thing it writes is a dense source as a plain float32 folder (`write_dense_checkpoint`, which a run that loads a
+.gguf base several times converts once).
 """
 
 import json
@@ -11,11 +13,14 @@ import shutil
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig
+from huggingface_hub import snapshot_download
+from huggingface_hub.constants import is_offline_mode
+from huggingface_hub.errors import LocalEntryNotFoundError
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from .atomic import atomic_output_dir
 from .model_path import locate_model
 from .writer import INDEX_FILE, SAFETENSORS_DTYPES
-
 
 LLAMA_ARCHITECTURE = "LlamaForCausalLM"
 # Files copied unchanged from a source checkpoint next to the weights written from it (upcycle, export, import).
@@ -203,7 +208,9 @@ def check_llama_config(config_dict: dict, where: str) -> None:
     if config_dict.get("hidden_act", "silu") != "silu":
         raise ValueError(f"{where} uses hidden_act {config_dict['hidden_act']!r}; the experts are SwiGLU (silu) only.")
     if config_dict.get("mlp_bias"):
-        raise ValueError(f"{where} has mlp_bias=True; the MoE experts have no biases, so it cannot be upcycled exactly.")
+        raise ValueError(
+            f"{where} has mlp_bias=True; the MoE experts have no biases, so it cannot be upcycled exactly."
+        )
 
 
 def dense_config_from_dict(config_dict: dict) -> LlamaConfig:
@@ -270,8 +277,6 @@ class DenseSource:
 
     def dense_model(self):
         """The whole dense LlamaForCausalLM in float32 (for methods that need calibration forward passes)."""
-        from transformers import LlamaForCausalLM
-
         with torch.device("meta"):
             model = LlamaForCausalLM(self.config)
         state = {name: self.get(name).float() for name in self.keys()}
@@ -313,8 +318,6 @@ class SafetensorsSource(DenseSource):
         return self._reader.shape_and_dtype(name)[1]
 
     def load_tokenizer(self):
-        from transformers import AutoTokenizer
-
         try:
             return AutoTokenizer.from_pretrained(self.folder)
         except (OSError, ValueError):
@@ -376,10 +379,21 @@ class ModelSource(DenseSource):
         return super().dense_model()
 
 
+def write_dense_checkpoint(source, out: str, overwrite: bool = False) -> str:
+    """A dense source (DenseSource) as a float32 Hugging Face folder: config, safetensors
+    weights, tokenizer and generation config, written atomically. Reading a .gguf dequantizes it and parses its
+    metadata again at every load (about 30 s for SmolLM2-135M on 2 cores, config and tokenizer included); a run
+    that loads the same base several times converts it once this way."""
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        # The base class's copy: a model dequantized from GGUF keeps a quantizer that save_pretrained refuses.
+        model = DenseSource.dense_model(source)
+        model.save_pretrained(tmp)
+        source.save_tokenizer(tmp)
+    return os.path.abspath(out)
+
+
 def open_gguf(path: str) -> ModelSource:
     """Dequantize a .gguf file through transformers (float32) and read its state dict."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     folder, fname = os.path.split(os.path.abspath(path))
     try:
         import gguf  # noqa: F401
@@ -399,10 +413,6 @@ def open_gguf(path: str) -> ModelSource:
 
 def download_hub(repo_id: str) -> str:
     """Snapshot of a Hub model (weights as safetensors, config, tokenizer); clear message when offline."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-    from huggingface_hub.constants import is_offline_mode
-
     patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
     try:
         return snapshot_download(repo_id, allow_patterns=patterns, local_files_only=is_offline_mode())
@@ -425,7 +435,6 @@ def open_dense(base) -> DenseSource:
             def load_tokenizer():
                 if not os.path.isdir(name_or_path):
                     return None
-                from transformers import AutoTokenizer
 
                 try:
                     return AutoTokenizer.from_pretrained(name_or_path)

@@ -1,8 +1,9 @@
 """The quickstart's embedded multi-domain corpus, built from text every Python installation carries.
 
 Two domains: `code` (the standard library's own Python sources) and `docs` (English prose: the Python Language
-Reference topics shipped in `pydoc_data.topics`, then the standard library's docstrings, read with `ast`). Documents are split into training and held-out
-files by a stable hash, so no held-out document is ever trained on. Must not download anything.
+Reference topics shipped in `pydoc_data.topics`, then the standard library's docstrings, read with `ast`).
+Documents are split into training and held-out files by a stable hash, so no held-out document is ever trained on.
+Must not download anything.
 """
 
 import ast
@@ -13,6 +14,7 @@ import sysconfig
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from pydoc_data.topics import topics
 
 HELDOUT_EVERY = 10  # one document in ten (by a stable hash) is held out
 
@@ -57,8 +59,6 @@ def _docstrings(source: str) -> list[str]:
 
 
 def _docs_documents():
-    from pydoc_data.topics import topics
-
     for key in sorted(topics):
         text = topics[key].strip()
         if len(text) > 200:

@@ -4,44 +4,39 @@ Reports the largest absolute logit difference (0 up to float rounding for copy, 
 ratio 0) and both perplexities. Loads both models in float32: meant for models that fit in memory twice.
 """
 
+import argparse
 import copy
+import json as json_module
+import logging
 import math
 import os
 
 import torch
 import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .model_path import locate_model
+from .reader import download_hub
 
 
 def sample_text() -> str:
     """Real English prose available offline everywhere: docstrings of the Python standard library."""
-    import argparse
-    import json as json_module
-    import logging
-
     return "\n\n".join(m.__doc__.strip() for m in (json_module, argparse, logging) if m.__doc__)
 
 
 def load_dense(base):
-    from transformers import AutoModelForCausalLM
-
     if hasattr(base, "dense_model"):  # an opened DenseSource
         return base.dense_model()
     if not isinstance(base, (str, os.PathLike)):
         return base
     location = locate_model(base)
     if location.kind == "hub":
-        from .reader import download_hub
-
         return AutoModelForCausalLM.from_pretrained(download_hub(location.path), dtype=torch.float32)
     path, options = location.from_pretrained_arguments()
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **options)
 
 
 def token_ids(out: str, vocab_size: int, max_tokens: int) -> tuple[torch.Tensor, str]:
-    from transformers import AutoTokenizer
-
     text = sample_text()
     try:
         tokenizer = AutoTokenizer.from_pretrained(out)
@@ -59,8 +54,6 @@ def perplexity(logits: torch.Tensor, ids: torch.Tensor) -> float:
 
 @torch.no_grad()
 def verify_upcycled(base, out: str, max_tokens: int = 128) -> dict:
-    from transformers import AutoModelForCausalLM
-
     dense = load_dense(base)
     if any(p.dtype != torch.float32 for p in dense.parameters()):
         dense = copy.deepcopy(dense).float()  # never change the caller's model

@@ -2,19 +2,16 @@
 
 Shards are planned from tensor shapes before any weight exists; each shard's header is written first and tensor
 bytes are then appended as they are produced, so memory stays at one tensor, never one shard. Output is built in
-`OUT.tmp-<random>` beside OUT and renamed at the end. Must not decide what the tensors contain.
+`OUT.tmp-<random>` beside OUT and renamed at the end (conversion/atomic.py). Must not decide what the tensors contain.
 """
 
-import contextlib
 import json
 import math
 import os
 import re
-import shutil
-import tempfile
 
 import torch
-
+from safetensors import safe_open
 
 SAFETENSORS_DTYPES = {
     torch.float32: "F32",
@@ -91,7 +88,9 @@ class ShardedSafetensorsWriter:
         for i in self.shards[self._shard]:
             name, shape, dtype = self.specs[i]
             size = tensor_bytes(shape, dtype)
-            header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            header[name] = {
+                "dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]
+            }
             offset += size
         header["__metadata__"] = {"format": "pt"}
         header_bytes = json.dumps(header, separators=(",", ":")).encode()
@@ -144,81 +143,8 @@ class ShardedSafetensorsWriter:
             self._file = None
 
 
-def current_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def refuse_existing_output(out: str | os.PathLike, overwrite: bool) -> None:
-    """The one refusal of an output that exists (checked early by commands, and again when writing)."""
-    if os.path.exists(out) and not overwrite:
-        raise ValueError(f"{out} already exists; choose another output path or pass --overwrite.")
-
-
-def _output_path(out: str | os.PathLike, overwrite: bool) -> tuple[str, str]:
-    """(absolute `out`, its parent folder, created): refused when `out` exists and `overwrite` is off."""
-    out = os.path.abspath(os.fspath(out))
-    refuse_existing_output(out, overwrite)
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    return out, parent
-
-
-@contextlib.contextmanager
-def atomic_output_dir(out: str, overwrite: bool = False):
-    """Yield a fresh temporary folder beside `out`; rename it to `out` only if the block finishes."""
-    out, parent = _output_path(out, overwrite)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + ".tmp-", dir=parent)
-    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it owner-only; a model folder is an ordinary folder
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if os.path.exists(out):  # overwrite=True: move the old folder aside first, drop it after the rename
-        trash = tempfile.mkdtemp(prefix=os.path.basename(out) + ".old-", dir=parent)
-        os.rename(out, os.path.join(trash, "old"))
-        os.rename(tmp, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
-
-
-@contextlib.contextmanager
-def atomic_output_file(out: str | os.PathLike, overwrite: bool = False):
-    """Yield a temporary file path beside `out`; rename it to `out` only if the block finishes."""
-    out, parent = _output_path(out, overwrite)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(out) + ".tmp-", dir=parent)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it owner-only
-    try:
-        yield tmp
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    os.replace(tmp, out)
-
-
-def write_dense_checkpoint(source, out: str, overwrite: bool = False) -> str:
-    """A dense source (conversion.reader.DenseSource) as a float32 Hugging Face folder: config, safetensors
-    weights, tokenizer and generation config, written atomically. Reading a .gguf dequantizes it and parses its
-    metadata again at every load (about 30 s for SmolLM2-135M on 2 cores, config and tokenizer included); a run
-    that loads the same base several times converts it once this way."""
-    from .reader import DenseSource
-
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        # The base class's copy: a model dequantized from GGUF keeps a quantizer that save_pretrained refuses.
-        model = DenseSource.dense_model(source)
-        model.save_pretrained(tmp)
-        source.save_tokenizer(tmp)
-    return os.path.abspath(out)
-
-
 def read_written_shapes(folder: str) -> dict[str, tuple]:
     """Tensor name -> shape, read back from the headers of the written shards."""
-    from safetensors import safe_open
-
     index = os.path.join(folder, INDEX_FILE)
     if os.path.isfile(index):
         with open(index) as f:

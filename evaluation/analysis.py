@@ -12,7 +12,11 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from .io import atomic_write_text
+from transformers import AutoConfig
+
+from llama_moe.conversion.atomic import atomic_write_text
+
+from .loading import load_model_and_tokenizer
 from .perplexity import domain_perplexity, read_domain_texts, token_blocks
 from .routing import RoutingStats, routing_settings
 from .speed import generation_speed, parameter_counts
@@ -26,7 +30,9 @@ def parse_data_args(items: list[str]) -> dict[str, Path]:
     for item in items:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
-            raise ValueError(f"--data {item!r}: write NAME=PATH (a text file, a .jsonl with a \"text\" field, or a folder).")
+            raise ValueError(
+                f"--data {item!r}: write NAME=PATH (a text file, a .jsonl with a \"text\" field, or a folder)."
+            )
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
             raise ValueError(f"--data name {name!r}: use letters, digits, '_', '-' or '.' (it names output files).")
         if name in domains:
@@ -87,8 +93,6 @@ def run_analysis(model_path: str, domains: dict[str, Path], output: Path, base_p
                  max_tokens: int = 4096, block_size: int | None = None, device: str = "cpu", dtype: str = "auto",
                  speed: bool = True, new_tokens: int = 32, prompt_tokens: int = 128) -> Path:
     """Analyze MODEL (and BASE) on the domains; write OUTPUT/analysis.json; return its path."""
-    from .loading import load_model_and_tokenizer
-
     if max_tokens < 2:
         raise ValueError(f"--max-tokens must be >= 2, got {max_tokens}.")
     options = dict(max_tokens=max_tokens, block_size=block_size, speed=speed, new_tokens=new_tokens,
@@ -97,8 +101,6 @@ def run_analysis(model_path: str, domains: dict[str, Path], output: Path, base_p
         if (os.path.isabs(path) or path.startswith(".") or path.endswith(".gguf")) and not os.path.exists(path):
             raise FileNotFoundError(f"Model {path} not found.")
     if not str(model_path).endswith(".gguf"):
-        from transformers import AutoConfig
-
         if not _is_moe(SimpleNamespace(config=AutoConfig.from_pretrained(model_path, trust_remote_code=True))):
             raise ValueError(f"{model_path} is not an MoE model (no num_local_experts/num_experts_per_tok in its "
                              "config): analyze the MoE model and pass the dense one as --base.")

@@ -12,13 +12,16 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
+from fnmatch import fnmatch
 from pathlib import Path
 
+from huggingface_hub import HfApi, ModelCard, ModelCardData, get_token
+from huggingface_hub.utils import filter_repo_objects
+
+from llama_moe.conversion.atomic import TEMPORARY_FILE_PATTERN, atomic_write_text
 from llama_moe.conversion.model_path import is_hub_id
 from llama_moe.conversion.reader import safetensors_header
-from llama_moe.modeling.parameters import count_parameters
-
-from .io import atomic_write_text
+from llama_moe.modeling.parameters import shape_parameter_counts
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
 # Hub rules (huggingface.co/docs/hub/storage-limits, repositories-recommendations): 50 GB per file at most,
@@ -29,7 +32,7 @@ LFS_THRESHOLD_BYTES = 10 * 1000**2
 SCAN_WHOLE_FILE_BYTES = 50 * 1000**2  # bigger files: only their safetensors header is scanned for secrets
 # Never uploaded: version-control and cache folders, bytecode, our own atomic-write temporaries.
 DEFAULT_IGNORE = [".git/*", "*/.git/*", ".cache/*", "*/.cache/*", "__pycache__/*", "*/__pycache__/*", "*.pyc",
-                  ".*.tmp", "*/.*.tmp", ".DS_Store", "*/.DS_Store"]
+                  TEMPORARY_FILE_PATTERN, f"*/{TEMPORARY_FILE_PATTERN}", ".DS_Store", "*/.DS_Store"]
 SECRET_PATTERNS = {
     "Hugging Face token": rb"hf_[A-Za-z0-9]{30,}",
     "Hugging Face org API token": rb"api_org_[A-Za-z0-9]{30,}",
@@ -68,8 +71,6 @@ class UploadPlan:
 
 def list_files(folder: Path, exclude: list[str] | None = None) -> list[str]:
     """Relative paths (POSIX) of the files upload_folder would send, with huggingface_hub's pattern rules."""
-    from huggingface_hub.utils import filter_repo_objects
-
     paths = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
     return list(filter_repo_objects(paths, ignore_patterns=DEFAULT_IGNORE + list(exclude or [])))
 
@@ -84,8 +85,6 @@ def _lfs_patterns(folder: Path) -> list[str] | None:
 
 def check_files(folder: Path, files: list[str]) -> tuple[list[str], list[str]]:
     """(problems, warnings) about pickles and file sizes."""
-    from fnmatch import fnmatch
-
     problems, warnings = [], []
     pickles = [f for f in files if f.lower().endswith(PICKLE_SUFFIXES)]
     if pickles:
@@ -153,7 +152,7 @@ def weight_facts(folder: Path) -> dict:
                 shapes[name] = info["shape"]
     config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
     num_experts = config.get("num_local_experts") or config.get("num_experts")
-    counts = count_parameters(shapes.items(), num_experts, config.get("num_experts_per_tok"))
+    counts = shape_parameter_counts(shapes.items(), num_experts, config.get("num_experts_per_tok"))
     return {"shapes": shapes, **counts, "config": config}
 
 
@@ -223,8 +222,9 @@ def check_remote_code(folder: Path, full_load_max_bytes: int = 1_000_000_000, ti
     report["mode"] = "full load + forward" if full else "meta-device build vs safetensors headers"
     bad = {k: report[k] for k in ("missing", "unexpected", "mismatched") if report.get(k)}
     if bad or report.get("finite_logits") is False:
+        non_finite = " (non-finite logits)" if report.get("finite_logits") is False else ""
         raise ValueError(f"{folder} loads with its remote code but its weights do not match the model: "
-                         f"{json.dumps(bad)[:600]}{' (non-finite logits)' if report.get('finite_logits') is False else ''}.")
+                         f"{json.dumps(bad)[:600]}{non_finite}.")
     report["summary"] = f"{report['model_class']} ({report['mode']}): ok"
     return report
 
@@ -297,8 +297,6 @@ def _generated_body(folder: Path, facts: dict) -> str:
 def build_card(folder: Path, repo_id: str, base_model: str | None = None) -> tuple[str, list[str]]:
     """The README.md to upload: an existing card (from conversion) keeps its text and extra metadata; the Hub
     metadata is completed and the evaluation section (re)written. Returns (card text, warnings)."""
-    from huggingface_hub import ModelCard, ModelCardData
-
     facts = weight_facts(folder)
     readme = folder / "README.md"
     card = ModelCard.load(readme) if readme.is_file() else ModelCard(
@@ -373,8 +371,6 @@ def push(folder: str | Path, repo_id: str, *, private: bool = False, revision: s
          exclude: list[str] | None = None, load_check: bool = True) -> tuple[UploadPlan, str | None]:
     """Check, write the card into the folder, then create the repo (and branch) and upload; returns the plan
     and the commit URL (None for a dry run)."""
-    from huggingface_hub import HfApi, get_token
-
     token = get_token()
     if token is None and not dry_run:
         raise ValueError("No Hugging Face token is configured: run `hf auth login` or set HF_TOKEN "

@@ -11,7 +11,11 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .io import atomic_write_text
+import torch
+from huggingface_hub import constants
+
+from llama_moe.conversion.atomic import atomic_write_text
+from llama_moe.conversion.model_path import locate_model
 
 LOCAL_TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 LOCAL_TASK_TAG = "llama_moe_local"
@@ -81,9 +85,8 @@ def parse_task_specs(tasks: list[str] | None, preset: str | None, num_fewshot: i
 
 
 def _offline() -> bool:
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_DATASETS_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE")
+    datasets_offline = os.environ.get("HF_DATASETS_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE")
+    return bool(constants.HF_HUB_OFFLINE) or datasets_offline
 
 
 @functools.lru_cache(maxsize=4)
@@ -185,12 +188,8 @@ def load_lm(model, tokenizer=None, device: str | None = None, dtype: str = "auto
     from lm_eval.models.huggingface import HFLM
 
     if device is None:
-        import torch
-
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if isinstance(model, (str, os.PathLike)):
-        from llama_moe.conversion.model_path import locate_model
-
         # A dense base as GGUF is dequantized by transformers (gguf_file=).
         model, options = locate_model(model).from_pretrained_arguments()
         return HFLM(pretrained=model, tokenizer=tokenizer, device=device, dtype=dtype, batch_size=batch_size,

@@ -4,6 +4,9 @@ Always through transformers' Auto classes with trust_remote_code (our checkpoint
 checks paths before loading and never converts or writes anything.
 """
 
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from llama_moe.conversion.model_path import locate_model
 
 
@@ -13,9 +16,6 @@ def check_model_path(path: str) -> None:
 
 
 def load_model_and_tokenizer(path: str, device: str = "cpu", dtype: str = "auto"):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     folder, options = locate_model(path).from_pretrained_arguments()
     options["trust_remote_code"] = True
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)

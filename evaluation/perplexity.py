@@ -9,6 +9,10 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst", ".json", ".jsonl")
 
 
@@ -56,10 +60,6 @@ def domain_perplexity(model, blocks: list[list[int]], on_outputs: Callable | Non
                       forward_kwargs: dict | None = None, progress: str | None = None) -> dict:
     """Perplexity over the blocks (each block scored independently, every token but the first predicted).
     `on_outputs(outputs)` sees each forward's outputs (e.g. to collect router logits)."""
-    import torch
-    import torch.nn.functional as F
-    from tqdm.auto import tqdm
-
     total_nll, total_tokens = 0.0, 0
     device = next(model.parameters()).device
     with torch.no_grad():  # not inference_mode: tensors it creates cannot be reused outside it

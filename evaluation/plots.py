@@ -9,7 +9,9 @@ import io
 import json
 from pathlib import Path
 
-from .io import atomic_write_bytes
+import numpy as np
+
+from llama_moe.conversion.atomic import atomic_write_bytes
 
 
 def _pyplot():
@@ -32,7 +34,6 @@ def load_heatmap(domain: str, routing: dict, path: Path, ceiling: float | None =
     """Experts (rows) x MoE layers (columns), colour = share of routed slots; centred on the uniform share
     1/E so over-used experts are red and under-used ones blue, as in LLaMA-MoE's specialization figures.
     `ceiling`: the share drawn darkest red (give several heatmaps one ceiling to compare them)."""
-    import numpy as np
     from matplotlib.colors import TwoSlopeNorm
 
     plt = _pyplot()
@@ -78,8 +79,6 @@ def coactivation_layers(layers: list[int], count: int = 4) -> list[int]:
 def coactivation_heatmaps(domain: str, routing: dict, path: Path) -> Path:
     """For a few layers, P(expert j chosen | expert i chosen) for i != j (OLMoE's co-activation), from the
     co-selection counts: which experts tend to fire together beyond what the top-k of uniform routing gives."""
-    import numpy as np
-
     plt = _pyplot()
     num_experts, top_k = routing["num_experts"], routing["top_k"]
     shown = coactivation_layers(routing["layers"])
@@ -110,8 +109,6 @@ def coactivation_heatmaps(domain: str, routing: dict, path: Path) -> Path:
 
 def perplexity_bars(analysis: dict, path: Path) -> Path:
     """Perplexity per domain, the MoE model beside its base when one was analyzed (lower is better)."""
-    import numpy as np
-
     plt = _pyplot()
     results = analysis["results"]
     domains = list(results["model"]["domains"])

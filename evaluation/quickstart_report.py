@@ -8,7 +8,10 @@ import json
 import math
 from pathlib import Path
 
-from .io import atomic_write_text
+import numpy as np
+
+from llama_moe.conversion.atomic import atomic_write_text
+
 from .plots import _pyplot, _save, load_heatmap
 
 LABELS = {"base": "dense base", "upcycled": "upcycled (before training)", "trained": "upcycled + trained"}
@@ -23,8 +26,6 @@ def training_log(train_dir: Path) -> list[dict]:
 
 
 def perplexity_figure(results: dict, path: Path) -> Path:
-    import numpy as np
-
     plt = _pyplot()
     labels = list(results)
     domains = list(results[labels[0]]["domains"])
@@ -181,7 +182,8 @@ def write_quickstart_report(summary: dict, out: Path) -> Path:
         lines += ["## Training", "", f"![training](figures/{training_png.name})", "",
                   f"Last logged step: loss {final.get('loss', float('nan')):.3f}, balance loss "
                   f"{final.get('aux_loss', float('nan')):.3f}, mean expert-load CV "
-                  f"{final.get('moe/load_cv_mean', float('nan')):.3f}. Full log: `train/checkpoint-*/trainer_state.json`.",
+                  f"{final.get('moe/load_cv_mean', float('nan')):.3f}. "
+                  "Full log: `train/checkpoint-*/trainer_state.json`.",
                   ""]
     lines += ["## Routing", "",
               "Share of routed token slots per expert (rows) and MoE layer (columns); red = busier than uniform.", ""]

@@ -8,7 +8,8 @@ import json
 import os
 from pathlib import Path
 
-from .io import atomic_write_text
+from llama_moe.conversion.atomic import atomic_write_text
+
 from .plots import coactivation_layers
 
 

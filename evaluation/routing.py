@@ -15,7 +15,8 @@ def routing_settings(config) -> tuple[list[int], int, int]:
     top_k = getattr(config, "num_experts_per_tok", None)
     if not num_experts or not top_k:
         raise ValueError(
-            f"{type(config).__name__} has no num_local_experts/num_experts_per_tok: routing statistics need an MoE model."
+            f"{type(config).__name__} has no num_local_experts/num_experts_per_tok: "
+            "routing statistics need an MoE model."
         )
     layers = getattr(config, "moe_layers", None)
     if layers is None:

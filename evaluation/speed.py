@@ -7,18 +7,18 @@ dense base in the same run; it reports numbers and asserts nothing about them.
 import statistics
 import time
 
+import torch
+
+from llama_moe.modeling.parameters import model_parameter_counts
+
 
 def parameter_counts(model) -> dict:
     """Total, routed-expert and active-per-token parameters, by the project's one rule
     (llama_moe.modeling.parameters); works for LlamaMoE, Mixtral, Qwen2-MoE and dense models."""
-    from llama_moe.modeling.parameters import model_parameter_counts
-
     return model_parameter_counts(model)
 
 
 def _timed_generate(model, input_ids, new_tokens: int) -> float:
-    import torch
-
     start = time.perf_counter()
     with torch.no_grad():  # not inference_mode: tensors it creates cannot be reused outside it
         model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens,
@@ -30,8 +30,6 @@ def _timed_generate(model, input_ids, new_tokens: int) -> float:
 def generation_speed(model, prompt_ids: list[int], new_tokens: int = 32, repeats: int = 3) -> dict:
     """Prefill tokens/s (prompt length / time to the first new token) and decode tokens/s (further tokens /
     their time), medians over `repeats` after one warm-up, batch 1, greedy."""
-    import torch
-
     if len(prompt_ids) < 1 or new_tokens < 2:
         raise ValueError("Speed needs a prompt of >= 1 token and >= 2 new tokens.")
     device = next(model.parameters()).device

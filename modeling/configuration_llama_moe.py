@@ -7,7 +7,6 @@ siblings (single-dot imports). Validation raises ValueError naming the field, th
 from huggingface_hub.dataclasses import strict
 from transformers import LlamaConfig
 
-
 ROUTER_TYPES = ("linear", "mlp")
 ROUTER_NOISE_TYPES = ("none", "jitter", "noisy_topk")
 AUX_LOSS_TYPES = ("switch", "cv2")
@@ -151,7 +150,9 @@ class LlamaMoEConfig(LlamaConfig):
         if self.shared_expert_intermediate_size > 0:
             prefixes.append("layers.*.mlp.shared_expert.")
         for prefix in prefixes:
-            plan.update({prefix + "gate_proj": "colwise", prefix + "up_proj": "colwise", prefix + "down_proj": "rowwise"})
+            plan.update(
+                {prefix + "gate_proj": "colwise", prefix + "up_proj": "colwise", prefix + "down_proj": "rowwise"}
+            )
         return plan
 
     @property

@@ -11,13 +11,12 @@ import collections
 import contextlib
 import dataclasses
 import os
-import sys
 import threading
-import types
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
-from transformers.integrations.moe import grouped_mm_experts_forward
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_experts_forward
 
 from .moe_ops import (
     InputGrads,
@@ -31,48 +30,20 @@ from .moe_ops import (
 class DroplessSettings:
     """How "dropless" picks its CPU strategies. The process has one instance, `settings`: change a field for the
     whole process (`dropless_moe.settings.expert_parallel = False`) or for a block
-    (`with dropless_moe.configured(few_slots=0): ...`). The old module-level names (`EXPERT_PARALLEL`, `FEW_SLOTS`,
-    ...) read and write these fields."""
+    (`with dropless_moe.configured(few_slots=0): ...`). The measurements behind the defaults are in
+    benchmarks/README.md ("What changed in modeling/dropless_moe.py", sessions 2 and 3). Expert parallelism sets
+    torch's thread count to 1 for the whole process while the expert GEMMs run: set `expert_parallel = False` where
+    other threads of the process run torch work at the same time."""
 
-    # How the per-expert GEMMs run: "loop" (one torch.mm per expert with tokens) or "grouped" (torch's grouped_mm).
-    # None picks per device: measured on CPU (MKL, float32) the loop is as fast or faster (1.5x on the down GEMM);
-    # on CUDA torch's grouped GEMM avoids one kernel launch per expert.
-    gemm_backend: str | None = None
-    # CPU: run the per-expert GEMMs of one call on several threads at once, each GEMM single-threaded, instead of
-    # one after the other with every GEMM split across the intra-op threads. Small expert GEMMs scale badly across
-    # threads (each is a parallel region that waits for its slowest thread); whole experts per thread do not, but
-    # lose what uneven expert loads leave idle. None (automatic): when there are at least
-    # expert_parallel_min_experts experts with rows per thread, and either the mean expert GEMM is under
-    # expert_parallel_max_flops or the experts' rows split over the threads (largest first, as the queue hands them
-    # out) within expert_parallel_max_imbalance of an even split. Measured at 2 threads, fwd+bwd vs dense, same run:
-    # 64 experts of width 128 1.55x -> 1.34x, 16 of width 256 1.20x -> 1.16x; 8 of width 1024 with balanced routing
-    # (an even split within 1%) 1.09x -> 1.05x (mean of 5 runs of 20 interleaved repetitions; faster in 5 of 5).
-    # True / False: always / never. Expert parallelism sets torch's thread count to 1 while the expert GEMMs run,
-    # which is process-wide: other threads of the process running torch work at that moment would run single-
-    # threaded (set False there).
-    expert_parallel: bool | None = None
-    expert_parallel_min_experts: int = 4
-    expert_parallel_max_flops: float = 6e8
-    expert_parallel_max_imbalance: float = 0.03
-    # CPU, automatic backend: with fewer rows than this per expert that has any (decoding several sequences), one
-    # grouped_mm call beats a Python loop of GEMV-sized calls. Measured, whole model decoding 8 sequences, step time
-    # vs dense: 16 experts top-4 1.85x -> 1.77x, 64 experts top-8 2.14x -> 2.00x.
-    grouped_below_rows_per_expert: int = 4
-    # Up to this many routed slots, a forward without autograd (decoding) takes the few-slots path: no sort, no
-    # plan, no autograd.Function, one matrix-vector pair per routed slot straight on its expert's weights. Measured
-    # at hidden 1024 (layer time / dense of equal active width): one token of 64 experts top-8 1.64x -> 1.21-1.32x;
-    # but from 16 slots on (4 tokens of 16 experts top-4) the sorted path wins (1.55x vs 2.66x): its per-call cost
-    # is fixed, this path's grows with every slot.
-    few_slots: int = 8
-    # Matrix-vector products with rows of at most short_row elements (the down projection of small experts when
-    # decoding: [H, I] rows of I, the transformers v5 layout) multiply into a float32 buffer that stays in cache and
-    # sum its rows, instead of calling MKL's GEMV, which reads short rows at a fraction of the memory rate.
-    # Measured, one layer, weights from DRAM, float32 (2 threads; ratio to the dense FFN): 64 experts of width 128
-    # 1.65x -> 1.33x, 16 of width 256 1.46x -> 1.18x. torch.linalg.vecdot computes the same but allocates a matrix-
-    # sized temporary at every call, whose page faults cost more than the GEMV saves. bfloat16 x bfloat16 products
-    # are exact in float32, so this path loses no precision against a GEMV that accumulates in float32.
-    short_row: int = 512
-    short_row_max_elements: int = 1 << 20  # bounds the buffer (4 MiB)
+    gemm_backend: str | None = None  # "loop" (torch.mm per expert) or "grouped"; None: loop on CPU, grouped on CUDA
+    expert_parallel: bool | None = None  # CPU, whole experts per thread; None: when the 3 thresholds below allow
+    expert_parallel_min_experts: int = 4  # automatic: at least this many experts with tokens per thread, and
+    expert_parallel_max_flops: float = 6e8  # a mean expert GEMM under this many FLOPs, or
+    expert_parallel_max_imbalance: float = 0.03  # the busiest thread within this fraction of an even split
+    grouped_below_rows_per_expert: int = 4  # CPU: one grouped_mm call below this many rows per expert (decoding)
+    few_slots: int = 8  # up to this many routed slots without autograd: no sort, one GEMV pair per slot (decoding)
+    short_row: int = 512  # few-slots down projections with rows this short: products + row sums, not MKL's GEMV
+    short_row_max_elements: int = 1 << 20  # the largest float32 buffer those products use (4 MiB)
 
 
 settings = DroplessSettings()
@@ -89,27 +60,6 @@ def configured(**changes):
     finally:
         for name, value in previous.items():
             setattr(settings, name, value)
-
-
-_OLD_NAMES = {field.name.upper(): field.name for field in dataclasses.fields(DroplessSettings)}
-
-
-class _SettingsAliases(types.ModuleType):
-    """`dropless_moe.FEW_SLOTS = 0` and friends, as before settings existed, go to `settings`."""
-
-    def __getattr__(self, name):
-        if name in _OLD_NAMES:
-            return getattr(settings, _OLD_NAMES[name])
-        raise AttributeError(f"module {self.__name__!r} has no attribute {name!r}")
-
-    def __setattr__(self, name, value):
-        if name in _OLD_NAMES:
-            setattr(settings, _OLD_NAMES[name], value)
-        else:
-            super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _SettingsAliases
 
 
 _WORKSPACE = threading.local()
@@ -163,8 +113,6 @@ def _expert_threads(device: torch.device, rows_per_expert: list[int], mean_gemm_
 
 
 def _executor(workers: int):
-    from concurrent.futures import ThreadPoolExecutor
-
     if _POOL["executor"] is None or _POOL["workers"] != workers:
         if _POOL["executor"] is not None:
             _POOL["executor"].shutdown(wait=False)
@@ -505,8 +453,6 @@ def dropless_experts_forward(self, hidden_states, top_k_index, top_k_weights):
 
 def register_dropless_experts():
     """Make 'dropless' a valid `experts_implementation` for every transformers MoE model in this process."""
-    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
-
     ALL_EXPERTS_FUNCTIONS.register("dropless", dropless_experts_forward)
 
 

@@ -33,7 +33,6 @@ from .configuration_llama_moe import LlamaMoEConfig
 from .dropless_moe import dropless_experts_forward  # noqa: F401  (importing registers "dropless")
 from .triton_moe import triton_experts_forward  # noqa: F401  (importing registers "dropless_triton")
 
-
 DEFAULT_EXPERTS_IMPLEMENTATION = "dropless"
 
 
@@ -515,18 +514,6 @@ class LlamaMoEForCausalLM(LlamaMoEPreTrainedModel, GenerationMixin):
 
     def get_decoder(self):
         return self.model
-
-    @classmethod
-    def from_dense(cls, dense_model_or_path, **moe_options):
-        """Online upcycling: build this MoE model in memory from a dense Llama model or checkpoint path.
-        Needs the `llama-moe` package (the conversion code is not part of the remote-code bundle)."""
-        try:
-            from llama_moe.conversion import upcycle_in_memory
-        except ImportError as error:
-            raise ImportError(
-                "LlamaMoEForCausalLM.from_dense needs the llama-moe package: pip install llama-moe"
-            ) from error
-        return upcycle_in_memory(dense_model_or_path, model_class=cls, **moe_options)
 
     @can_return_tuple
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")

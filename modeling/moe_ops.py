@@ -1,6 +1,17 @@
 """The operations both dropless kernels share (dropless_moe.py on any device, triton_moe.py on CUDA): sorting token
 slots by expert, the SwiGLU backward that recomputes the activation, the named input-gradient flags and the
 layout check. Part of the remote-code bundle: imports only torch.
+
+Shape suffixes, as in torchtitan (`hidden_TH` is [tokens, hidden]), in this file, dropless_moe.py, triton_moe.py
+and the router code of modeling_llama_moe.py:
+    T  tokens                          H  hidden size
+    E  experts (E1: E + 1, the last bin counting the slots a capacity limit dropped, expert index E)
+    K  slots per token (top-k), so T x K slots in all
+    S  slots, (token, expert) pairs: in routing order, or sorted by expert once the kernel has sorted them
+    R  a block of sorted slots (one expert's, or a block of rows of it)
+    I  an expert's intermediate width; 2I its gate and up rows together (the fused `gate_up_proj`)
+    1  a dimension of size 1 that broadcasts (weights_S1)
+    M, N, P, Q, and K in the GEMM helpers (a_SK @ weight_EKN -> out_SN): the sizes of a generic matrix product
 """
 
 from typing import NamedTuple

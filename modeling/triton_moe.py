@@ -13,6 +13,7 @@ import functools
 import os
 
 import torch
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from .moe_ops import InputGrads, check_experts_layout, sort_slots_by_expert, swiglu_backward
 
@@ -329,8 +330,6 @@ def triton_experts_forward(self, hidden_states, top_k_index, top_k_weights):
 def register_triton_experts():
     """Make 'dropless_triton' a valid `experts_implementation` for every transformers MoE model in this process
     (registered even without triton, so that using it names the missing package)."""
-    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
-
     ALL_EXPERTS_FUNCTIONS.register("dropless_triton", triton_experts_forward)
 
 

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
+import torch
+from transformers import HfArgumentParser
+from transformers.trainer_utils import IntervalStrategy
 from trl import SFTConfig, TrlParser
 
 SAMPLING_METHODS = ("static", "proportional", "uniform", "dynamic")
@@ -122,8 +125,6 @@ def _merge_repeated(argv: list[str], flag: str) -> list[str]:
 def build_parser() -> TrlParser:
     parser = TrlParser((MoETrainingArguments, SFTConfig), prog="llama-moe train")
     # Defaults that suit continual pre-training; recipes and flags override them.
-    import torch
-
     # TRL defaults to bf16 (refused on a machine without a GPU) and gradient checkpointing; recipes turn them on.
     parser.set_defaults(
         report_to="none",
@@ -146,10 +147,6 @@ COMMON_INHERITED = ("output_dir", "max_steps", "learning_rate", "lr_scheduler_ty
 
 def help_text(full: bool = False) -> str:
     """`llama-moe train --help`: --config, our options, then the common inherited ones (all with --help-all)."""
-    from dataclasses import fields
-
-    from transformers import HfArgumentParser
-
     if full:
         return build_parser().format_help()
     ours = HfArgumentParser((MoETrainingArguments,), prog="llama-moe train").format_help()
@@ -196,8 +193,6 @@ def parse_arguments(argv: list[str]) -> tuple[MoETrainingArguments, SFTConfig]:
     if config.max_steps is None or config.max_steps <= 0:
         raise ValueError("--max_steps must be set (> 0): training streams data, so there are no epochs to count.")
     if options.sampling == "dynamic" and str(config.eval_strategy) in ("no", "IntervalStrategy.NO"):
-        from transformers.trainer_utils import IntervalStrategy
-
         config.eval_strategy, config.eval_steps, config.do_eval = IntervalStrategy.STEPS, default_eval_steps(
             config.max_steps), True
         if int(os.environ.get("RANK", "0")) == 0:

@@ -14,6 +14,8 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+from llama_moe.modeling.parameters import model_parameter_counts
+
 from .mixture import dynamic_update
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -40,8 +42,6 @@ def active_parameters(model) -> int:
     """Parameters whose matmuls one token goes through, for MFU: the project's active count
     (llama_moe.modeling.parameters) without the embedding lookup, which is a gather, not a matmul. A tied LM head
     is the same matrix and is a matmul, so with tied embeddings nothing is taken off."""
-    from llama_moe.modeling.parameters import model_parameter_counts
-
     counts = model_parameter_counts(model)
     tied = model.get_output_embeddings() is not None and (
         model.get_output_embeddings().weight is model.get_input_embeddings().weight)
@@ -156,7 +156,9 @@ def parse_freeze(spec: str | None) -> tuple[int, list[str]]:
         if item.startswith("routers_only"):
             _, _, steps = item.partition(":")
             if not steps.isdigit() or int(steps) <= 0:
-                raise ValueError(f"--freeze {item!r}: write routers_only:N with N > 0 steps (example: routers_only:100).")
+                raise ValueError(
+                    f"--freeze {item!r}: write routers_only:N with N > 0 steps (example: routers_only:100)."
+                )
             routers_only = int(steps)
         elif item in FREEZE_GROUPS:
             groups.append(item)
@@ -185,7 +187,9 @@ class FreezeCallback(TrainerCallback):
             self.frozen_names.update(names)
         self.router_names = set(parameters_in_group(model, "routers"))
         if routers_only and not self.router_names:
-            raise ValueError("--freeze routers_only:N needs an MoE model with routers (mlp.gate.*); this model has none.")
+            raise ValueError(
+                "--freeze routers_only:N needs an MoE model with routers (mlp.gate.*); this model has none."
+            )
         for name, param in model.named_parameters(remove_duplicate=False):
             if name in self.frozen_names:
                 param.requires_grad_(False)

@@ -16,6 +16,9 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import pyarrow.parquet as pq
+from datasets import load_dataset, load_dataset_builder
+
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst", ".py", ".tex")
 TABLE_SUFFIXES = (".jsonl", ".json", ".parquet")
 CHUNK_CHARS = 1 << 16  # a plain text file is tokenized in pieces of about 64k characters, cut at line ends
@@ -41,7 +44,7 @@ class StreamPosition:
         return [self.epoch, self.piece, self.offset]
 
     @classmethod
-    def from_list(cls, values) -> "StreamPosition":
+    def from_list(cls, values) -> StreamPosition:
         return cls(*[int(v) for v in values])
 
 
@@ -64,7 +67,9 @@ def parse_domains(entries, text_field: str = "text") -> list[DomainSpec]:
             raise ValueError(f"--dataset {entry!r} has an empty domain name.")
         specs.append(spec)
     if not specs:
-        raise ValueError("no training data: give at least one --dataset NAME=PATH (or a `dataset:` list in the recipe).")
+        raise ValueError(
+            "no training data: give at least one --dataset NAME=PATH (or a `dataset:` list in the recipe)."
+        )
     names = [spec.name for spec in specs]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
@@ -112,7 +117,6 @@ def domain_size(spec: DomainSpec) -> float:
     """Size used by `--sampling proportional`: bytes on disk, or the Hub dataset's declared size."""
     if os.path.exists(spec.path):
         return float(sum(os.path.getsize(path) for path in _files(spec.path)))
-    from datasets import load_dataset_builder
 
     info = load_dataset_builder(spec.path).info
     size = info.dataset_size or info.size_in_bytes
@@ -148,19 +152,17 @@ def _jsonl_pieces(path: str, field: str) -> Iterator[tuple[str, bool]]:
 
 
 def _parquet_pieces(path: str, field: str) -> Iterator[tuple[str, bool]]:
-    import pyarrow.parquet as pq
-
     table = pq.ParquetFile(path)
     if field not in table.schema_arrow.names:
-        raise ValueError(f"{path} has no column {field!r} (set --dataset_text_field); columns: {table.schema_arrow.names}.")
+        raise ValueError(
+            f"{path} has no column {field!r} (set --dataset_text_field); columns: {table.schema_arrow.names}."
+        )
     for batch in table.iter_batches(columns=[field], batch_size=1024):
         for text in batch.column(0).to_pylist():
             yield str(text), True
 
 
 def _hub_pieces(spec: DomainSpec) -> Iterator[tuple[str, bool]]:
-    from datasets import load_dataset
-
     for record in load_dataset(spec.path, split="train", streaming=True):
         yield str(record[spec.text_field]), True
 

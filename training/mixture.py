@@ -13,6 +13,11 @@ import random
 from collections import deque
 
 import torch
+from datasets import Features, IterableDataset, Sequence, Value
+
+from llama_moe.conversion.atomic import atomic_write_text
+
+from .data import StreamPosition
 
 MIXTURE_STATE_NAME = "mixture_state.json"
 
@@ -79,11 +84,10 @@ class MixtureDataset(torch.utils.data.IterableDataset):
         self._base = {}
 
     def load_state(self, state: dict) -> None:
-        from .data import StreamPosition
-
         if sorted(state["weights"]) != sorted(self.names):
             raise ValueError(
-                f"the checkpoint's mixture has domains {sorted(state['weights'])} but this run has {sorted(self.names)}; "
+                f"the checkpoint's mixture has domains {sorted(state['weights'])} but this run has "
+                f"{sorted(self.names)}; "
                 "resume with the same domains."
             )
         self.weights = dict(state["weights"])
@@ -145,8 +149,6 @@ class MixtureDataset(torch.utils.data.IterableDataset):
 def as_hf_iterable(mixture: MixtureDataset):
     """The mixture as a `datasets.IterableDataset` (what TRL's SFTTrainer accepts). The generator is a plain
     closure, which `datasets` never copies, so the state stays in `mixture`."""
-    from datasets import Features, IterableDataset, Sequence, Value
-
     def generate():
         yield from mixture
 
@@ -154,10 +156,7 @@ def as_hf_iterable(mixture: MixtureDataset):
 
 
 def save_state(folder: str, state: dict) -> None:
-    path = os.path.join(folder, MIXTURE_STATE_NAME)
-    with open(path + ".tmp", "w") as handle:
-        json.dump(state, handle, indent=1)
-    os.replace(path + ".tmp", path)
+    atomic_write_text(os.path.join(folder, MIXTURE_STATE_NAME), json.dumps(state, indent=1))
 
 
 def load_state(folder: str) -> dict | None:

@@ -12,19 +12,27 @@ import shutil
 from dataclasses import dataclass
 
 import torch
+from accelerate.utils import DistributedType
+from datasets import Dataset
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.trainer_utils import get_last_checkpoint
+
+import llama_moe.modeling  # noqa: F401  (registers llama_moe with the Auto classes)
+from llama_moe.conversion import upcycle_in_memory
+from llama_moe.conversion.atomic import recover_dirs, replace_dir
+from llama_moe.conversion.model_path import locate_model
 
 from .arguments import MoETrainingArguments, parse_mapping
+from .callbacks import FreezeCallback, MixtureCallback, MoELoggingCallback, default_peak_flops, parse_freeze
 from .cpu_memory import keep_freed_memory
 from .data import DomainStream, check_domain, domain_size, parse_domains
-from .mixture import MixtureDataset, as_hf_iterable, initial_weights, load_state
+from .distillation import Distiller
+from .mixture import MixtureDataset, as_hf_iterable, initial_weights, load_state, save_state
+from .trainer import STAGING_DIR, MoETrainer
 
 
 def from_pretrained(auto_class, path: str, **kwargs):
     """`auto_class.from_pretrained` for a folder, a Hub id or a `.gguf` file (read from its folder)."""
-    import llama_moe.modeling  # noqa: F401  (registers llama_moe with the Auto classes)
-
-    from llama_moe.conversion.model_path import locate_model
-
     location = locate_model(path)
     if location.kind == "hub" and os.environ.get("HF_HUB_OFFLINE") == "1":
         raise FileNotFoundError(f"model {path!r} does not exist here, and Hub models cannot be fetched offline.")
@@ -53,8 +61,6 @@ def plain_copy(model):
 
 
 def _model_config(path: str, trust_remote_code: bool):
-    from transformers import AutoConfig
-
     return from_pretrained(AutoConfig, path, trust_remote_code=trust_remote_code)
 
 
@@ -63,8 +69,6 @@ def _resolve_resume(config) -> str | None:
     if value in (None, "", False, "false", "False"):
         return None
     if str(value).lower() == "true":
-        from transformers.trainer_utils import get_last_checkpoint
-
         last = get_last_checkpoint(config.output_dir) if os.path.isdir(config.output_dir) else None
         if last is None:
             raise FileNotFoundError(f"--resume_from_checkpoint true: no checkpoint-N folder in {config.output_dir}.")
@@ -90,7 +94,9 @@ class TrainPlan:
 def validate(options: MoETrainingArguments, config) -> TrainPlan:
     """Every check that needs no weights: domains, files, weights, model limits, resume, freezing, teacher."""
     if bool(options.model_name_or_path) == bool(options.upcycle_from):
-        raise ValueError("give exactly one of --model_name_or_path (a model to train) or --upcycle_from (a dense base).")
+        raise ValueError(
+            "give exactly one of --model_name_or_path (a model to train) or --upcycle_from (a dense base)."
+        )
     specs = parse_domains(options.dataset, config.dataset_text_field)
     names = [spec.name for spec in specs]
     recipe_weights = {spec.name: float(spec.weight) for spec in specs if spec.weight is not None}
@@ -101,7 +107,8 @@ def validate(options: MoETrainingArguments, config) -> TrainPlan:
         if unknown:
             raise ValueError(f"--{what} names unknown domain(s) {unknown}; the domains are {names}.")
     if references and sorted(references) != sorted(names):
-        raise ValueError(f"--reference_losses must give every domain a loss; missing {sorted(set(names) - set(references))}.")
+        missing = sorted(set(names) - set(references))
+        raise ValueError(f"--reference_losses must give every domain a loss; missing {missing}.")
     for spec in specs:
         check_domain(spec)
     # Weights now, so a bad recipe fails before any tokenizing (proportional reads only file sizes).
@@ -122,19 +129,14 @@ def validate(options: MoETrainingArguments, config) -> TrainPlan:
                 f"--distill_from {options.distill_from} has a vocabulary of {teacher_vocab} tokens, the student "
                 f"{student_vocab}: distillation compares next-token distributions, so both need the same tokenizer."
             )
-    from .callbacks import parse_freeze
 
     routers_only, frozen = parse_freeze(options.freeze)
     return TrainPlan(specs, start_weights, references, model_config, resume, routers_only, frozen)
 
 
 def load_model(options: MoETrainingArguments, config):
-    from transformers import AutoModelForCausalLM
-
-    from llama_moe.modeling import LlamaMoEForCausalLM
-
     if options.upcycle_from:
-        model = LlamaMoEForCausalLM.from_dense(
+        model = upcycle_in_memory(
             options.upcycle_from,
             method=options.method,
             num_experts=options.num_experts,
@@ -143,7 +145,8 @@ def load_model(options: MoETrainingArguments, config):
         )
     else:
         model = plain_copy(from_pretrained(
-            AutoModelForCausalLM, options.model_name_or_path, dtype=torch.float32, trust_remote_code=config.trust_remote_code
+            AutoModelForCausalLM, options.model_name_or_path, dtype=torch.float32,
+            trust_remote_code=config.trust_remote_code,
         ))
     if options.router_z_loss_coef is not None:
         if not hasattr(model.config, "router_z_loss_coef"):
@@ -173,9 +176,6 @@ def load_teacher(options, config):
     """The frozen teacher of --distill_from, in --distill_dtype (auto: the training dtype), or None."""
     if not options.distill_from:
         return None
-    from transformers import AutoModelForCausalLM
-
-    from .distillation import Distiller
 
     if options.distill_dtype != "auto":
         dtype = getattr(torch, options.distill_dtype)
@@ -190,7 +190,6 @@ def load_teacher(options, config):
 def _reference_losses(options, model, validation, references):
     if options.sampling != "dynamic" or references:
         return references
-    from transformers import AutoModelForCausalLM
 
     source = options.reference_model or options.upcycle_from
     if source is None:
@@ -204,11 +203,13 @@ def _reference_losses(options, model, validation, references):
 
 def remove_interrupted_saves(output_dir: str) -> None:
     """OUTPUT/.staging holds saves in progress only (finished ones are renamed out of it), so one found before
-    training starts was left by an interrupted run: nothing in it is complete."""
-    from .trainer import STAGING_DIR
-
+    training starts was left by an interrupted run: nothing in it is complete. A run killed while it swapped a
+    finished save in (`replace_dir`) gets the complete folder back under its name."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    recover_dirs(output_dir)
     staging = os.path.join(output_dir, STAGING_DIR)
-    if os.path.isdir(staging) and int(os.environ.get("RANK", "0")) == 0:
+    if os.path.isdir(staging):
         shutil.rmtree(staging)
         print(f"[llama-moe train] removed {staging}: unfinished saves of an interrupted run.")
 
@@ -218,8 +219,6 @@ def check_processes_connected(config) -> None:
     `accelerate launch` of an FSDP/DeepSpeed config (no backend found: one process each) and with --ddp_backend gloo
     under FSDP (a process group, but DistributedType.NO: nothing wraps the model, gradients are never averaged).
     Every process would then train alone and overwrite the others' checkpoints."""
-    from accelerate.utils import DistributedType
-
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     state = getattr(config, "distributed_state", None)
     kind = getattr(state, "distributed_type", None)
@@ -233,12 +232,6 @@ def check_processes_connected(config) -> None:
 
 def train(options: MoETrainingArguments, config) -> str:
     """Run continual pre-training; returns the folder of the final model (OUTPUT/final)."""
-    from datasets import Dataset
-    from transformers import AutoTokenizer
-
-    from .callbacks import FreezeCallback, MixtureCallback, MoELoggingCallback, default_peak_flops
-    from .trainer import MoETrainer
-
     plan = validate(options, config)
     check_processes_connected(config)
     remove_interrupted_saves(config.output_dir)
@@ -293,16 +286,12 @@ def train(options: MoETrainingArguments, config) -> str:
     staged = os.path.join(config.output_dir, ".staging", "final")
     trainer.save_model(staged)
     if trainer.args.should_save:
-        from .mixture import save_state
-
         save_state(staged, mixture.state_at(trainer.examples_consumed()))
         # The final folder is a Hub model, not a checkpoint: no pickled Trainer arguments (push refuses pickles).
         pickled_arguments = os.path.join(staged, "training_args.bin")
         if os.path.exists(pickled_arguments):
             os.remove(pickled_arguments)
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(staged, final)
+        replace_dir(staged, final)  # a second run into the same folder swaps the old final model out
         staging_root = os.path.dirname(staged)
         card = os.path.join(staging_root, "README.md")  # TRL writes its model card beside the checkpoints
         if os.path.isfile(card):

@@ -16,11 +16,14 @@ import shutil
 
 import torch
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 from trl import SFTTrainer
+
+from llama_moe.conversion.atomic import replace_dir
 
 from ..modeling.modeling_llama_moe import add_router_losses
 from .callbacks import MoEPrinterCallback, MoEProgressCallback
+from .mixture import save_state
 
 STAGING_DIR = ".staging"
 
@@ -36,7 +39,7 @@ def plain_class(model):
     copies torch's _fsdp_*.py files instead of modeling_llama_moe.py (transformers strips the prefix only for
     `architectures`), and that checkpoint fails to load. save_pretrained gets the already gathered full state dict
     and runs no forward, so it runs under the plain class; the FSDP class is restored afterwards."""
-    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp import FSDPModule  # here: torch builds without distributed support lack it
 
     wrapped = type(model)
     if not isinstance(model, FSDPModule):
@@ -132,8 +135,6 @@ class MoETrainer(SFTTrainer):
         )
 
     def _last_checkpoint(self) -> str | None:
-        from transformers.trainer_utils import get_last_checkpoint
-
         return get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
 
     def _save(self, output_dir=None, state_dict=None):
@@ -164,21 +165,11 @@ class MoETrainer(SFTTrainer):
         finally:
             self.args.output_dir, self.args.save_total_limit = final_dir, limit
         if self.args.should_save and self.mixture is not None:
-            from .mixture import save_state
-
             save_state(staged, self.mixture.state_at(self.examples_consumed()))
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
-            if os.path.exists(target):  # re-saving a step (e.g. after a resume): swap, then drop the old one
-                old = os.path.join(staging_root, name + ".old")
-                os.replace(target, old)
-                os.replace(staged, target)
-                shutil.rmtree(old)
-            else:
-                os.replace(staged, target)
+            replace_dir(staged, target)  # re-saving a step (e.g. after a resume) swaps the old folder out
             if limit:
-                from transformers.trainer_utils import rotate_checkpoints
-
                 rotate_checkpoints(
                     output_dir=final_dir,
                     save_total_limit=limit,

@@ -1,7 +1,7 @@
 """Construction methods for upcycling, one module each, all following `base.UpcycleMethod`, registered in METHODS.
 
 This package only maps dense FFN tensors to expert tensors; reading checkpoints and writing shards live in
-reader.py / writer.py, and the per-layer driving loop in upcycle.py.
+reader.py / writer.py, and the per-layer driving loop in pipeline.py.
 """
 
 from .base import DenseFFN, ExpertInit, UpcycleMethod, flag
@@ -13,11 +13,11 @@ from .gradient import GradientMethod
 from .granular import GRANULAR_SCALING, GranularMethod
 from .random import RandomMethod
 
-
 METHODS: dict[str, UpcycleMethod] = {
     method.name: method
     for method in (
-        CopyMethod(), RandomMethod(), ClusteringMethod(), GradientMethod(), GranularMethod(), DropMethod(), CarveMethod()
+        CopyMethod(), RandomMethod(), ClusteringMethod(), GradientMethod(), GranularMethod(), DropMethod(),
+        CarveMethod(),
     )
 }
 

@@ -107,14 +107,8 @@ class UpcycleMethod:
         return False
 
     def check(self, dense_config, options) -> None:
-        """Raise ValueError when the options do not fit this method or the model (before any work)."""
-        if options.shared_experts and not self.supports_shared_experts:
-            from . import METHODS
-
-            splitters = ", ".join(name for name, m in METHODS.items() if m.supports_shared_experts)
-            raise ValueError(
-                f"--shared-experts needs a method that splits the FFN ({splitters}); {self.name!r} does not."
-            )
+        """Raise ValueError when the options do not fit this method or the model (before any work). Checks that
+        need no model (`supports_shared_experts`, `check_choices`) run before it, in options.check_common."""
 
     def config_changes(self, dense_config, options) -> dict:
         """LlamaMoEConfig fields this method decides (expert width, scaling, ...), known before any weight."""

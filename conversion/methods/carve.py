@@ -88,10 +88,13 @@ class CarveMethod(UpcycleMethod):
 
     def check(self, dense_config, options) -> None:
         super().check(dense_config, options)
-        I, E, N, S = dense_config.intermediate_size, options.num_experts, options.shared_experts, options.shared_expert_size
+        I, E = dense_config.intermediate_size, options.num_experts
+        N, S = options.shared_experts, options.shared_expert_size
         if S is not None:
             if N:
-                raise ValueError("give --shared-experts (in expert widths) or --shared-expert-size (neurons), not both.")
+                raise ValueError(
+                    "give --shared-experts (in expert widths) or --shared-expert-size (neurons), not both."
+                )
             if not 0 <= S < I:
                 raise ValueError(f"--shared-expert-size {S} does not fit the FFN's {I} neurons: pick 0 <= size < {I}.")
         if carve_widths(I, options)[0] < 1:

@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from .base import DenseFFN, ExpertInit, UpcycleMethod, option
 from .random import experts_from_groups
 
-
 CLUSTER_ON = ("up", "gate")
 
 

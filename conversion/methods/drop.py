@@ -33,7 +33,8 @@ class DropMethod(UpcycleMethod):
         gate = ffn.gate[None].repeat(E, 1, 1)
         up = ffn.up[None].repeat(E, 1, 1)
         down = ffn.down[None].repeat(E, 1, 1)
-        stats = {name: (w.mean().item(), w.std().item()) for name, w in (("g", ffn.gate), ("u", ffn.up), ("d", ffn.down))}
+        weights = (("g", ffn.gate), ("u", ffn.up), ("d", ffn.down))
+        stats = {name: (w.mean().item(), w.std().item()) for name, w in weights}
         for e in range(E):
             neurons = torch.randperm(I, generator=generator)[:num_dropped]
             if num_dropped == 0:

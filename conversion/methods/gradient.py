@@ -32,8 +32,10 @@ def neuron_importance(model, batches, moe_layers, num_groups: int, generator: to
     """Per MoE layer: (importance [groups, I], centroids [groups, H]) from two passes over the calibration text."""
     layers = model.model.layers
     inputs = {i: [] for i in moe_layers}
-    hooks = [layers[i].mlp.register_forward_pre_hook(lambda m, args, i=i: inputs[i].append(args[0].detach().flatten(0, 1)))
-             for i in moe_layers]
+    hooks = [
+        layers[i].mlp.register_forward_pre_hook(lambda m, args, i=i: inputs[i].append(args[0].detach().flatten(0, 1)))
+        for i in moe_layers
+    ]
     with torch.no_grad():
         for ids in batches:
             model(input_ids=ids)
@@ -53,7 +55,7 @@ def neuron_importance(model, batches, moe_layers, num_groups: int, generator: to
             done[members.reshape(-1)] = True
             assignment[~done] = (tokens_TH[~done] @ centroids[i].T).argmax(1)
         groups[i] = assignment
-    del inputs
+    inputs.clear()  # the FFN inputs of every MoE layer: free them before the second pass
 
     intermediate = model.config.intermediate_size
     importance = {i: torch.zeros(num_groups, intermediate) for i in moe_layers}

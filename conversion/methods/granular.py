@@ -11,7 +11,6 @@ import torch
 
 from .base import DenseFFN, ExpertInit, UpcycleMethod, option, stack_experts
 
-
 GRANULAR_SCALING = {
     "paper": "multiply gate, up and down by the cube root of the MoE/dense activation ratio (E*G/k for "
     "softmax-then-top-k, G for renormalized top-k), as Megatron-Core does: close to, not equal to, the dense "

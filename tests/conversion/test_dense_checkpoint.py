@@ -6,8 +6,7 @@ import os
 import pytest
 import torch
 
-from llama_moe.conversion.reader import open_dense
-from llama_moe.conversion.writer import write_dense_checkpoint
+from llama_moe.conversion.reader import open_dense, write_dense_checkpoint
 from tests.conversion.dense_fixtures import load_dense, logits_of, tokens, write_dense
 
 

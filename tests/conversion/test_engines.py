@@ -79,7 +79,7 @@ def test_llama_cpp_qwen2_moe_limits_are_named():
 def test_engine_refusal_names_the_engine_the_reason_and_the_formats_that_fit():
     renormalized = tiny_moe_config()
     with pytest.raises(ValueError, match=r"^llama.cpp cannot compute this qwen2_moe checkpoint.*renormalizes.*"
-                                         r"Formats that llama.cpp serves for this configuration: \['mixtral', 'gguf'\]"):
+                       r"Formats that llama.cpp serves for this configuration: \['mixtral', 'gguf'\]"):
         get_exporter("qwen2_moe", renormalized, engine="llama.cpp")
     with pytest.raises(ValueError, match=r"^vLLM cannot compute this llama_moe checkpoint"):
         get_exporter("llama_moe", renormalized, engine="vllm")

@@ -21,7 +21,7 @@ def odd_dense(tmp_path_factory):
 def test_odd_widths_are_padded_with_inert_zero_neurons(odd_dense, tmp_path, monkeypatch):
     padded = upcycle(odd_dense, tmp_path / "padded", method="random", num_experts=4, top_k=2, progress=False)
     # the package's `upcycle` is the function; the module by its full name
-    monkeypatch.setattr(importlib.import_module("llama_moe.conversion.upcycle"), "EXPERT_WIDTH_MULTIPLE", 1)
+    monkeypatch.setattr(importlib.import_module("llama_moe.conversion.pipeline"), "EXPERT_WIDTH_MULTIPLE", 1)
     exact = upcycle(odd_dense, tmp_path / "exact", method="random", num_experts=4, top_k=2, progress=False)
     model, reference = load_moe(padded), load_moe(exact)
     assert model.config.moe_intermediate_size == 32 and reference.config.moe_intermediate_size == 25
@@ -30,7 +30,8 @@ def test_odd_widths_are_padded_with_inert_zero_neurons(odd_dense, tmp_path, monk
     gate_up, down = tensors["model.layers.0.mlp.experts.gate_up_proj"], tensors["model.layers.0.mlp.experts.down_proj"]
     assert gate_up.shape == (4, 64, 32) and down.shape == (4, 32, 32)
     assert not gate_up[:, 25:32].any() and not gate_up[:, 57:].any() and not down[..., 25:].any()
-    torch.testing.assert_close(gate_up[:, 32:57], read_tensors(exact)["model.layers.0.mlp.experts.gate_up_proj"][:, 25:])
+    exact_gate_up = read_tensors(exact)["model.layers.0.mlp.experts.gate_up_proj"]
+    torch.testing.assert_close(gate_up[:, 32:57], exact_gate_up[:, 25:])
     card = open(f"{padded}/README.md").read()
     assert "25 neurons built, padded with zero neurons" in card
 

@@ -17,7 +17,6 @@ from llama_moe.conversion.formats import (
 from llama_moe.modeling import LlamaMoEForCausalLM
 from tests.conftest import LLAMA3_ROPE, tiny_moe_config
 
-
 LLAMA2_STYLE = dict(num_key_value_heads=4, tie_word_embeddings=False)
 LLAMA3_STYLE = dict(
     num_key_value_heads=2,

@@ -2,8 +2,6 @@
 (read back with gguf's own reader and, for qwen2moe, through transformers' GGUF loader: same logits), and what
 llama.cpp cannot compute is refused before a byte is written."""
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -11,8 +9,9 @@ from gguf import GGUFReader
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2MoeConfig, Qwen2MoeForCausalLM
 
+from llama_moe.conversion.engines import gguf_architecture
 from llama_moe.conversion.formats import export_checkpoint
-from llama_moe.conversion.gguf_export import export_gguf, gguf_architecture
+from llama_moe.conversion.gguf_export import export_gguf
 from llama_moe.modeling import LlamaMoEForCausalLM
 from tests.conftest import LLAMA3_ROPE, tiny_moe_config
 

@@ -6,7 +6,7 @@ import torch
 from llama_moe.conversion.methods.base import DenseFFN
 from llama_moe.conversion.methods.random import experts_from_groups
 from llama_moe.conversion.output_scale import routed_output_scale
-from llama_moe.conversion.upcycle import moe_block
+from llama_moe.conversion.pipeline import moe_block
 from llama_moe.modeling import LlamaMoEConfig
 
 H, I, E = 16, 48, 4

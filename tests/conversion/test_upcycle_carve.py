@@ -88,7 +88,9 @@ def test_fitted_router_ranks_experts_by_contribution(dense_dir, tmp_path, method
     calibration = LayerwiseCalibration(source, blocks)
     x_TH = calibration.ffn_inputs(0)  # layer 0 sees the dense inputs: no earlier layer was replaced
     prefix = "model.layers.0.mlp."
-    norms_TE = expert_output_norms(tensors[prefix + "experts.gate_up_proj"], tensors[prefix + "experts.down_proj"], x_TH)
+    norms_TE = expert_output_norms(
+        tensors[prefix + "experts.gate_up_proj"], tensors[prefix + "experts.down_proj"], x_TH
+    )
     logits_TE = x_TH @ tensors[prefix + "gate.weight"].float().T
     agreement = (logits_TE.argmax(1) == norms_TE.argmax(1)).float().mean().item()
     assert agreement > 2.0 / E
@@ -112,8 +114,8 @@ def test_fitted_router_exports_fold_the_temperature(dense_dir, tmp_path):
 
 
 def test_carve_card_verify_and_exports(dense_dir, tmp_path):
-    from llama_moe.conversion.upcycle import run_upcycle
     from llama_moe.conversion.options import UpcycleOptions
+    from llama_moe.conversion.pipeline import run_upcycle
 
     options = UpcycleOptions.from_kwargs(method="carve", num_experts=4, top_k=2, shared_experts=2,
                                          calibration_tokens=2048)

@@ -106,13 +106,13 @@ def test_cli_sharded_bf16_every_other(dense_dirs, tmp_path, capsys):
 
 
 def test_in_memory_matches_written_checkpoint(dense_dirs, tmp_path):
-    from llama_moe.modeling import LlamaMoEForCausalLM
-
     dense = load_dense(dense_dirs["llama3"])
-    moe = LlamaMoEForCausalLM.from_dense(dense, method="copy", num_experts=4, top_k=2, seed=7)
+    moe = upcycle_in_memory(dense, method="copy", num_experts=4, top_k=2, seed=7)
     ids = tokens()
     torch.testing.assert_close(logits_of(moe, ids), logits_of(dense, ids), atol=1e-5, rtol=1e-5)
-    written = read_tensors(upcycle(dense_dirs["llama3"], tmp_path / "m", num_experts=4, top_k=2, seed=7, progress=False))
+    written = read_tensors(
+        upcycle(dense_dirs["llama3"], tmp_path / "m", num_experts=4, top_k=2, seed=7, progress=False)
+    )
     state = moe.state_dict()
     for name, tensor in written.items():
         torch.testing.assert_close(state[name], tensor, atol=0, rtol=0)
@@ -174,7 +174,7 @@ def test_verify_reports_logit_difference_and_perplexities(dense_dirs, tmp_path, 
     assert dense_ppl == pytest.approx(moe_ppl, rel=1e-4) and dense_ppl > 1
 
     from llama_moe.conversion.options import UpcycleOptions
-    from llama_moe.conversion.upcycle import run_upcycle
+    from llama_moe.conversion.pipeline import run_upcycle
 
     result = run_upcycle(dense_dirs["llama3"], tmp_path / "random", UpcycleOptions(method="random", num_experts=4),
                          verify=True, progress=False)
@@ -202,7 +202,7 @@ def test_outputs_get_ordinary_permissions(dense_dirs, tmp_path):
     """Built under a temporary name (mkdtemp makes owner-only folders), the result still gets the umask's modes."""
     import stat
 
-    from llama_moe.evaluation.io import atomic_write_text
+    from llama_moe.conversion.atomic import atomic_write_text
 
     old = os.umask(0o022)
     try:

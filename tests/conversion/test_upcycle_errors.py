@@ -36,7 +36,8 @@ def test_option_errors(dense_dir, tmp_path):
             granularity=5)
     refused(tmp_path, dense_dir, r"--drop-ratio must be in \[0, 1\]", method="drop", drop_ratio=1.5)
     refused(tmp_path, dense_dir, r"--shared-experts needs a method that splits", shared_experts=1)
-    refused(tmp_path, dense_dir, r"--router-init centroids needs --method clustering or gradient", router_init="centroids")
+    refused(tmp_path, dense_dir, r"--router-init centroids needs --method clustering or gradient",
+            router_init="centroids")
     refused(tmp_path, dense_dir, r"--method gradient needs --calibration-data", method="gradient")
     # A method option with choices is checked before the base is opened (this base does not even exist).
     missing = str(tmp_path / "no-such-model")
@@ -61,7 +62,7 @@ def test_option_errors_come_before_the_model_is_opened(tmp_path, monkeypatch):
     """A .gguf base is dequantized when opened: option mistakes must not wait for that."""
     import importlib
 
-    core = importlib.import_module("llama_moe.conversion.upcycle")  # the module (the package exports a function)
+    core = importlib.import_module("llama_moe.conversion.pipeline")
 
     def must_not_open(base):
         raise AssertionError("the base model was opened before the options were checked")
@@ -121,7 +122,8 @@ def test_missing_shard_and_missing_tensor(dense_dir, tmp_path):
     names = sorted(tensors)
     half = len(names) // 2
     files = {"a.safetensors": names[:half], "b.safetensors": names[half:]}
-    json.dump({"weight_map": {n: f for f, ns in files.items() for n in ns}}, open(sharded / "model.safetensors.index.json", "w"))
+    json.dump({"weight_map": {n: f for f, ns in files.items() for n in ns}},
+              open(sharded / "model.safetensors.index.json", "w"))
     save_file({n: tensors[n] for n in files["a.safetensors"]}, str(sharded / "a.safetensors"))
     refused(tmp_path, sharded, r"lacks shard file\(s\) \['b.safetensors'\]")
 

@@ -94,7 +94,8 @@ def test_gradient_upcycle_end_to_end(dense_dir, calibration_file, tmp_path):
         gate = dense[f"model.layers.{layer}.mlp.gate_proj.weight"]
         rows = row_index(gate)
         gate_up = tensors[f"model.layers.{layer}.mlp.experts.gate_up_proj"]
-        shared_rows = {rows[r.numpy().tobytes()] for r in tensors[f"model.layers.{layer}.mlp.shared_expert.gate_proj.weight"]}
+        shared_gate = tensors[f"model.layers.{layer}.mlp.shared_expert.gate_proj.weight"]
+        shared_rows = {rows[r.numpy().tobytes()] for r in shared_gate}
         assert len(shared_rows) == size
         for e in range(4):
             neurons = {rows[r.numpy().tobytes()] for r in gate_up[e, :size]}

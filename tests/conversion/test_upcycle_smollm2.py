@@ -90,7 +90,9 @@ def test_gguf_export_of_the_real_model_names_its_tokenizer_for_llama_cpp(copy_ou
 
     out = export_gguf(copy_out, tmp_path / "copy.gguf", outtype="bf16", progress=False)
     reader = GGUFReader(out)
-    fields = {name: field.contents() for name, field in reader.fields.items() if not name.startswith("tokenizer.ggml.t")}
+    fields = {
+        name: field.contents() for name, field in reader.fields.items() if not name.startswith("tokenizer.ggml.t")
+    }
     assert fields["general.architecture"] == "llama" and fields["llama.expert_count"] == 8
     assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "smollm"
     assert len(reader.fields["tokenizer.ggml.tokens"].data) == 49152

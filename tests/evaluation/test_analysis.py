@@ -11,12 +11,12 @@ import torch
 
 from llama_moe.cli import analyze as analyze_cli
 from llama_moe.evaluation.analysis import parse_data_args
+from llama_moe.evaluation.lm_eval_runner import EvalRun, local_tasks_dir, write_results
 from llama_moe.evaluation.perplexity import domain_perplexity, read_domain_texts
 from llama_moe.evaluation.plots import make_plots
 from llama_moe.evaluation.report import write_report
 from llama_moe.evaluation.routing import RoutingStats
 from llama_moe.evaluation.speed import parameter_counts
-from llama_moe.evaluation.lm_eval_runner import EvalRun, local_tasks_dir, write_results
 from tests.conftest import tiny_moe_config
 
 
@@ -58,8 +58,8 @@ def test_routing_counts_agree_with_the_models_own_expert_load():
     summary = stats.summary()
     assert summary["layers"] == [0, 2] and summary["tokens"] == 40
     for layer, load in model.expert_load().items():
-        assert torch.allclose(torch.tensor(summary["per_layer"][str(layer)]["token_fraction"], dtype=torch.float64) * 40,
-                              load.double(), atol=1e-9)
+        fraction = torch.tensor(summary["per_layer"][str(layer)]["token_fraction"], dtype=torch.float64)
+        assert torch.allclose(fraction * 40, load.double(), atol=1e-9)
 
 
 def test_perplexity_matches_the_models_own_loss():
@@ -183,7 +183,8 @@ def _synthetic_analysis(layers: int, experts: int) -> dict:
     return {"model": "some/moe", "base": "some/dense", "config": {"num_local_experts": experts,
             "num_experts_per_tok": 2, "moe_layers": list(range(layers)), "num_hidden_layers": layers},
             "settings": {"max_tokens": 4096}, "data": {"web": "web.txt", "code": "code/"},
-            "results": {"model": {"parameters": params, "domains": {"web": domain, "code": dict(domain, perplexity=4.0)}},
+            "results": {"model": {"parameters": params,
+                                  "domains": {"web": domain, "code": dict(domain, perplexity=4.0)}},
                         "base": {"parameters": dict(params, active=10**9, routed_experts=0),
                                  "domains": {"web": {"perplexity": 11.0, "tokens": 4096},
                                              "code": {"perplexity": 3.5, "tokens": 4096}}}}}

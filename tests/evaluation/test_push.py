@@ -39,9 +39,10 @@ def _front_matter(card: str) -> dict:
 
 
 def test_dry_run_prints_files_and_card_without_a_token(model_dir, monkeypatch, capsys):
-    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    monkeypatch.setattr(hub, "get_token", lambda: None)
     readme_before = (model_dir / "README.md").read_text()
-    assert push_cli.main([str(model_dir), "me/tiny-moe", "--dry-run", "--base-model", "HuggingFaceTB/SmolLM2-135M"]) == 0
+    argv = [str(model_dir), "me/tiny-moe", "--dry-run", "--base-model", "HuggingFaceTB/SmolLM2-135M"]
+    assert push_cli.main(argv) == 0
     out = capsys.readouterr().out
     for name in ("config.json", "model.safetensors", "modeling_llama_moe.py", "configuration_llama_moe.py",
                  "tokenizer.json", "README.md", "eval/results.json", "analysis/report.md"):
@@ -72,7 +73,7 @@ def test_patched_upload_sends_the_checked_files_and_a_merged_card(model_dir, mon
     (model_dir / ".cache" / "junk.lock").write_text("x")
     (model_dir / "__pycache__").mkdir()
     (model_dir / "__pycache__" / "x.pyc").write_bytes(b"\0")
-    monkeypatch.setattr(huggingface_hub, "get_token", lambda: FAKE_TOKEN)
+    monkeypatch.setattr(hub, "get_token", lambda: FAKE_TOKEN)
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
     monkeypatch.setattr(huggingface_hub.HfApi, "create_branch", create_branch)
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
@@ -110,7 +111,7 @@ def test_patched_upload_sends_the_checked_files_and_a_merged_card(model_dir, mon
 
 
 def test_no_token_is_a_clear_error(model_dir, monkeypatch):
-    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    monkeypatch.setattr(hub, "get_token", lambda: None)
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", lambda *a, **k: pytest.fail("must not upload"))
     with pytest.raises(ValueError, match="No Hugging Face token.*hf auth login"):
         push_cli.main([str(model_dir), "me/tiny-moe"])

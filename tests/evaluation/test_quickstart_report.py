@@ -11,7 +11,8 @@ def routing(shares_per_layer, top_k=2):
         return -sum(s * math.log(s) for s in shares if s > 0)
 
     return {"top_k": top_k, "num_experts": len(shares_per_layer[0]),
-            "per_layer": {str(i): {"load_share": s, "load_entropy": entropy(s)} for i, s in enumerate(shares_per_layer)}}
+            "per_layer": {str(i): {"load_share": s, "load_entropy": entropy(s)}
+                          for i, s in enumerate(shares_per_layer)}}
 
 
 def result(perplexity, generations, acc, stderr, shares=None):

@@ -13,7 +13,9 @@ TASKS = ["llama_moe_docstring_mc", "llama_moe_next_line_mc", "llama_moe_stdlib_p
 def test_shipped_files_are_small_and_well_formed():
     folder = local_tasks_dir()
     files = sorted(folder.glob("*.jsonl"))
-    assert [f.name for f in files] == ["stdlib_docs_ppl.jsonl", "stdlib_docstring_mc.jsonl", "stdlib_next_line_mc.jsonl"]
+    assert [f.name for f in files] == [
+        "stdlib_docs_ppl.jsonl", "stdlib_docstring_mc.jsonl", "stdlib_next_line_mc.jsonl"
+    ]
     for path in files:
         assert path.stat().st_size < 200_000
         rows = [json.loads(line) for line in path.read_text().splitlines()]
@@ -27,7 +29,8 @@ def test_shipped_files_are_small_and_well_formed():
     assert local_task_names() == [LOCAL_TASK_TAG] + TASKS
 
 
-@pytest.mark.skipif(sys.version_info[:3] != (3, 11, 7), reason="the committed data was built from Python 3.11.7's stdlib")
+@pytest.mark.skipif(sys.version_info[:3] != (3, 11, 7),
+                    reason="the committed data was built from Python 3.11.7's stdlib")
 def test_build_script_reproduces_the_committed_data(tmp_path):
     sys.path.insert(0, str(local_tasks_dir()))
     try:

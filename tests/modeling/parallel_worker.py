@@ -31,7 +31,8 @@ def main(folder: str, report_prefix: str) -> None:
     with torch.no_grad():
         logits_diff = (sharded(ids).logits - single(ids).logits).abs().max().item()
     same_tokens = torch.equal(
-        sharded.generate(ids, max_new_tokens=8, do_sample=False), single.generate(ids, max_new_tokens=8, do_sample=False)
+        sharded.generate(ids, max_new_tokens=8, do_sample=False),
+        single.generate(ids, max_new_tokens=8, do_sample=False),
     )
     # Training: gradients of every parameter, gathered, against the single process's (the expert exchange runs
     # all-to-all when gradients flow).

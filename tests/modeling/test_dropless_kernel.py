@@ -397,21 +397,16 @@ def test_dropless_on_plain_mixtral():
     _check_model(MixtralForCausalLM(config), config.vocab_size)
 
 
-def test_settings_change_for_a_block_or_through_the_old_module_names():
+def test_settings_change_for_a_block():
     from llama_moe.modeling import dropless_moe
 
     assert dropless_moe.settings.few_slots == 8
     with dropless_moe.configured(few_slots=0, expert_parallel=False):
-        assert dropless_moe.settings.few_slots == 0 and dropless_moe.FEW_SLOTS == 0
+        assert dropless_moe.settings.few_slots == 0
     assert dropless_moe.settings.few_slots == 8 and dropless_moe.settings.expert_parallel is None
     with pytest.raises(AttributeError):
         with dropless_moe.configured(few_slot=0):
             pass
-    try:
-        dropless_moe.EXPERT_PARALLEL = False  # the name the README gave before settings existed
-        assert dropless_moe.settings.expert_parallel is False
-    finally:
-        dropless_moe.settings.expert_parallel = None
 
 
 def test_unsupported_experts_layout_is_refused():

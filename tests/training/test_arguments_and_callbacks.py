@@ -25,7 +25,9 @@ RECIPES = os.path.join(os.path.dirname(__file__), "..", "..", "training", "recip
 def test_recipe_then_flags_override(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({"learning_rate": 1e-3, "max_steps": 7, "max_length": 32, "dataset": ["a=/x"]}))
-    options, config = parse_arguments(["--config", str(recipe), "--max_steps", "9", "--dataset", "b=/y", "--dataset", "c=/z"])
+    options, config = parse_arguments(
+        ["--config", str(recipe), "--max_steps", "9", "--dataset", "b=/y", "--dataset", "c=/z"]
+    )
     assert (config.learning_rate, config.max_steps, config.max_length) == (1e-3, 9, 32)
     assert options.dataset == ["b=/y", "c=/z"]  # repeated flags collected; flags replace the recipe's list
     assert config.ignore_data_skip and config.dataloader_num_workers == 0 and not config.packing
@@ -45,7 +47,8 @@ def test_shipped_recipes(name, expected):
     for key, value in expected.items():
         assert getattr(config, key) == pytest.approx(value), key
     if name != "cpu_smoke.yaml":
-        assert str(config.lr_scheduler_type).endswith("COSINE_WITH_MIN_LR") or config.lr_scheduler_type == "cosine_with_min_lr"
+        scheduler = config.lr_scheduler_type
+        assert str(scheduler).endswith("COSINE_WITH_MIN_LR") or scheduler == "cosine_with_min_lr"
     if name == "llama_moe_cpt.yaml":
         assert config.lr_scheduler_kwargs == {"min_lr_rate": 0.1}
     if name == "llama3_meets_moe.yaml":
@@ -163,7 +166,8 @@ def test_active_parameters_counts_top_k_of_the_experts():
     config = model.config
     total = sum(p.numel() for p in model.parameters())
     experts = sum(p.numel() for layer in (0, 2) for p in model.model.layers[layer].mlp.experts.parameters())
-    expected = total - config.vocab_size * config.hidden_size - experts * (1 - config.num_experts_per_tok / config.num_local_experts)
+    inactive_share = 1 - config.num_experts_per_tok / config.num_local_experts
+    expected = total - config.vocab_size * config.hidden_size - experts * inactive_share
     assert active_parameters(model) == round(expected)
 
 
@@ -173,7 +177,8 @@ def test_load_statistics_by_hand():
     mean, std = 0.25, (((0.5) ** 2 + 0 + 0.25**2 * 2) / 4) ** 0.5
     assert logs["moe/layer_0/load_cv"] == pytest.approx(std / mean, abs=1e-4)
     assert logs["moe/layer_3/load_cv"] == 0.0 and logs["moe/layer_3/load_entropy"] == pytest.approx(1.0)
-    entropy = -(0.75 * torch.log(torch.tensor(0.75)) + 0.25 * torch.log(torch.tensor(0.25))).item() / torch.log(torch.tensor(4.0)).item()
+    entropy = -(0.75 * torch.log(torch.tensor(0.75)) + 0.25 * torch.log(torch.tensor(0.25))).item()
+    entropy /= torch.log(torch.tensor(4.0)).item()
     assert logs["moe/layer_0/load_entropy"] == pytest.approx(entropy, abs=1e-4)
     assert logs["moe/dropped_fraction"] == pytest.approx(4.0 / (4.0 + 4.0 + 4.0))  # dropped / (routed + dropped)
 
@@ -201,7 +206,9 @@ def test_trainer_loss_is_token_loss_plus_weighted_router_losses(steps):
     from llama_moe.modeling import LlamaMoEForCausalLM
     from llama_moe.training.trainer import MoETrainer
 
-    model = LlamaMoEForCausalLM(tiny_moe_config(router_aux_loss_coef=0.3, router_z_loss_coef=0.05, output_router_logits=True))
+    model = LlamaMoEForCausalLM(
+        tiny_moe_config(router_aux_loss_coef=0.3, router_z_loss_coef=0.05, output_router_logits=True)
+    )
     model.train()
     ids = torch.randint(0, 128, (2, 16))
     fake, loss, out, token_sum = _trainer_loss(model, ids, steps)

@@ -38,7 +38,8 @@ def test_loss_goes_down_with_moe_logs_and_loadable_checkpoints(tmp_path, corpora
         assert {"modeling_llama_moe.py", "configuration_llama_moe.py", "model.safetensors", "config.json"} <= files
         model = AutoModelForCausalLM.from_pretrained(out / folder, trust_remote_code=True)
         saved = load_file(out / folder / "model.safetensors")
-        assert torch.equal(model.state_dict()["model.layers.0.mlp.gate.weight"], saved["model.layers.0.mlp.gate.weight"])
+        router = "model.layers.0.mlp.gate.weight"
+        assert torch.equal(model.state_dict()[router], saved[router])
     assert json.load(open(out / "checkpoint-15" / "mixture_state.json"))["next_index"] >= 15 * 4
     # The final model is what the Hub gets: no pickles (the Trainer's training_args.bin stays in checkpoints).
     assert not [f for f in os.listdir(out / "final") if f.endswith((".bin", ".pt", ".pth"))]
@@ -72,7 +73,8 @@ def test_resume_continues_with_same_losses_weights_and_data(tmp_path, corpora, t
     resumed = tmp_path / "resumed"
     args = train_args(tiny_model_dir, corpora, resumed, 6, **flags)
     assert run_train(args + ["--resume_from_checkpoint", str(full / "checkpoint-3")]) == 0
-    expected, got = train_losses(log_history(full / "checkpoint-6")), train_losses(log_history(resumed / "checkpoint-6"))
+    expected = train_losses(log_history(full / "checkpoint-6"))
+    got = train_losses(log_history(resumed / "checkpoint-6"))
     for step in (4, 5, 6):
         assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), step
     state_full = json.load(open(full / "checkpoint-6" / "mixture_state.json"))
@@ -158,3 +160,34 @@ def test_unfinished_saves_of_an_interrupted_run_are_removed(tmp_path, corpora, t
     assert not (out / ".staging").exists()
     assert "unfinished saves of an interrupted run" in capsys.readouterr().out
     assert sorted(os.listdir(out)) == ["README.md", "checkpoint-2", "final"]
+
+
+def test_a_crash_while_the_final_model_is_swapped_in_keeps_a_complete_one(tmp_path, corpora, tiny_model_dir,
+                                                                         monkeypatch):
+    """A second run into the same folder replaces `final` in three steps (conversion/atomic.py, tested step by
+    step there); killed while renaming the new model in, the folder still holds the first run's model, whole."""
+    from transformers import AutoModelForCausalLM
+
+    from llama_moe.conversion import atomic
+
+    out = tmp_path / "run"
+    assert run_train(train_args(tiny_model_dir, corpora, out, 1)) == 0
+    first = load_file(out / "final" / "model.safetensors")
+    rename = os.rename
+
+    def crash_renaming_final_in(src, dst):
+        if os.fspath(dst) == os.fspath(out / "final") and ".staging" in os.fspath(src):
+            raise OSError("killed while renaming the new final model in")
+        return rename(src, dst)
+
+    monkeypatch.setattr(atomic.os, "rename", crash_renaming_final_in)
+    with pytest.raises(OSError, match="killed"):
+        run_train(train_args(tiny_model_dir, corpora, out, 2))
+    monkeypatch.undo()
+    model = AutoModelForCausalLM.from_pretrained(out / "final", trust_remote_code=True)
+    weights = model.state_dict()
+    assert all(torch.equal(weights[name], tensor) for name, tensor in first.items())
+    second = load_file(out / ".staging" / "final" / "model.safetensors")  # built whole, never renamed in
+    assert not torch.equal(second["model.layers.0.mlp.gate.weight"], first["model.layers.0.mlp.gate.weight"])
+    assert sorted(p for p in os.listdir(out) if not p.startswith(".")) == ["README.md", "checkpoint-1",
+                                                                          "checkpoint-2", "final"]

@@ -1,7 +1,7 @@
 """The one upcycling core: plan (every check, before any output), then stream the MoE tensors layer by layer.
 
 `upcycle()` writes a checkpoint folder (CLI `llama-moe upcycle`), `upcycle_in_memory()` builds the model in RAM
-(`LlamaMoEForCausalLM.from_dense`); both run `plan_upcycle` + `iter_moe_tensors`. Must not contain method
+(`llama-moe train --upcycle_from`); both run `plan_upcycle` + `iter_moe_tensors`. Must not contain method
 math (conversion/methods/), file formats (writer.py, formats.py) or argument parsing (cli/upcycle.py).
 """
 
@@ -16,12 +16,22 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from llama_moe.modeling import LlamaMoEConfig
+from llama_moe.modeling import LlamaMoEConfig, LlamaMoEForCausalLM
+from llama_moe.modeling.modeling_llama_moe import LlamaMoESparseMoeBlock
+from llama_moe.modeling.parameters import config_parameter_counts
 
+from .atomic import refuse_existing_output
+from .calibration import LayerwiseCalibration, calibration_blocks, calibration_text
+from .formats import LlamaMoEExporter, get_exporter, write_checkpoint
+from .gguf_export import check_gguf_fit, check_gguf_output, check_gguf_tokenizer, export_gguf, outtype_of
 from .methods import DenseFFN, UpcycleMethod, get_method
+from .model_card import write_model_card
 from .options import DTYPES, UpcycleOptions, check_common, resolve_moe_layers
+from .output_scale import routed_output_scale
 from .reader import CONFIG_KEYS_TO_DROP, DenseSource, layer_of, open_dense
-from .router_fit import FIT_TEMPERATURE
+from .router_fit import FIT_TEMPERATURE, fit_router
+from .verify import verify_upcycled
+from .writer import parse_size
 
 
 @dataclass
@@ -100,7 +110,9 @@ def method_expert_width(changes: dict, dense_config) -> int:
     return changes.get("moe_intermediate_size", dense_config.intermediate_size)
 
 
-def build_moe_config(dense_config, options: UpcycleOptions, method: UpcycleMethod, dtype: torch.dtype) -> LlamaMoEConfig:
+def build_moe_config(
+    dense_config, options: UpcycleOptions, method: UpcycleMethod, dtype: torch.dtype
+) -> LlamaMoEConfig:
     changes = method.config_changes(dense_config, options)
     fields = {k: v for k, v in dense_config.to_dict().items() if k not in CONFIG_KEYS_TO_DROP}
     fields.update(
@@ -169,8 +181,6 @@ def layer_generator(seed: int, layer: int) -> torch.Generator:
 
 def open_calibration(plan: UpcyclePlan):
     """The dense model streamed over the calibration text (the user's file or the embedded corpus)."""
-    from .calibration import LayerwiseCalibration, calibration_blocks, calibration_text
-
     tokenizer = plan.source.load_tokenizer()
     if tokenizer is None:
         raise ValueError(f"calibration needs the base model's tokenizer, and {plan.source.name} has none.")
@@ -181,8 +191,6 @@ def open_calibration(plan: UpcyclePlan):
 
 def moe_block(config: LlamaMoEConfig, tensors: list[tuple[str, torch.Tensor]]):
     """The MoE block the model will run, in float32, from one layer's tensors (to carry calibration on)."""
-    from llama_moe.modeling.modeling_llama_moe import LlamaMoESparseMoeBlock
-
     config = copy.deepcopy(config)
     config._experts_implementation = "dropless"
     with torch.device("meta"):
@@ -195,8 +203,6 @@ def moe_block(config: LlamaMoEConfig, tensors: list[tuple[str, torch.Tensor]]):
 def build_moe_layer(plan: UpcyclePlan, layer: int, context=None, calibration=None) -> list[tuple[str, torch.Tensor]]:
     """Read one dense FFN, run the method, return the layer's MoE tensors (our names). With calibration, the
     method and the router fit see the layer's inputs, and the calibration goes on through the layer built."""
-    from .router_fit import fit_router
-
     prefix = f"model.layers.{layer}.mlp."
     ffn = DenseFFN(*(plan.source.get(f"{prefix}{p}_proj.weight").float() for p in ("gate", "up", "down")))
     if calibration is not None:
@@ -228,8 +234,6 @@ def build_moe_layer(plan: UpcyclePlan, layer: int, context=None, calibration=Non
     if calibration is not None:
         block = moe_block(plan.moe_config, out)
         if plan.method.fits_output_scale(plan.options):
-            from .output_scale import routed_output_scale
-
             scale = routed_output_scale(block, ffn)
             out[2] = (prefix + "experts.down_proj", (init.down.float() * scale).to(init.down.dtype))
             block = moe_block(plan.moe_config, out)
@@ -250,18 +254,6 @@ def iter_moe_tensors(plan: UpcyclePlan, progress: bool = True):
             yield from build_moe_layer(plan, what, context, calibration)
             bar.update(1)
     bar.close()
-
-
-def count_parameters(config: LlamaMoEConfig) -> tuple[int, int]:
-    """(total, active per token) parameters of an MoE config (the project's one rule), from its shapes on the meta
-    device (no memory)."""
-    from llama_moe.modeling import LlamaMoEForCausalLM
-    from llama_moe.modeling.parameters import model_parameter_counts
-
-    with torch.device("meta"):
-        model = LlamaMoEForCausalLM(config)
-    counts = model_parameter_counts(model)
-    return counts["total"], counts["active"]
 
 
 @dataclass
@@ -301,16 +293,10 @@ def run_upcycle(
 ) -> UpcycleResult:
     """`upcycle` with its statistics. All checks run before the output folder is created. `format="gguf"`: `out`
     is a .gguf file, written from a llama_moe folder staged beside it (removed afterwards)."""
-    from .formats import LlamaMoEExporter, get_exporter, write_checkpoint
-    from .model_card import write_model_card
-    from .writer import parse_size, refuse_existing_output
-
     start = time.perf_counter()
     shard_bytes = parse_size(max_shard_size)  # a bad size is refused before the dense model is opened
     out = os.path.abspath(os.fspath(out))
     if format == "gguf":
-        from .gguf_export import check_gguf_fit, check_gguf_output, check_gguf_tokenizer, export_gguf, outtype_of
-
         check_gguf_output(Path(out), overwrite)
     else:
         refuse_existing_output(out, overwrite)
@@ -322,7 +308,8 @@ def run_upcycle(
         exporter = LlamaMoEExporter(plan.moe_config)
     else:
         exporter = get_exporter(format, plan.moe_config, engine)
-    total, active = count_parameters(plan.moe_config)
+    counts = config_parameter_counts(plan.moe_config)
+    total, active = counts["total"], counts["active"]
 
     def finish(folder: str) -> None:
         plan.source.close()
@@ -349,8 +336,6 @@ def run_upcycle(
             active_params=active,
         )
         if verify:
-            from .verify import verify_upcycled
-
             # The dense model already opened (no second GGUF parse).
             result.verify = verify_upcycled(plan.source, folder)
         if staging is not None:
@@ -412,7 +397,7 @@ def upcycle(
 def upcycle_in_memory(dense_model_or_path, model_class=None, progress: bool = False, **moe_options):
     """Online upcycling: the MoE model built in memory (same tensors `upcycle` would write)."""
     if model_class is None:
-        from llama_moe.modeling import LlamaMoEForCausalLM as model_class
+        model_class = LlamaMoEForCausalLM
     options = UpcycleOptions.from_kwargs(**moe_options)
     plan = plan_upcycle(dense_model_or_path, options)
     state = {}
@@ -427,7 +412,9 @@ def upcycle_in_memory(dense_model_or_path, model_class=None, progress: bool = Fa
     tied = set(model.all_tied_weights_keys) if plan.moe_config.tie_word_embeddings else set()
     missing = [k for k in result.missing_keys if k not in tied]
     if missing or result.unexpected_keys:
-        raise RuntimeError(f"upcycled state does not fit the model: missing {missing}, unexpected {result.unexpected_keys}")
+        raise RuntimeError(
+            f"upcycled state does not fit the model: missing {missing}, unexpected {result.unexpected_keys}"
+        )
     # Non-persistent buffers (rotary inv_freq) were created on the meta device: rebuild them.
     rotary = model.model.rotary_emb
     model.model.rotary_emb = type(rotary)(config=plan.moe_config)
