@@ -1,4 +1,5 @@
-"""Builds the local lm-eval tasks' JSONL data from the Python standard library's own source and docstrings.
+"""Builds the local lm-eval tasks' JSONL data: from the Python standard library's own source and docstrings, and
+a cloze task from the unseen domain's prose (evaluation/unseen_domain.py).
 
 Deterministic for a given Python version (sources parsed with `ast`, never imported; fixed seeds, sorted
 files). Run it only to regenerate the committed JSONL files: `python evaluation/tasks/build_tasks.py`.
@@ -11,6 +12,7 @@ import random
 import re
 import sys
 import sysconfig
+from collections import Counter
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -115,9 +117,51 @@ def module_docs(modules, rnd: random.Random, count: int) -> list[dict]:
     return rows[:count]
 
 
-def write_jsonl(rows: list[dict], path: Path) -> None:
+CLOZE_CONTEXT_WORDS = 40  # words of the story before the blank (whole sentences, then the sentence's start)
+# Answers and distractors are words the novel uses at least this often: common words are one token in the usual
+# vocabularies, so lm-eval scores the four choices of an item with one forward pass of its passage.
+CLOZE_MIN_WORD_COUNT = 3
+
+
+def prose_cloze(rnd: random.Random, count: int) -> list[dict]:
+    """LAMBADA-style: a passage of the unseen novel up to the last word of a sentence; which of four words ends it?
+    Distractors are other sentence-final words of the novel (same capitalization, none in the passage)."""
+    from llama_moe.evaluation.unseen_domain import cloze_chapters, sentences
+
+    counts = Counter(re.findall(r"[A-Za-z]+", " ".join(cloze_chapters())))
+    items = []
+    for chapter in cloze_chapters():
+        chapter_sentences = sentences(chapter)
+        for i, sentence in enumerate(chapter_sentences):
+            match = re.fullmatch(r"(.*\S)\s+([A-Za-z]{3,})([.!?]+[\"']?)", sentence)
+            if match is None or i == 0 or counts[match.group(2)] < CLOZE_MIN_WORD_COUNT:
+                continue
+            before, words = [], 0
+            for previous in reversed(chapter_sentences[:i]):
+                if words >= CLOZE_CONTEXT_WORDS:
+                    break
+                before.insert(0, previous)
+                words += len(previous.split())
+            items.append((" ".join(before + [match.group(1)]), match.group(2)))
+    pool = sorted({word for _, word in items})
+    rnd.shuffle(items)
+    rows = []
+    for context, word in items:
+        seen = {w.lower() for w in re.findall(r"[A-Za-z]+", context)} | {word.lower()}
+        candidates = [w for w in pool if w.lower() not in seen and w[0].isupper() == word[0].isupper()]
+        if len(candidates) < 3:
+            continue
+        choices = rnd.sample(candidates, 3) + [word]
+        rnd.shuffle(choices)
+        rows.append({"context": context, "choices": choices, "label": choices.index(word)})
+        if len(rows) == count:
+            break
+    return rows
+
+
+def write_jsonl(rows: list[dict], path: Path, max_bytes: int = MAX_BYTES) -> None:
     data = "".join(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n" for row in rows)
-    while len(data.encode()) > MAX_BYTES:  # trim from the end until under the size cap
+    while len(data.encode()) > max_bytes:  # trim from the end until under the size cap
         rows = rows[: int(len(rows) * 0.9)]
         data = "".join(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n" for row in rows)
     tmp = path.with_suffix(".tmp")
@@ -142,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     write_jsonl(docstring_mc(modules, random.Random(1234), 400), out / "stdlib_docstring_mc.jsonl")
     write_jsonl(next_line_mc(sources, random.Random(1235), 300), out / "stdlib_next_line_mc.jsonl")
     write_jsonl(module_docs(modules, random.Random(1236), 150), out / "stdlib_docs_ppl.jsonl")
+    write_jsonl(prose_cloze(random.Random(1237), 1000), out / "prose_cloze.jsonl", max_bytes=700_000)
     return 0
 
 

@@ -25,7 +25,8 @@ def test_real_lm_eval_command_scores_a_project_checkpoint(tiny_moe_dir, tmp_path
     assert result.returncode == 0, result.stderr[-3000:]
     (results_file,) = glob.glob(str(tmp_path / "out" / "**" / "results_*.json"), recursive=True)
     results = json.loads(open(results_file).read())["results"]
-    assert set(results) == {"llama_moe_docstring_mc", "llama_moe_next_line_mc", "llama_moe_stdlib_ppl"}
+    assert set(results) == {"llama_moe_docstring_mc", "llama_moe_next_line_mc", "llama_moe_prose_cloze",
+                            "llama_moe_stdlib_ppl"}
     for task in ("llama_moe_docstring_mc", "llama_moe_next_line_mc"):
         assert 0.0 <= results[task]["acc,none"] <= 1.0
         assert results[task]["sample_len"] == 3
