@@ -284,7 +284,7 @@ def main() -> None:
 
     from llama_moe.cli.quickstart import default_base
     from llama_moe.conversion import upcycle
-    from llama_moe.conversion.calibration import calibration_text
+    from llama_moe.conversion.calibration import corpus_text
     from llama_moe.conversion.engines import engine_refusal
     from llama_moe.conversion.formats import export_checkpoint
     from llama_moe.conversion.gguf_export import export_gguf
@@ -305,7 +305,7 @@ def main() -> None:
     base = default_base()
     calibration = work / "calibration.txt"
     if not calibration.exists():
-        calibration.write_text(calibration_text(None, max_chars=400_000))
+        calibration.write_text(corpus_text(400_000))
 
     def gguf_maker(moe_dir: Path, export_dir: Path, format_name: str, model: Path, outtype: str):
         def make():

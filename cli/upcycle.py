@@ -84,9 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the model's initializer_range)")
     parser.add_argument(
         "--calibration-data",
+        nargs="+",
         default=None,
-        help="calibration text, a text or JSONL file, for carve, gradient and --router-init fit (default: "
-        "the embedded standard-library corpus; gradient needs a file)",
+        metavar="SOURCE",
+        help="calibration text for carve, gradient and --router-init fit, an equal share of tokens from each "
+        "source: 'corpus' (the embedded standard-library sources and docs), 'generated' (text sampled from the "
+        "dense model itself), FILE or NAME=FILE (text or JSONL) (default: corpus generated)",
     )
     parser.add_argument(
         "--calibration-tokens",

@@ -1,5 +1,9 @@
 """Calibration for upcycling: the calibration text, and the dense model streamed layer by layer over it.
 
+The text is a mixture of sources with an equal share of tokens each: the embedded corpus, text the dense model
+samples itself (generated_text.py), the user's files. The default mixes the first two, so a model carved with no
+data of the user's is not carved for one kind of text only.
+
 `LayerwiseCalibration` holds the calibration tokens' hidden states and one decoder layer's attention at a time
 (memory ~ 3 x tokens x hidden + one layer), so activation-aware methods and fitted routers work on models that do
 not fit in memory. Each MoE layer is fitted on the inputs the upcycled model will really give it: the hidden
@@ -7,16 +11,75 @@ states go on through the layers already built, not the dense ones. Must not choo
 """
 
 import copy
+import hashlib
 import json
+import logging
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding
 
+from .generated_text import sample_texts
 from .stdlib_corpus import training_documents
 
 SEQUENCE_LENGTH = 256
+logger = logging.getLogger(__name__)
+
+
+# Calibration sources by name besides files: the embedded corpus, and text the dense model samples itself.
+BUILTIN_SOURCES = {
+    "corpus": "the embedded corpus: training split of the Python standard library's sources and docs",
+    "generated": "text sampled from the dense model itself (temperature 1, from its start token)",
+}
+DEFAULT_SOURCES = ("corpus", "generated")
+
+
+@dataclass(frozen=True)
+class CalibrationSource:
+    """One part of the calibration mixture: a built-in source (path None) or a text/JSONL file."""
+
+    name: str
+    path: str | None = None
+
+    def describe(self) -> str:
+        """For the model card: the source's name, and a file's name and content hash (never a local path)."""
+        if self.path is None:
+            return f"{self.name} ({BUILTIN_SOURCES[self.name]})"
+        file = Path(self.path)
+        label = file.name if self.name == file.stem else f"{self.name}={file.name}"
+        return f"{label} (sha256 {hashlib.sha256(file.read_bytes()).hexdigest()[:16]})"
+
+
+def parse_calibration_sources(specs) -> list[CalibrationSource]:
+    """`--calibration-data` values: built-in names (corpus, generated), FILE or NAME=FILE; None gives the defaults.
+    Checks names and files before any work: a name given twice, a missing or empty file."""
+    if specs is None:
+        specs = DEFAULT_SOURCES
+    elif isinstance(specs, (str, os.PathLike)):
+        specs = [specs]
+    sources = []
+    for spec in map(str, specs):
+        if spec in BUILTIN_SOURCES:
+            sources.append(CalibrationSource(spec))
+            continue
+        name, sep, path = spec.partition("=")
+        if not sep or os.path.exists(spec):
+            name, path = Path(spec).stem, spec
+        if not name or not path:
+            raise ValueError(f"--calibration-data {spec!r}: give a file, NAME=FILE, or one of {sorted(BUILTIN_SOURCES)}.")
+        check_calibration_file(path)
+        sources.append(CalibrationSource(name, path))
+    if not sources:
+        raise ValueError(f"--calibration-data is empty: give a file, NAME=FILE, or {sorted(BUILTIN_SOURCES)}.")
+    names = [source.name for source in sources]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise ValueError(f"--calibration-data names {twice} more than once; give each source once (NAME=FILE "
+                         "renames a file).")
+    return sources
 
 
 def read_calibration_text(path: str) -> str:
@@ -50,11 +113,8 @@ def check_calibration_file(path: str) -> None:
         raise ValueError(f"--calibration-data {path} holds no text.")
 
 
-def calibration_text(path: str | None, max_chars: int) -> str:
-    """The first `max_chars` (about) of the user's file, or (path None) of the embedded corpus's training
-    documents, code and docs alternating; only what the tokenizer will need is kept."""
-    if path is not None:
-        return read_calibration_text(path)[:max_chars]
+def corpus_text(max_chars: int) -> str:
+    """About the first `max_chars` of the embedded corpus's training documents, code and docs alternating."""
 
     parts, size = [], 0
     for text in training_documents():
@@ -65,15 +125,42 @@ def calibration_text(path: str | None, max_chars: int) -> str:
     return "\n\n".join(parts)
 
 
-def calibration_blocks(tokenizer, text: str, max_tokens: int, sequence_length: int = SEQUENCE_LENGTH) -> torch.Tensor:
+def source_text(source: CalibrationSource, tokens: int, dense, tokenizer, seed: int) -> str:
+    """Enough text of one source for `tokens` tokens (a file gives what it has)."""
+    if source.name == "corpus" and source.path is None:
+        return corpus_text(tokens * 8)
+    if source.name == "generated" and source.path is None:
+        return "\n\n".join(sample_texts(dense.dense_model(), tokenizer, tokens, seed=seed))
+    return read_calibration_text(source.path)[: tokens * 16]
+
+
+def calibration_blocks(tokenizer, text: str, max_tokens: int, sequence_length: int = SEQUENCE_LENGTH,
+                       what: str = "--calibration-data") -> torch.Tensor:
     """[blocks, sequence_length] token ids: at most `max_tokens` of `text`, cut into whole blocks."""
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0][:max_tokens]
     usable = ids.shape[0] // sequence_length * sequence_length
     if usable == 0:
-        raise ValueError(
-            f"--calibration-data gives {ids.shape[0]} tokens; calibration needs at least {sequence_length}."
-        )
+        raise ValueError(f"{what} gives {ids.shape[0]} tokens; calibration needs at least {sequence_length}.")
     return ids[:usable].view(-1, sequence_length)
+
+
+def mixture_blocks(sources: list[CalibrationSource], tokens: int, dense, tokenizer, seed: int,
+                   sequence_length: int = SEQUENCE_LENGTH) -> torch.Tensor:
+    """[blocks, sequence_length]: an equal share of `tokens` from each source, in whole blocks."""
+    share = tokens // len(sources)
+    if share < sequence_length:
+        raise ValueError(
+            f"--calibration-tokens {tokens} over {len(sources)} sources gives each {share} tokens; each needs at "
+            f"least {sequence_length}: raise --calibration-tokens or give fewer sources."
+        )
+    parts = []
+    for source in sources:
+        blocks = calibration_blocks(tokenizer, source_text(source, share, dense, tokenizer, seed), share,
+                                    sequence_length, what=f"--calibration-data source {source.name!r}")
+        if blocks.numel() < share // sequence_length * sequence_length:
+            logger.warning("calibration source %r gives %d tokens of its share of %d", source.name, blocks.numel(), share)
+        parts.append(blocks)
+    return torch.cat(parts)
 
 
 class LayerwiseCalibration:

@@ -6,6 +6,7 @@ Reads only the plan and counts it is given; must not load weights or contact the
 
 import os
 
+from .calibration import parse_calibration_sources
 from .engines import engine_table_markdown
 from .methods import GRANULAR_SCALING, METHODS
 
@@ -46,7 +47,8 @@ def render_model_card(plan, *, format: str, total_params: int, active_params: in
     base = plan.source.name
     method_options = {name: getattr(o, name) for name in method_option_names(o.method)}
     if plan.uses_calibration_text:
-        method_options.update(calibration_data=o.calibration_data or "the embedded standard-library corpus",
+        sources = parse_calibration_sources(o.calibration_data)
+        method_options.update(calibration_data=" + ".join(source.describe() for source in sources),
                               calibration_tokens=o.calibration_tokens)
     option_text = ", ".join(f"{k}={v}" for k, v in method_options.items()) or "none"
     dense_layers = c.num_hidden_layers - len(c.moe_layers)

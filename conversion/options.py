@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, fields, make_dataclass
 
 import torch
 
-from .calibration import SEQUENCE_LENGTH, check_calibration_file
+from .calibration import SEQUENCE_LENGTH, parse_calibration_sources
 from .methods import METHODS, flag
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -40,7 +40,7 @@ class CommonOptions:
     aux_loss_coef: float = 0.01
     router_init: str | None = None  # None: the method's default (the first of its router_inits)
     router_std: float | None = None  # None: the dense config's initializer_range
-    calibration_data: str | None = None  # None: the embedded corpus (methods with needs_calibration_file refuse)
+    calibration_data: str | list[str] | None = None  # sources (calibration.py); None: the default mixture
     calibration_tokens: int | None = None  # None: the method's default_calibration_tokens
     dtype: str = "auto"
     seed: int = 0
@@ -117,19 +117,14 @@ def resolve_moe_layers(spec, num_layers: int) -> list[int]:
 
 def check_calibration(options: UpcycleOptions, method) -> None:
     layerwise = method.calibrated or options.router_init == "fit"
-    if not (layerwise or method.needs_calibration_file):
+    if not (layerwise or method.reads_calibration_text):
         if options.calibration_data is not None:
             raise ValueError(
                 f"--calibration-data is read by calibrated methods and --router-init fit; --method {method.name} "
                 f"with --router-init {options.router_init} does not use it."
             )
         return
-    if options.calibration_data is None and method.needs_calibration_file:
-        raise ValueError(
-            f"--method {method.name} needs --calibration-data (a text or JSONL file) to measure importance."
-        )
-    if options.calibration_data is not None:
-        check_calibration_file(options.calibration_data)
+    parse_calibration_sources(options.calibration_data)  # names and files, before the base is opened
     if layerwise and options.calibration_tokens is not None and options.calibration_tokens < SEQUENCE_LENGTH:
         raise ValueError(f"--calibration-tokens must be >= {SEQUENCE_LENGTH}, got {options.calibration_tokens}.")
 

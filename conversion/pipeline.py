@@ -21,7 +21,7 @@ from llama_moe.modeling.modeling_llama_moe import LlamaMoESparseMoeBlock
 from llama_moe.modeling.parameters import config_parameter_counts
 
 from .atomic import refuse_existing_output
-from .calibration import LayerwiseCalibration, calibration_blocks, calibration_text
+from .calibration import LayerwiseCalibration, mixture_blocks, parse_calibration_sources
 from .formats import LlamaMoEExporter, get_exporter, write_checkpoint
 from .gguf_export import check_gguf_fit, check_gguf_output, check_gguf_tokenizer, export_gguf, outtype_of
 from .methods import DenseFFN, UpcycleMethod, get_method
@@ -61,7 +61,7 @@ class UpcyclePlan:
 
     @property
     def uses_calibration_text(self) -> bool:
-        return self.layerwise_calibration or self.method.needs_calibration_file
+        return self.layerwise_calibration or self.method.reads_calibration_text
 
 
 def moe_tensor_shapes(config: LlamaMoEConfig, layer: int) -> list[tuple[str, tuple]]:
@@ -180,13 +180,14 @@ def layer_generator(seed: int, layer: int) -> torch.Generator:
 
 
 def open_calibration(plan: UpcyclePlan):
-    """The dense model streamed over the calibration text (the user's file or the embedded corpus)."""
+    """The dense model streamed over the calibration mixture (conversion/calibration.py)."""
     tokenizer = plan.source.load_tokenizer()
     if tokenizer is None:
         raise ValueError(f"calibration needs the base model's tokenizer, and {plan.source.name} has none.")
-    tokens = plan.options.calibration_tokens
-    text = calibration_text(plan.options.calibration_data, max_chars=tokens * 8)
-    return LayerwiseCalibration(plan.source, calibration_blocks(tokenizer, text, tokens))
+    options = plan.options
+    sources = parse_calibration_sources(options.calibration_data)
+    blocks = mixture_blocks(sources, options.calibration_tokens, plan.source, tokenizer, options.seed)
+    return LayerwiseCalibration(plan.source, blocks)
 
 
 def moe_block(config: LlamaMoEConfig, tensors: list[tuple[str, torch.Tensor]]):

@@ -84,9 +84,9 @@ class UpcycleMethod:
     # Router initializations this method can give (see options.ROUTER_INITS), the first is its default.
     router_inits = ("normal", "zeros")
     # Calibration: `calibrated` methods get each layer's FFN inputs on calibration text (DenseFFN.inputs);
-    # `needs_calibration_file` ones have no default text (the embedded corpus is the default otherwise).
+    # `reads_calibration_text` ones run the whole model over it themselves (in `prepare`).
     calibrated = False
-    needs_calibration_file = False
+    reads_calibration_text = False
     default_calibration_tokens = 16384
 
     @classmethod

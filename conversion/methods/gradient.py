@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..calibration import calibration_blocks, read_calibration_text
+from ..calibration import mixture_blocks, parse_calibration_sources
 from .base import DenseFFN, ExpertInit, UpcycleMethod, option, stack_experts
 from .clustering import balanced_kmeans
 
@@ -24,8 +24,10 @@ class GradientOptions:
     expert_size: int | None = option(None, "neurons per expert (default I / (E + shared))", type=int)
 
 
-def calibration_batches(tokenizer, text: str, max_tokens: int) -> list[torch.Tensor]:
-    return list(calibration_blocks(tokenizer, text, max_tokens, SEQUENCE_LENGTH).split(8, dim=0))
+def calibration_batches(source, tokenizer, options) -> list[torch.Tensor]:
+    sources = parse_calibration_sources(options.calibration_data)
+    blocks = mixture_blocks(sources, options.calibration_tokens, source, tokenizer, options.seed, SEQUENCE_LENGTH)
+    return list(blocks.split(8, dim=0))
 
 
 def neuron_importance(model, batches, moe_layers, num_groups: int, generator: torch.Generator):
@@ -119,7 +121,7 @@ class GradientMethod(UpcycleMethod):
     supports_shared_experts = True
     router_inits = (*UpcycleMethod.router_inits, "centroids", "fit")
     default_calibration_tokens = 4096
-    needs_calibration_file = True
+    reads_calibration_text = True
 
     def _expert_size(self, dense_config, options) -> int:
         return options.expert_size or dense_config.intermediate_size // (options.num_experts + options.shared_experts)
@@ -151,8 +153,7 @@ class GradientMethod(UpcycleMethod):
         tokenizer = source.load_tokenizer()
         if tokenizer is None:
             raise ValueError(f"--method gradient needs the base model's tokenizer, and {source.name} has none.")
-        batches = calibration_batches(tokenizer, read_calibration_text(options.calibration_data),
-                                      options.calibration_tokens)
+        batches = calibration_batches(source, tokenizer, options)
         generator = torch.Generator().manual_seed(options.seed)
         model = source.dense_model()
         return neuron_importance(model, batches, moe_layers, options.num_experts, generator)

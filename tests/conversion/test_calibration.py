@@ -4,7 +4,7 @@ through whatever FFN was built, and the default calibration text never includes 
 import pytest
 import torch
 
-from llama_moe.conversion.calibration import LayerwiseCalibration, calibration_text, check_calibration_file
+from llama_moe.conversion.calibration import LayerwiseCalibration, check_calibration_file, corpus_text
 from llama_moe.conversion.reader import open_dense
 from tests.conversion.dense_fixtures import load_dense, tokens, write_dense
 
@@ -60,7 +60,7 @@ def test_default_calibration_text_is_training_split_only():
     assert not any(_is_heldout(doc, HELDOUT_EVERY) for doc in documents)
     assert any(doc.startswith("# ") and "def " in doc for doc in documents)  # code
     assert any(doc.count(" the ") > 3 and "def " not in doc[:200] for doc in documents)  # prose
-    text = calibration_text(None, max_chars=50_000)
+    text = corpus_text(50_000)
     assert len(text) >= 50_000 and text.startswith(documents[0])
 
 

@@ -11,7 +11,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from llama_moe.conversion import upcycle
-from llama_moe.conversion.calibration import LayerwiseCalibration, calibration_blocks, calibration_text
+from llama_moe.conversion.calibration import LayerwiseCalibration, calibration_blocks, corpus_text
 from llama_moe.conversion.reader import open_dense
 from llama_moe.conversion.router_fit import expert_output_norms
 from tests.conversion.dense_fixtures import load_dense, load_moe, logits_of, read_tensors, tokens, write_dense
@@ -25,7 +25,7 @@ def dense_dir(tmp_path_factory):
     """A Llama-3-style tiny model (GQA, tied) with a word tokenizer over the embedded corpus's commonest words."""
     folder = tmp_path_factory.mktemp("dense") / "llama3"
     write_dense(folder, "llama3", num_hidden_layers=3)
-    words = calibration_text(None, max_chars=100_000).split()
+    words = corpus_text(100_000).split()
     common = sorted(set(words), key=words.count, reverse=True)[:95]
     backend = Tokenizer(models.WordLevel({"[UNK]": 0, **{w: i + 1 for i, w in enumerate(common)}}, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -84,7 +84,7 @@ def test_fitted_router_ranks_experts_by_contribution(dense_dir, tmp_path, method
                   calibration_tokens=2048, progress=False)
     tensors = read_tensors(out)
     source = open_dense(dense_dir)
-    blocks = calibration_blocks(source.load_tokenizer(), calibration_text(None, 2048 * 8), 2048)
+    blocks = calibration_blocks(source.load_tokenizer(), corpus_text(2048 * 8), 2048)
     calibration = LayerwiseCalibration(source, blocks)
     x_TH = calibration.ffn_inputs(0)  # layer 0 sees the dense inputs: no earlier layer was replaced
     prefix = "model.layers.0.mlp."

@@ -38,7 +38,7 @@ def test_option_errors(dense_dir, tmp_path):
     refused(tmp_path, dense_dir, r"--shared-experts needs a method that splits", shared_experts=1)
     refused(tmp_path, dense_dir, r"--router-init centroids needs --method clustering or gradient",
             router_init="centroids")
-    refused(tmp_path, dense_dir, r"--method gradient needs --calibration-data", method="gradient")
+    refused(tmp_path, dense_dir, r"--method gradient needs the base model.s tokenizer", method="gradient")
     # A method option with choices is checked before the base is opened (this base does not even exist).
     missing = str(tmp_path / "no-such-model")
     refused(tmp_path, missing, r"--cluster-on 'down' is unknown; choose one of \['up', 'gate'\]", method="clustering",
