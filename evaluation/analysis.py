@@ -20,11 +20,12 @@ from .loading import load_model_and_tokenizer
 from .perplexity import domain_perplexity, read_domain_texts, token_blocks
 from .routing import RoutingStats, routing_settings
 from .speed import generation_speed, parameter_counts
+from .unseen_domain import CLOZE_TASK, UNSEEN_DOMAIN, write_unseen_domain
 
 ANALYSIS_FILE = "analysis.json"
 
 
-def parse_data_args(items: list[str]) -> dict[str, Path]:
+def parse_data_args(items: list[str], allow_none: bool = False) -> dict[str, Path]:
     """["code=src/", "prose=book.txt"] -> {"code": Path, ...}, checking names and paths before any work."""
     domains: dict[str, Path] = {}
     for item in items:
@@ -40,7 +41,7 @@ def parse_data_args(items: list[str]) -> dict[str, Path]:
         if not Path(path).exists():
             raise FileNotFoundError(f"--data {name}={path}: no such file or folder.")
         domains[name] = Path(path)
-    if not domains:
+    if not domains and not allow_none:
         raise ValueError("Give at least one --data NAME=PATH.")
     return domains
 
@@ -89,12 +90,32 @@ def _config_summary(config) -> dict:
     return {key: getattr(config, key) for key in keys if getattr(config, key, None) is not None}
 
 
+def cloze_accuracy(model, tokenizer, items: int) -> dict:
+    """Accuracy on the unseen domain's cloze task (lm-evaluation-harness), on its first `items` items."""
+    from .lm_eval_runner import evaluate, parse_task_specs
+
+    run = evaluate(model, parse_task_specs([CLOZE_TASK], None, None), tokenizer=tokenizer, limit=items, batch_size=8)
+    scores = run.scores[CLOZE_TASK]
+    return {"task": CLOZE_TASK, "acc": scores["acc"], "acc_stderr": scores.get("acc_stderr"),
+            "items": int(scores.get("sample_len", items))}
+
+
 def run_analysis(model_path: str, domains: dict[str, Path], output: Path, base_path: str | None = None,
                  max_tokens: int = 4096, block_size: int | None = None, device: str = "cpu", dtype: str = "auto",
-                 speed: bool = True, new_tokens: int = 32, prompt_tokens: int = 128) -> Path:
-    """Analyze MODEL (and BASE) on the domains; write OUTPUT/analysis.json; return its path."""
+                 speed: bool = True, new_tokens: int = 32, prompt_tokens: int = 128, unseen: bool = True,
+                 cloze_items: int = 0) -> Path:
+    """Analyze MODEL (and BASE) on the domains, plus the unseen domain (prose no calibration or training of ours
+    reads) unless `unseen` is False, and its cloze task on `cloze_items` items; write OUTPUT/analysis.json."""
     if max_tokens < 2:
         raise ValueError(f"--max-tokens must be >= 2, got {max_tokens}.")
+    if cloze_items < 0:
+        raise ValueError(f"--cloze-items must be >= 0, got {cloze_items}.")
+    if unseen:
+        if UNSEEN_DOMAIN in domains:
+            raise ValueError(f"--data name {UNSEEN_DOMAIN!r} is the unseen domain's; name your domain otherwise.")
+        domains = {**domains, UNSEEN_DOMAIN: write_unseen_domain(output / UNSEEN_DOMAIN)}
+    if not domains:
+        raise ValueError("no domain to analyze: give --data NAME=PATH or keep the unseen domain.")
     options = dict(max_tokens=max_tokens, block_size=block_size, speed=speed, new_tokens=new_tokens,
                    prompt_tokens=prompt_tokens)
     for path in filter(None, (model_path, base_path)):  # fail on a wrong path before loading anything
@@ -109,13 +130,18 @@ def run_analysis(model_path: str, domains: dict[str, Path], output: Path, base_p
     payload = {"model": str(model_path), "base": str(base_path) if base_path else None,
                "config": _config_summary(model.config),
                "settings": {**options, "device": device, "dtype": dtype},
-               "data": {name: str(path) for name, path in domains.items()}}
+               "data": {name: str(path) for name, path in domains.items()},
+               "unseen_domains": [UNSEEN_DOMAIN] if unseen else []}
     payload["results"] = {"model": analyze_one(model, tokenizer, domains, label="model", **options)}
+    if cloze_items:
+        payload["results"]["model"]["cloze"] = cloze_accuracy(model, tokenizer, cloze_items)
     del model
     gc.collect()
     if base_path:
         base, base_tokenizer = load_model_and_tokenizer(base_path, device=device, dtype=dtype)
         payload["results"]["base"] = analyze_one(base, base_tokenizer, domains, label="base", **options)
+        if cloze_items:
+            payload["results"]["base"]["cloze"] = cloze_accuracy(base, base_tokenizer, cloze_items)
         del base
         gc.collect()
     payload["seconds"] = time.time() - started

@@ -1,5 +1,5 @@
 """Figures from `analysis.json`: per domain an experts-by-layers load heatmap and expert co-activation matrices, and
-a perplexity bar chart.
+a perplexity bar chart; and the quality-against-speed trade-off of several models (quickstart, quality benchmark).
 
 Reads only the JSON the analysis wrote (never a model) and renders with matplotlib's Agg backend, so it
 runs headless; each figure is written atomically as PNG.
@@ -131,6 +131,29 @@ def perplexity_bars(analysis: dict, path: Path) -> Path:
     ax.set_ylim(top=max(values) * (4 if log_scale else 1.15))  # room for the value labels
     ax.set_title("Perplexity per domain" + (" (log scale)" if log_scale else ""))
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=len(series), fontsize=8, frameon=False)
+    return _save(fig, path)
+
+
+def trade_off_figure(points: dict[str, tuple[float, dict[str, float]]], path: Path, unseen=()) -> Path:
+    """Held-out perplexity against decode tokens per second: one panel per domain, one point per model.
+    `points`: label -> (decode tokens/s, {domain: perplexity}). Where an MoE is worth it, it sits to the right of
+    the dense model (faster) and not far above it (as good)."""
+    plt = _pyplot()
+    domains = list(next(iter(points.values()))[1])
+    fig, axes = plt.subplots(1, len(domains), figsize=(4.2 * len(domains), 3.8), squeeze=False)
+    markers = "osD^vP*X"
+    for ax, domain in zip(axes[0], domains):
+        for i, (label, (speed, perplexities)) in enumerate(points.items()):
+            ax.scatter([speed], [perplexities[domain]], marker=markers[i % len(markers)], s=60, label=label)
+        ax.set_yscale("log")
+        ax.set_xlabel("decode tokens/s (batch 1, this machine)")
+        ax.set_ylabel("held-out perplexity (log)")
+        ax.set_title(f"{domain}{' (unseen)' if domain in unseen else ''}")
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False,
+               bbox_to_anchor=(0.5, -0.08))
+    fig.tight_layout()
     return _save(fig, path)
 
 

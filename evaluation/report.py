@@ -44,18 +44,42 @@ def _speed_section(results: dict) -> list[str]:
     return lines + [""]
 
 
-def _perplexity_section(results: dict) -> list[str]:
+def _perplexity_section(results: dict, unseen: list[str]) -> list[str]:
     has_base = "base" in results
     header = "| domain | tokens | perplexity |" + (" base perplexity | change |" if has_base else "")
-    lines = ["## Perplexity", "", header, "|---|---:|---:|" + ("---:|---:|" if has_base else "")]
+    lines = ["## Perplexity", ""]
+    if unseen:
+        lines += [f"{', '.join(unseen)}: English prose that no calibration or training of llama-moe reads (Botchan, "
+                  "Project Gutenberg #8868): how the model does on text it was not built for.", ""]
+    lines += [header, "|---|---:|---:|" + ("---:|---:|" if has_base else "")]
     for domain, scores in results["model"]["domains"].items():
-        row = f"| {domain} | {scores['tokens']} | {scores['perplexity']:.4g} |"
+        row = f"| {domain}{' (unseen)' if domain in unseen else ''} | {scores['tokens']} | {scores['perplexity']:.4g} |"
         if has_base:
             base = results["base"]["domains"][domain]["perplexity"]
             ratio = scores["perplexity"] / base
             row += f" {base:.4g} | " + (f"{100 * (ratio - 1):+.2f} % |" if ratio < 10 else f"{ratio:,.3g}x |")
         lines.append(row)
-    return lines + ["", "![perplexity per domain](perplexity.png)", ""]
+    lines += ["", "![perplexity per domain](perplexity.png)", ""]
+    if all("cloze" in result for result in results.values()):
+        lines += ["Cloze task on the unseen prose (which of four words ends the sentence; chance 0.25):", "",
+                  "| model | accuracy | items |", "|---|---:|---:|"]
+        lines += [f"| {label} | {r['cloze']['acc']:.3f} ± {r['cloze']['acc_stderr'] or 0:.3f} | {r['cloze']['items']} |"
+                  for label, r in results.items()]
+        lines.append("")
+    return lines
+
+
+def _trade_off_section(results: dict) -> list[str]:
+    """Quality against speed, both as ratios to the base measured in the same run."""
+    if "base" not in results or not all("speed" in r for r in results.values()):
+        return []
+    model, base = results["model"], results["base"]
+    ratios = ", ".join(f"{d} {model['domains'][d]['perplexity'] / base['domains'][d]['perplexity']:.2f}x"
+                       for d in model["domains"])
+    speed = model["speed"]["decode_tokens_per_s"] / base["speed"]["decode_tokens_per_s"]
+    active = model["parameters"]["active"] / base["parameters"]["active"]
+    return ["## Trade-off", "", f"Against the base, same run: perplexity {ratios}; decode speed {speed:.2f}x; "
+            f"active parameters {active:.2f}x.", ""]
 
 
 def _routing_section(results: dict) -> list[str]:
@@ -116,7 +140,9 @@ def write_report(analysis_json: str | Path, eval_json: str | Path | None = None)
               f"MoE layers {config.get('moe_layers', 'all')} of {config.get('num_hidden_layers')}; "
               f"at most {analysis['settings']['max_tokens']} tokens per domain "
               f"({', '.join(f'{k}: `{v}`' for k, v in analysis['data'].items())}).", ""]
-    lines += _parameters_section(results) + _perplexity_section(results) + _speed_section(results)
+    unseen = analysis.get("unseen_domains", [])
+    lines += _parameters_section(results) + _perplexity_section(results, unseen) + _speed_section(results)
+    lines += _trade_off_section(results)
     lines += _routing_section(results)
     if eval_json is None and Path(analysis["model"]).is_dir():
         eval_json = Path(analysis["model"]) / "eval" / "results.json"

@@ -17,6 +17,7 @@ from llama_moe.evaluation.plots import make_plots
 from llama_moe.evaluation.report import write_report
 from llama_moe.evaluation.routing import RoutingStats
 from llama_moe.evaluation.speed import parameter_counts
+from llama_moe.evaluation.unseen_domain import UNSEEN_DOMAIN
 from tests.conftest import tiny_moe_config
 
 
@@ -127,10 +128,13 @@ def test_analyze_writes_json_plots_and_report(dense_dir, upcycled_dir, tmp_path,
     out = tmp_path / "analysis"
     assert analyze_cli.main([str(upcycled_dir), "--data", f"code={code_dir}", "--data", f"docs={docs}",
                              "--base", str(dense_dir), "--output", str(out), "--max-tokens", "384",
-                             "--new-tokens", "4", "--prompt-tokens", "16"]) == 0
+                             "--new-tokens", "4", "--prompt-tokens", "16", "--cloze-items", "8"]) == 0
     analysis = json.loads((out / "analysis.json").read_text())
     model, base = analysis["results"]["model"], analysis["results"]["base"]
-    for domain in ("code", "docs"):
+    assert analysis["unseen_domains"] == [UNSEEN_DOMAIN] and list(model["domains"]) == ["code", "docs", UNSEEN_DOMAIN]
+    # The copy-upcycled model scores the unseen task's items exactly as its base does.
+    assert model["cloze"]["items"] == base["cloze"]["items"] == 8 and model["cloze"]["acc"] == base["cloze"]["acc"]
+    for domain in ("code", "docs", UNSEEN_DOMAIN):
         scores = model["domains"][domain]
         assert scores["tokens"] == base["domains"][domain]["tokens"] > 300
         # Copy upcycling keeps the dense function: same perplexity as the base.
@@ -150,13 +154,14 @@ def test_analyze_writes_json_plots_and_report(dense_dir, upcycled_dir, tmp_path,
         width, height = _png_size(out / name)
         assert width >= 400 and height >= 300
     report = (out / "report.md").read_text()
-    for heading in ("## Parameters", "## Perplexity", "## Generation speed", "## Routing", "### code", "### docs"):
+    for heading in ("## Parameters", "## Perplexity", "## Generation speed", "## Trade-off", "## Routing", "### code",
+                    "### docs", f"| {UNSEEN_DOMAIN} (unseen) |", "Cloze task on the unseen prose"):
         assert heading in report
     for link in ("perplexity.png", "expert_load_code.png", "expert_load_docs.png", "expert_coactivation_docs.png",
                  "analysis.json"):
         assert f"({link})" in report and (out / link).is_file()
     assert "+0.00 %" in report or "-0.00 %" in report  # the perplexity change column
-    assert "llama-moe analyze: 2 domain(s), 5 figure(s)" in capsys.readouterr().out
+    assert "llama-moe analyze: 3 domain(s), 7 figure(s)" in capsys.readouterr().out
 
 
 def _coselection(share: list[float], generator) -> list[list[float]]:
