@@ -65,7 +65,7 @@ def render_model_card(plan, *, format: str, total_params: int, active_params: in
         f"# {os.path.basename(base.rstrip('/'))} upcycled to a Mixture of Experts ({o.method})",
         "",
         f"This model was made from the dense model `{base}` by **{o.method}** upcycling with "
-        "[llama-moe](https://github.com/llama-moe/llama-moe). It has not been trained after upcycling.",
+        "`llama-moe`. It has not been trained after upcycling.",
         "",
         "| | |",
         "|---|---|",
@@ -123,7 +123,7 @@ def render_export_card(src: str, format_name: str, config) -> str:
         "",
         f"# {os.path.basename(os.path.abspath(src))} ({format_name})",
         "",
-        f"A Mixture-of-Experts checkpoint made with [llama-moe](https://github.com/llama-moe/llama-moe), exported "
+        f"A Mixture-of-Experts checkpoint made with `llama-moe`, exported "
         f"to the `{format_name}` format from `{src}`: {config.num_local_experts} routed experts, top-"
         f"{config.num_experts_per_tok}"
         + (f", shared expert of width {config.shared_expert_intermediate_size}"

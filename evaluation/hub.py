@@ -280,7 +280,7 @@ def _generated_body(folder: Path, facts: dict) -> str:
     return "\n".join([
         f"# {name}", "",
         "A Mixture-of-Experts model upcycled from a dense Llama-architecture checkpoint with "
-        "[llama-moe](https://github.com/llama-moe/llama-moe): the dense feed-forward blocks became routed experts.",
+        "`llama-moe`: the dense feed-forward blocks became routed experts.",
         "", "| | |", "|---|---|",
         f"| architecture | `{config.get('model_type', '?')}` |",
         f"| experts per MoE layer | {experts} |",

@@ -123,7 +123,8 @@ def test_carve_card_verify_and_exports(dense_dir, tmp_path):
     assert result.verify["max_abs_logit_diff"] > 0 and result.verify["moe_perplexity"] > 0
     card = open(os.path.join(result.path, "README.md")).read()
     assert "`carve`" in card and "router | init fit" in card and "calibration_tokens=2048" in card
-    assert "embedded" in card  # where the calibration text came from
+    assert "embedded" in card and "generated (text sampled" in card  # where the calibration text came from
+    assert "github.com" not in card  # links only to what exists
     qwen = upcycle(dense_dir, tmp_path / "q", method="carve", num_experts=4, top_k=2, shared_experts=2,
                    calibration_tokens=2048, format="qwen2_moe", progress=False)
     assert json.load(open(os.path.join(qwen, "config.json")))["shared_expert_intermediate_size"] == 32
