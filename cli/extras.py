@@ -5,7 +5,7 @@ Only checks that a module can be found; it must not import it (importing lm-eval
 
 import importlib.util
 
-EXTRAS = {"lm_eval": "eval", "matplotlib": "eval"}
+EXTRAS = {"lm_eval": "eval", "matplotlib": "eval", "peft": "lora"}
 
 
 def require(*modules: str, command: str) -> None:

@@ -80,6 +80,23 @@ class MoETrainingArguments:
     peak_flops: float | None = field(
         default=None, metadata={"help": "Peak FLOP/s of one device for MFU (default: known GPUs; none on CPU)."}
     )
+    # LoRA, with the names of TRL's ModelConfig (training/lora.py); the final model has the adapters merged.
+    use_peft: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of every weight."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (the adapter scale is alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the adapters' input."})
+    lora_target_modules: list[str] | None = field(
+        default=None, metadata={"help": "Modules that get adapters (default: attention and FFN projections)."}
+    )
+    lora_target_parameters: list[str] | None = field(
+        default=None,
+        metadata={"help": "Parameters that get adapters (default for MoE models: mlp.experts.gate_up_proj and "
+                  "mlp.experts.down_proj, the fused routed experts)."},
+    )
+    lora_modules_to_save: list[str] | None = field(
+        default=None, metadata={"help": "Modules trained in full besides the adapters (default for MoE: mlp.gate)."}
+    )
+    use_rslora: bool = field(default=False, metadata={"help": "Rank-stabilized LoRA scale alpha / sqrt(r)."})
 
 
 def parse_mapping(value, what: str) -> dict[str, float]:

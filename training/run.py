@@ -27,6 +27,7 @@ from .callbacks import FreezeCallback, MixtureCallback, MoELoggingCallback, defa
 from .cpu_memory import keep_freed_memory
 from .data import DomainStream, check_domain, domain_size, parse_domains
 from .distillation import Distiller
+from .lora import check_lora_options, merged, with_lora
 from .mixture import MixtureDataset, as_hf_iterable, initial_weights, load_state, save_state
 from .trainer import STAGING_DIR, MoETrainer
 
@@ -130,6 +131,7 @@ def validate(options: MoETrainingArguments, config) -> TrainPlan:
                 f"{student_vocab}: distillation compares next-token distributions, so both need the same tokenizer."
             )
 
+    check_lora_options(options)
     routers_only, frozen = parse_freeze(options.freeze)
     return TrainPlan(specs, start_weights, references, model_config, resume, routers_only, frozen)
 
@@ -152,7 +154,7 @@ def load_model(options: MoETrainingArguments, config):
         if not hasattr(model.config, "router_z_loss_coef"):
             raise ValueError("--router_z_loss_coef is set but the model has no router z-loss (not a LlamaMoE model).")
         model.config.router_z_loss_coef = options.router_z_loss_coef
-    return model
+    return with_lora(model, options)
 
 
 @torch.no_grad()
@@ -284,6 +286,8 @@ def train(options: MoETrainingArguments, config) -> str:
     trainer.train(resume_from_checkpoint=plan.resume)
     final = os.path.join(config.output_dir, "final")
     staged = os.path.join(config.output_dir, ".staging", "final")
+    if options.use_peft:  # the final model is a plain checkpoint: the adapters merged into the weights
+        trainer.model = trainer.model_wrapped = merged(trainer.accelerator.unwrap_model(trainer.model))
     trainer.save_model(staged)
     if trainer.args.should_save:
         save_state(staged, mixture.state_at(trainer.examples_consumed()))
