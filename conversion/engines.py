@@ -2,8 +2,9 @@
 
 One rule table per output format, from the engines' own sources (vLLM's `qwen2_moe.py` / `mixtral.py`, llama.cpp's
 `src/models/{llama,qwen2moe,granite}.cpp` as vendored by llama-cpp-python 0.3.36) and checked by
-`benchmarks/serving_check.py`, and the llama.cpp architecture a GGUF export gets (`gguf_architecture`). Pure
-functions of the config: nothing here reads weights.
+`benchmarks/serving_check.py`, the llama.cpp architecture a GGUF export gets (`gguf_architecture`), and which
+tensors llama.cpp's quantizer would store in a fallback type. Pure functions of the config: nothing here reads
+weights.
 """
 
 from __future__ import annotations
@@ -135,6 +136,52 @@ def engine_support(format_name: str, config) -> list[EngineSupport]:
     raise ValueError(f"Unknown format {format_name!r}.")
 
 
+# llama.cpp stores a tensor in a quantized type only when its rows (the input dimension, GGUF's ne0) are a multiple
+# of the type's block; llama-quantize stores the others in a fallback type ("N of M tensor(s) required fallback
+# quantization"). K-quants (what Q4_K_M and friends mostly use) have blocks of 256 values, the legacy types of 32.
+QUANT_BLOCKS = {"K-quants (Q2_K..Q6_K, as in Q4_K_M)": 256, "Q8_0, Q4_0, Q5_0 and the other legacy types": 32}
+
+
+def gguf_row_lengths(config) -> dict[str, tuple[int, str]]:
+    """llama.cpp's name of each matrix kind of an export (per layer) -> (its row length, the config field it is)."""
+    hidden = config.hidden_size
+    heads = config.num_attention_heads * getattr(config, "head_dim", hidden // config.num_attention_heads)
+    rows = {
+        "token_embd / output": (hidden, "hidden_size"),
+        "attn_q, attn_k, attn_v": (hidden, "hidden_size"),
+        "attn_output": (heads, "num_attention_heads x head_dim"),
+        "ffn_gate_exps, ffn_up_exps": (hidden, "hidden_size"),
+        "ffn_down_exps": (config.moe_intermediate_size, "moe_intermediate_size"),
+    }
+    if config.shared_expert_intermediate_size:
+        rows["ffn_gate_shexp, ffn_up_shexp"] = (hidden, "hidden_size")
+        rows["ffn_down_shexp"] = (config.shared_expert_intermediate_size, "shared_expert_intermediate_size")
+    if len(config.moe_layers) < config.num_hidden_layers:
+        rows["ffn_gate, ffn_up (dense layers)"] = (hidden, "hidden_size")
+        rows["ffn_down (dense layers)"] = (config.intermediate_size, "intermediate_size")
+    return rows
+
+
+def quantization_fallbacks(config, block: int) -> list[str]:
+    """The tensors llama-quantize would store in a fallback type for a quantization with this block, and why."""
+    return [f"{name} (rows of {length} = {field}, not a multiple of {block})"
+            for name, (length, field) in gguf_row_lengths(config).items() if length % block]
+
+
+def quantization_lines(config) -> list[str]:
+    """One line per family of llama.cpp quantization types: which tensors keep the asked type, which fall back."""
+    lines = []
+    for family, block in QUANT_BLOCKS.items():
+        fallbacks = quantization_fallbacks(config, block)
+        lines.append(f"llama.cpp {family}: " + (
+            "every matrix keeps the asked type" if not fallbacks else
+            "stored in a fallback type (llama-quantize's 'fallback quantization'): " + "; ".join(fallbacks)
+            + (" (carve: --width-multiple 256 chooses expert widths that quantize)"
+               if config.hidden_size % block == 0 and config.moe_intermediate_size % block else "")
+        ))
+    return lines
+
+
 def engine_refusal(format_name: str, config, engine: str) -> str | None:
     """The one-line reason `engine` cannot serve this export exactly, or None when it can."""
     if engine not in ENGINES:
@@ -149,7 +196,7 @@ def engine_table_markdown(format_name: str, config) -> str:
     lines = ["| engine | computes this checkpoint as we do | how / why not |", "|---|---|---|"]
     for row in engine_support(format_name, config):
         lines.append(f"| {ENGINE_NAMES[row.engine]} | {'yes' if row.exact else 'no'} | {row.note} |")
-    return "\n".join(lines + ["", FLOAT32_ADVICE])
+    return "\n".join(lines + ["", FLOAT32_ADVICE, ""] + [f"- {line}" for line in quantization_lines(config)])
 
 
 def engine_lines(format_name: str, config) -> str:
@@ -157,4 +204,5 @@ def engine_lines(format_name: str, config) -> str:
     return "\n".join(
         [f"  {ENGINE_NAMES[row.engine]:<12} {'exact' if row.exact else 'no':<5}  {row.note}"
          for row in engine_support(format_name, config)] + ["  " + FLOAT32_ADVICE]
+        + ["  " + line for line in quantization_lines(config)]
     )

@@ -40,20 +40,24 @@ class CarveOptions:
         "k", "routed output scale: k (each chosen expert counts fully) or fit (least squares to the dense FFN's "
         "output on the calibration tokens; worse on SmolLM2, see conversion/output_scale.py)", choices=OUTPUT_SCALES
     )
+    width_multiple: int = option(
+        8, "routed expert widths are multiples of this (8: grouped GEMMs; 256: llama.cpp's K-quants such as Q4_K_M "
+        "keep every expert matrix in the asked type, with the FFN width a multiple of 256 too; 32: Q8_0)"
+    )
 
 
-def _multiple_of_8(width: int) -> int:
-    """Rounded down to a multiple of 8 (row strides of 16 bytes for grouped GEMMs) when possible."""
-    return width // 8 * 8 if width >= 8 else width
+def _round_down(width: int, multiple: int) -> int:
+    """Rounded down to a multiple (8: row strides of 16 bytes for grouped GEMMs) when possible."""
+    return width // multiple * multiple if width >= multiple else width
 
 
 def carve_widths(intermediate: int, options) -> tuple[int, int]:
     """(routed expert width, shared expert width): every neuron in exactly one of them."""
-    E = options.num_experts
+    E, multiple = options.num_experts, options.width_multiple
     if options.shared_expert_size is None:
-        width = _multiple_of_8(intermediate // (E + options.shared_experts))
+        width = _round_down(intermediate // (E + options.shared_experts), multiple)
     else:
-        width = _multiple_of_8((intermediate - options.shared_expert_size) // E)
+        width = _round_down((intermediate - options.shared_expert_size) // E, multiple)
     return width, intermediate - E * width
 
 
@@ -97,7 +101,16 @@ class CarveMethod(UpcycleMethod):
                 )
             if not 0 <= S < I:
                 raise ValueError(f"--shared-expert-size {S} does not fit the FFN's {I} neurons: pick 0 <= size < {I}.")
-        if carve_widths(I, options)[0] < 1:
+        if options.width_multiple < 8 or options.width_multiple % 8:
+            raise ValueError(f"--width-multiple {options.width_multiple}: use a multiple of 8 (8, 32, 256, ...).")
+        width = carve_widths(I, options)[0]
+        if options.width_multiple > 8 and (width % options.width_multiple or (I - E * width) % options.width_multiple):
+            raise ValueError(
+                f"--width-multiple {options.width_multiple}: the FFN's {I} neurons give {E} experts of {width} and "
+                f"a shared expert of {I - E * width} neurons, not all multiples of it; lower --num-experts or "
+                "--shared-experts, or the multiple."
+            )
+        if width < 1:
             shared = f"{N} shared expert widths" if S is None else f"a shared expert of {S} neurons"
             raise ValueError(
                 f"--method carve cannot split the FFN's {I} neurons into {E} experts plus {shared}; "
