@@ -13,6 +13,7 @@ import sys
 SUBCOMMANDS = {
     "quickstart": ("quickstart", "Upcycle, train and evaluate a real small Llama on this machine; write a report."),
     "upcycle": ("upcycle", "Convert a dense Llama checkpoint into an MoE checkpoint (or import LLaMA-MoE v1)."),
+    "sample": ("sample", "Write text sampled from a dense model, for calibration or replay in training."),
     "export": ("export", "Rewrite an MoE checkpoint as Mixtral or Qwen2-MoE for vLLM, llama.cpp and others."),
     "train": ("train", "Continual pre-training with TRL and accelerate."),
     "eval": ("eval", "Benchmark a model with lm-evaluation-harness."),

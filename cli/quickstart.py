@@ -8,6 +8,7 @@ writes DIR/report.md. Each stage calls the same library code as the plain comman
 import argparse
 import gc
 import importlib.util
+import json
 import os
 import shlex
 import shutil
@@ -18,7 +19,9 @@ from pathlib import Path
 import torch
 
 from llama_moe.cli.extras import require
+from llama_moe.conversion.atomic import atomic_write_text
 from llama_moe.conversion.engines import engine_refusal
+from llama_moe.conversion.generated_text import write_generated_text
 from llama_moe.conversion.model_path import locate_model
 from llama_moe.conversion.options import UpcycleOptions
 from llama_moe.conversion.pipeline import run_upcycle
@@ -28,6 +31,8 @@ from llama_moe.evaluation.analysis import analyze_one
 from llama_moe.evaluation.lm_eval_runner import evaluate, parse_task_specs
 from llama_moe.evaluation.loading import load_model_and_tokenizer
 from llama_moe.evaluation.quickstart_report import write_quickstart_report
+from llama_moe.evaluation.unseen_domain import CLOZE_TASK, UNSEEN_DOMAIN, write_unseen_domain
+from llama_moe.evaluation.unseen_domain import DESCRIPTION as UNSEEN_DESCRIPTION
 from llama_moe.modeling import LlamaMoEConfig
 from llama_moe.training.arguments import parse_arguments
 from llama_moe.training.run import train
@@ -36,6 +41,7 @@ PROMPTS = [
     "def fibonacci(n):",
     "The Python import system",
     "import os\nimport sys\n\n\ndef main():",
+    "It was a cold morning when the",
 ]
 
 
@@ -56,10 +62,13 @@ def default_base() -> str:
 # Everything that decides the model, by name. "carve" is the best row of benchmarks/quality.py (README) with at most
 # 75% of the dense model's active parameters; "llama-moe" is LLaMA-MoE's recipe (random split, 2 of 8, language-model
 # loss only), the quickstart's default before carving existed. Flags override single values.
+# `generated_tokens` of text sampled from the dense model join the calibration (half of it) and, with `replay`, the
+# training mixture as a third domain, so what the model knows beyond the corpus is carved and kept.
 RECIPES = {
-    "carve": dict(method="carve", num_experts=12, shared_experts=4, top_k=4, learning_rate=3e-4, distill_weight=1.0),
+    "carve": dict(method="carve", num_experts=12, shared_experts=4, top_k=4, learning_rate=3e-4, distill_weight=1.0,
+                  generated_tokens=16384, replay=True),
     "llama-moe": dict(method="random", num_experts=8, shared_experts=0, top_k=2, learning_rate=5e-4,
-                      distill_weight=0.0),
+                      distill_weight=0.0, generated_tokens=0, replay=False),
 }
 DEFAULT_RECIPE = "carve"
 
@@ -90,8 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--distill-weight", type=float, default=None,
                         help="weight of the KL term to the dense model during training, 0 = language-model loss only "
                         "(default: the recipe's)")
+    parser.add_argument("--generated-tokens", type=int, default=None,
+                        help="tokens of text sampled from the dense model for calibration and replay (default: the "
+                        "recipe's; 0 = none)")
+    parser.add_argument("--replay", action=argparse.BooleanOptionalAction, default=None,
+                        help="train on the sampled text too, as a third domain (default: the recipe's)")
     parser.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens per domain (default 4096)")
-    parser.add_argument("--lm-eval-limit", type=int, default=100, help="examples of the local lm-eval task")
+    parser.add_argument("--lm-eval-limit", type=int, default=500,
+                        help="items of the unseen-prose cloze task scored with lm-eval (default 500)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     return parser
@@ -105,25 +120,41 @@ def resolve_recipe(args) -> argparse.Namespace:
     return args
 
 
-def upcycle_command(args, base: str, out: Path) -> list[str]:
+def upcycle_command(args, base: str, out: Path, calibration: list[str] | None) -> list[str]:
     command = ["llama-moe", "upcycle", base, str(out), "--method", args.method, "--num-experts", str(args.num_experts),
                "--top-k", str(args.top_k), "--seed", str(args.seed), "--verify"]
     if args.shared_experts:
         command += ["--shared-experts", str(args.shared_experts)]
     if args.calibration_tokens:
         command += ["--calibration-tokens", str(args.calibration_tokens)]
+    if calibration:
+        command += ["--calibration-data", *calibration]
     return command
 
 
-def next_commands(args, out: Path, trained: str, corpus, base: str) -> list[tuple[str, list[str]]]:
+def calibration_sources(generated: Path | None) -> list[str] | None:
+    """The embedded corpus and the sampled text (written once, so calibration and replay read the same text);
+    None (the default mixture, which samples its own) without a file."""
+    return ["corpus", f"generated={generated}"] if generated is not None else None
+
+
+def dataset_arguments(corpus, generated: Path | None, args) -> list[str]:
+    domains = [f"{domain.name}={domain.train}" for domain in corpus.values()]
+    if generated is not None and args.replay:
+        domains.append(f"generated={generated}")
+    return [arg for domain in domains for arg in ("--dataset", domain)]
+
+
+def next_commands(args, out: Path, trained: str, corpus, base: str, generated: Path | None
+                  ) -> list[tuple[str, list[str]]]:
     """What to run next, as (what for, argv): each works on what the quickstart wrote (tests run them)."""
-    datasets = [arg for domain in corpus.values() for arg in ("--dataset", f"{domain.name}={domain.train}")]
+    datasets = dataset_arguments(corpus, generated, args)
     distill = distill_arguments(args, base) if args.distill_weight else []
     return [
         ("train longer", ["llama-moe", "train", "--model_name_or_path", trained, "--output_dir", str(out / "train2"),
                           *datasets, "--max_steps", "2000", "--learning_rate", str(args.learning_rate),
                           "--max_length", str(args.max_length), *distill]),
-        ("evaluate", ["llama-moe", "eval", trained, "--tasks", "llama_moe_local"]),
+        ("evaluate", ["llama-moe", "eval", trained, "--tasks", "llama_moe_local", "--compare", base]),
         ("analyze", ["llama-moe", "analyze", trained, "--base", base,
                      *[arg for domain in corpus.values() for arg in ("--data", f"{domain.name}={domain.heldout}")]]),
         ("publish", ["llama-moe", "push", trained, "YOUR_NAME/smollm2-moe", "--dry-run"]),
@@ -159,13 +190,14 @@ def fast_bfloat16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
-def train_arguments(args, moe_dir: Path, corpus, base: str, output_dir: Path) -> list[str]:
+def train_arguments(args, moe_dir: Path, corpus, base: str, output_dir: Path, generated: Path | None = None
+                    ) -> list[str]:
     steps = args.steps
     eval_steps = max(1, steps // 4)
     return [
         "--model_name_or_path", str(moe_dir),
         "--output_dir", str(output_dir),
-        *[arg for domain in corpus.values() for arg in ("--dataset", f"{domain.name}={domain.train}")],
+        *dataset_arguments(corpus, generated, args),
         "--sampling", "dynamic",
         "--reference_model", base,
         "--max_steps", str(steps),
@@ -220,13 +252,13 @@ def sample_generations(model, tokenizer, prompts: list[str], new_tokens: int = 2
 
 def evaluate_models(models: dict[str, str], heldout: dict[str, Path], args) -> dict:
     """Perplexity and routing per domain, speed, the local lm-eval task and generations for each model."""
-    specs = parse_task_specs(["llama_moe_docstring_mc"], None, None)
+    specs = parse_task_specs([CLOZE_TASK], None, None)
     results = {}
     for label, path in models.items():
         model, tokenizer = load_model_and_tokenizer(path, dtype="float32")
         result = analyze_one(model, tokenizer, heldout, max_tokens=args.eval_tokens, block_size=256, speed=True,
                              new_tokens=16, prompt_tokens=64, label=label)
-        run = evaluate(model, specs, tokenizer=tokenizer, limit=args.lm_eval_limit, batch_size=4)
+        run = evaluate(model, specs, tokenizer=tokenizer, limit=args.lm_eval_limit, batch_size=8)
         result["lm_eval"] = run.scores
         result["generations"] = sample_generations(model, tokenizer, PROMPTS)
         results[label] = result
@@ -244,51 +276,68 @@ def main(argv: list[str]) -> int:
         if not args.overwrite:
             raise ValueError(f"{out} already exists; pass --overwrite to replace it or choose another --out.")
         shutil.rmtree(out)
-    options = UpcycleOptions.from_kwargs(method=args.method, num_experts=args.num_experts, top_k=args.top_k,
-                                         shared_experts=args.shared_experts, seed=args.seed,
-                                         calibration_tokens=args.calibration_tokens)
+    if args.generated_tokens < 0:
+        raise ValueError(f"--generated-tokens must be >= 0, got {args.generated_tokens}.")
+    if args.replay and not args.generated_tokens:
+        raise ValueError("--replay trains on the sampled text: give --generated-tokens > 0 too.")
+    UpcycleOptions.from_kwargs(method=args.method, num_experts=args.num_experts, top_k=args.top_k,
+                               shared_experts=args.shared_experts, seed=args.seed,
+                               calibration_tokens=args.calibration_tokens)  # bad options fail before any work
     out.mkdir(parents=True)
     timings: dict[str, float] = {}
     started = time.perf_counter()
 
-    start = _stage(1, "Embedded corpus: Python standard library sources (code) and reference docs (English)")
+    start = _stage(1, "Data: Python standard library sources (code) and reference docs (English); unseen prose")
     corpus = build_stdlib_corpus(out / "data")
     for domain in corpus.values():
         print(f"    {domain.name}: {domain.train_bytes / 1e6:.1f} MB train, {domain.heldout_bytes / 1e3:.0f} KB "
               f"held out ({domain.description})")
+    unseen = write_unseen_domain(out / "data" / UNSEEN_DOMAIN)
+    print(f"    {UNSEEN_DOMAIN}: evaluation only ({UNSEEN_DESCRIPTION})")
     _done(start, timings, "corpus")
 
     shared = f" + {args.shared_experts} shared widths" if args.shared_experts else ""
     start = _stage(2, f"Upcycle {Path(base).name} -> {args.num_experts} experts{shared}, top-{args.top_k} "
                       f"({args.method}; recipe {args.recipe})")
     dense = dense_folder(base, out / "base")
+    generated = None
+    if args.generated_tokens:
+        generated = write_generated_text(dense, out / "data" / "generated" / "train.jsonl", args.generated_tokens,
+                                         seed=args.seed)
+        print(f"    {args.generated_tokens} tokens sampled from the dense model -> {generated}")
+    calibration = calibration_sources(generated)
+    options = UpcycleOptions.from_kwargs(method=args.method, num_experts=args.num_experts, top_k=args.top_k,
+                                         shared_experts=args.shared_experts, seed=args.seed,
+                                         calibration_tokens=args.calibration_tokens,
+                                         **({"calibration_data": calibration} if calibration else {}))
     moe_init = out / "moe-init"
     upcycled = run_upcycle(dense, moe_init, options, verify=True,
-                           command=shlex.join(upcycle_command(args, dense, moe_init)))
+                           command=shlex.join(upcycle_command(args, dense, moe_init, calibration)))
     print(f"    {upcycled.summary()}\n    {upcycled.verify['summary']}")
     _done(start, timings, "upcycle")
 
     teacher = ", distilled from the dense base" if args.distill_weight else ""
     start = _stage(3, f"Continual pre-training, {args.steps} steps, dynamic mixture sampling{teacher}")
-    train_argv = train_arguments(args, moe_init, corpus, dense, out / "train")
+    train_argv = train_arguments(args, moe_init, corpus, dense, out / "train", generated)
     train_options, train_config = parse_arguments(train_argv)
     moe_trained = train(train_options, train_config)
     _done(start, timings, "train")
 
     start = _stage(4, "Evaluate base, upcycled and trained side by side")
     models = {"base": dense, "upcycled": str(moe_init), "trained": moe_trained}
-    heldout = {name: domain.heldout for name, domain in corpus.items()}
+    heldout = {**{name: domain.heldout for name, domain in corpus.items()}, UNSEEN_DOMAIN: unseen}
     results = evaluate_models(models, heldout, args)
     _done(start, timings, "evaluate")
 
     start = _stage(5, "Report")
     timings["total"] = time.perf_counter() - started
-    commands = next_commands(args, out, moe_trained, corpus, dense)
+    commands = next_commands(args, out, moe_trained, corpus, dense, generated)
     summary = {
         "base": base, "recipe": args.recipe, "method": args.method, "num_experts": args.num_experts,
         "shared_experts": args.shared_experts, "top_k": args.top_k, "steps": args.steps,
         "learning_rate": args.learning_rate, "distill_weight": args.distill_weight, "models": models,
-        "verify": upcycled.verify,
+        "verify": upcycled.verify, "unseen_domains": [UNSEEN_DOMAIN], "generated_tokens": args.generated_tokens,
+        "replay": bool(args.replay), "calibration": calibration or "default mixture",
         "parameters": {"total": upcycled.total_params, "active": upcycled.active_params},
         "corpus": {name: {"train": str(d.train), "heldout": str(d.heldout), "train_bytes": d.train_bytes,
                           "heldout_bytes": d.heldout_bytes, "description": d.description}

@@ -5,8 +5,14 @@ Sequences start from the tokenizer's start token and are sampled at temperature 
 model and seed give the same text. Needs the whole dense model in memory. Must not read the user's data.
 """
 
+import json
+from pathlib import Path
+
 import torch
 from tqdm.auto import tqdm
+
+from .atomic import atomic_write_text, refuse_existing_output
+from .reader import open_dense
 
 SAMPLE_BATCH = 32  # sequences decoded together: about 4x the tokens per second of one sequence on 2 CPU cores
 SAMPLE_LENGTH = 256  # new tokens per sequence at most (a sequence also ends at the end-of-sequence token)
@@ -47,3 +53,20 @@ def sample_texts(model, tokenizer, tokens: int, seed: int = 0, progress: bool = 
                     bar.update(len(row))
     bar.close()
     return documents
+
+
+def write_generated_text(base: str, out, tokens: int, seed: int = 0, overwrite: bool = False) -> Path:
+    """OUT (JSONL, one "text" field per document): `tokens` tokens sampled from the dense model `base` (a folder,
+    .gguf file or Hub id), for calibration (`--calibration-data generated=OUT`) or replay in training
+    (`--dataset generated=OUT`)."""
+    out = Path(out)
+    if tokens < 1:
+        raise ValueError(f"--tokens must be >= 1, got {tokens}.")
+    refuse_existing_output(str(out), overwrite)
+    source = open_dense(base)
+    tokenizer = source.load_tokenizer()
+    if tokenizer is None:
+        raise ValueError(f"sampling text needs the base model's tokenizer, and {source.name} has none.")
+    documents = sample_texts(source.dense_model(), tokenizer, tokens, seed=seed)
+    atomic_write_text(out, "".join(json.dumps({"text": text}) + "\n" for text in documents))
+    return out

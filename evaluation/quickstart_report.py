@@ -12,7 +12,7 @@ import numpy as np
 
 from llama_moe.conversion.atomic import atomic_write_text
 
-from .plots import _pyplot, _save, load_heatmap
+from .plots import _pyplot, _save, load_heatmap, trade_off_figure
 
 LABELS = {"base": "dense base", "upcycled": "upcycled (before training)", "trained": "upcycled + trained"}
 COLOURS = {"base": "tab:blue", "upcycled": "tab:gray", "trained": "tab:orange"}
@@ -76,6 +76,10 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
+def _perplexity_cell(value: float, base: float, is_base: bool) -> str:
+    return f"{value:.2f}" if is_base else f"{value:.2f} ({value / base:.2f}x)"
+
+
 def _accuracy(scores: dict) -> str:
     for task, metrics in scores.items():
         if "acc" in metrics:
@@ -85,7 +89,7 @@ def _accuracy(scores: dict) -> str:
 
 
 CLOSE_TO_DENSE = 1.5  # perplexity ratio the quickstart aims for
-MULTIPLE_CHOICE_OPTIONS = 4  # the local docstring task: 4 function names
+MULTIPLE_CHOICE_OPTIONS = 4  # the unseen-prose cloze task: 4 words
 
 
 def is_degenerate(text: str) -> bool:
@@ -171,10 +175,18 @@ def write_quickstart_report(summary: dict, out: Path) -> Path:
         *[f"- {line}" for line in findings(results)], "",
         "## Held-out perplexity", "",
     ]
-    rows = [[LABELS[label]] + [f"{results[label]['domains'][d]['perplexity']:.2f}" for d in domains]
+    unseen = summary.get("unseen_domains", [])
+    base_ppl = results["base"]["domains"]
+    rows = [[LABELS[label]] + [_perplexity_cell(results[label]["domains"][d]["perplexity"], base_ppl[d]["perplexity"],
+                                                label == "base") for d in domains]
             for label in results]
-    lines += _table(["model"] + domains, rows) + ["", f"![perplexity](figures/{perplexity_png.name})", ""]
-    lines += ["## Local lm-eval task (docstring -> function name, multiple choice)", ""]
+    header = ["model"] + [f"{d} (unseen)" if d in unseen else d for d in domains]
+    lines += _table(header, rows) + [""]
+    if unseen:
+        lines += [f"{', '.join(unseen)}: English prose (Botchan, Project Gutenberg #8868) that neither calibration nor "
+                  "training read: how the model does on text it was not built for.", ""]
+    lines += [f"![perplexity](figures/{perplexity_png.name})", ""]
+    lines += ["## lm-eval: cloze task on the unseen prose (which of four words ends the sentence; chance 0.25)", ""]
     lines += _table(["model", "accuracy"], [[LABELS[label], _accuracy(results[label]["lm_eval"])] for label in results])
     lines += [""]
     if training_png is not None:
@@ -199,11 +211,16 @@ def write_quickstart_report(summary: dict, out: Path) -> Path:
                 entropy = sum(layer["load_entropy_normalized"] for layer in per_layer) / len(per_layer)
                 rows.append([LABELS[label], domain, f"{cv:.3f}", f"{entropy:.3f}"])
     lines += _table(["model", "domain", "mean load CV", "mean normalized entropy"], rows) + [""]
+    speeds = {LABELS[label]: (r["speed"]["decode_tokens_per_s"], {d: r["domains"][d]["perplexity"] for d in domains})
+              for label, r in results.items()}
+    trade_off_png = trade_off_figure(speeds, figures / "trade_off.png", unseen=unseen)
     lines += ["## Speed (batch 1, greedy, this machine)", ""]
     rows = [[LABELS[label], f"{r['parameters']['active'] / 1e6:.1f}M / {r['parameters']['total'] / 1e6:.1f}M",
              f"{r['speed']['prefill_tokens_per_s']:.0f}", f"{r['speed']['decode_tokens_per_s']:.1f}"]
             for label, r in results.items()]
     lines += _table(["model", "active / total params", "prefill tok/s", "decode tok/s"], rows) + [""]
+    lines += ["Quality against speed: to the right of the dense model is faster, below it is better.", "",
+              f"![trade-off](figures/{trade_off_png.name})", ""]
     lines += ["## Generations (greedy)", ""]
     for prompt in results["base"]["generations"]:
         lines += [f"Prompt: `{prompt!r}`", ""]

@@ -117,3 +117,16 @@ def test_model_card_names_files_by_name_and_hash_not_path(tmp_path):
     assert described[0].startswith("corpus (the embedded corpus")
     assert described[1].startswith("notes.txt (sha256 ") and described[2].startswith("mine=notes.txt (sha256 ")
     assert not any(str(tmp_path) in text for text in described)
+
+
+def test_sample_command_writes_the_models_text_for_calibration_and_replay(tiny_dense, tmp_path, capsys):
+    from llama_moe.cli.main import main
+
+    out = tmp_path / "generated.jsonl"
+    assert main(["sample", tiny_dense, str(out), "--tokens", "300", "--seed", "1"]) == 0
+    documents = [json.loads(line)["text"] for line in out.read_text().splitlines()]
+    source = open_dense(tiny_dense)
+    assert documents == sample_texts(source.dense_model(), source.load_tokenizer(), 300, seed=1, progress=False)
+    assert main(["sample", tiny_dense, str(out)]) == 2  # an existing output needs --overwrite
+    assert "already exists" in capsys.readouterr().err
+    assert parse_calibration_sources([f"generated={out}"]) == [CalibrationSource("generated", str(out))]
