@@ -26,10 +26,17 @@ def build_model(args, num_experts, top_k, width):
 
     torch.manual_seed(0)
     config = LlamaMoEConfig(
-        hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads, vocab_size=args.vocab, max_position_embeddings=4096,
-        intermediate_size=top_k * width, moe_intermediate_size=width, num_local_experts=num_experts,
-        num_experts_per_tok=top_k, tie_word_embeddings=True,
+        hidden_size=args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        vocab_size=args.vocab,
+        max_position_embeddings=4096,
+        intermediate_size=top_k * width,
+        moe_intermediate_size=width,
+        num_local_experts=num_experts,
+        num_experts_per_tok=top_k,
+        tie_word_embeddings=True,
     )
     return LlamaMoEForCausalLM(config).eval()
 
@@ -96,28 +103,39 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     num_experts, top_k, width = (int(v) for v in args.shape.split(":"))
     print(f"command: {' '.join([os.path.basename(sys.executable)] + sys.argv)}")
-    print(f"torch {torch.__version__}, python {platform.python_version()}, threads {args.threads}, "
-          f"load average {os.getloadavg()[0]:.2f}")
-    print(f"model: {num_experts} experts top-{top_k} of width {width}, hidden {args.hidden}, {args.layers} layers, "
-          f"vocab {args.vocab}, float32; median of {args.repeats}\n")
+    print(
+        f"torch {torch.__version__}, python {platform.python_version()}, threads {args.threads}, "
+        f"load average {os.getloadavg()[0]:.2f}"
+    )
+    print(
+        f"model: {num_experts} experts top-{top_k} of width {width}, hidden {args.hidden}, {args.layers} layers, "
+        f"vocab {args.vocab}, float32; median of {args.repeats}\n"
+    )
     model = build_model(args, num_experts, top_k, width)
     compiled_forward = torch.compile(model.forward, fullgraph=True)
     rows = []
     for batch in (int(b) for b in args.batch.split(",")):
         static = StaticCache(config=model.config, max_cache_len=args.prompt + args.new_tokens)
-        medians = interleaved({
-            "eager, dynamic cache": lambda: decode_seconds(model, model.forward, DynamicCache(config=model.config),
-                                                           batch, args),
-            "compiled, static cache": lambda: decode_seconds(model, compiled_forward, reset(static), batch, args),
-        }, args.repeats)
+        medians = interleaved(
+            {
+                "eager, dynamic cache": lambda: decode_seconds(
+                    model, model.forward, DynamicCache(config=model.config), batch, args
+                ),
+                "compiled, static cache": lambda: decode_seconds(model, compiled_forward, reset(static), batch, args),
+            },
+            args.repeats,
+        )
         rows.append((f"decoding, batch {batch} (ms per step)", medians))
         print(f"  timed {rows[-1][0]}", flush=True)
     block = model.model.layers[0].mlp.train()
     compiled_block = torch.compile(block, fullgraph=True)
-    medians = interleaved({
-        "eager": lambda: layer_seconds(block, args.layer_tokens, args.hidden),
-        "compiled": lambda: layer_seconds(compiled_block, args.layer_tokens, args.hidden),
-    }, args.repeats)
+    medians = interleaved(
+        {
+            "eager": lambda: layer_seconds(block, args.layer_tokens, args.hidden),
+            "compiled": lambda: layer_seconds(compiled_block, args.layer_tokens, args.hidden),
+        },
+        args.repeats,
+    )
     rows.append((f"one MoE layer fwd+bwd, {args.layer_tokens} tokens (ms)", medians))
     print("\n| measurement | eager ms | compiled ms | compiled / eager |")
     print("|---|---|---|---|")

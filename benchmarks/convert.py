@@ -147,24 +147,32 @@ def main() -> None:
         dense, out = os.path.join(root, "dense"), os.path.join(root, "moe")
         start = time.perf_counter()
         dense_bytes = write_dense(dense, args.layers)
-        print(f"generated {dense_bytes / 1e9:.2f} GB dense checkpoint ({args.layers} layers) in "
-              f"{time.perf_counter() - start:.1f}s", flush=True)
-        proc = subprocess.run([sys.executable, "-c", CHILD, dense, out, args.max_shard_size], capture_output=True,
-                              text=True, check=True)
+        print(
+            f"generated {dense_bytes / 1e9:.2f} GB dense checkpoint ({args.layers} layers) in "
+            f"{time.perf_counter() - start:.1f}s",
+            flush=True,
+        )
+        proc = subprocess.run(
+            [sys.executable, "-c", CHILD, dense, out, args.max_shard_size], capture_output=True, text=True, check=True
+        )
         report = json.loads(proc.stdout.strip().splitlines()[-1])
         peak = report["peak"]
         disk = disk_write_speed(root, report["bytes"])
         ffn_layer = 3 * FFN * HIDDEN * 2
         goal = parse_size(args.max_shard_size) + 2 * ffn_layer + 10**9
         print(report["summary"])
-        print(f"written: {report['bytes'] / 1e9:.2f} GB in {report['files']} shards, "
-              f"{report['bytes'] / 1e6 / report['seconds']:.0f} MB/s (whole run incl. checks, config, card); plain "
-              f"sequential write of as many bytes on the same disk: {disk:.0f} MB/s")
-        print(f"peak RSS of the conversion process: {peak / 1e9:.2f} GB "
-              f"(of which {report['rss_after_imports'] / 1e9:.2f} "
-              f"GB after imports); goal < {goal / 1e9:.2f} GB (shard {args.max_shard_size} + 2 dense FFN layers "
-              f"{2 * ffn_layer / 1e9:.2f} GB + 1 GB): {'met' if peak < goal else 'NOT met'}; peak anonymous memory "
-              f"(sampled every 20 ms, excludes mapped file pages): {report['peak_anon'] / 1e9:.2f} GB")
+        print(
+            f"written: {report['bytes'] / 1e9:.2f} GB in {report['files']} shards, "
+            f"{report['bytes'] / 1e6 / report['seconds']:.0f} MB/s (whole run incl. checks, config, card); plain "
+            f"sequential write of as many bytes on the same disk: {disk:.0f} MB/s"
+        )
+        print(
+            f"peak RSS of the conversion process: {peak / 1e9:.2f} GB "
+            f"(of which {report['rss_after_imports'] / 1e9:.2f} "
+            f"GB after imports); goal < {goal / 1e9:.2f} GB (shard {args.max_shard_size} + 2 dense FFN layers "
+            f"{2 * ffn_layer / 1e9:.2f} GB + 1 GB): {'met' if peak < goal else 'NOT met'}; peak anonymous memory "
+            f"(sampled every 20 ms, excludes mapped file pages): {report['peak_anon'] / 1e9:.2f} GB"
+        )
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

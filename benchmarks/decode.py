@@ -27,8 +27,12 @@ def build(kind, args, num_experts, top_k, width):
     from llama_moe.modeling import LlamaMoEConfig, LlamaMoEForCausalLM
 
     common = dict(
-        hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads, vocab_size=args.vocab, max_position_embeddings=4096,
+        hidden_size=args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        vocab_size=args.vocab,
+        max_position_embeddings=4096,
         tie_word_embeddings=True,
     )
     torch.manual_seed(0)
@@ -36,8 +40,11 @@ def build(kind, args, num_experts, top_k, width):
         model = LlamaForCausalLM(LlamaConfig(intermediate_size=top_k * width, **common))
     else:
         config = LlamaMoEConfig(
-            intermediate_size=top_k * width, moe_intermediate_size=width, num_local_experts=num_experts,
-            num_experts_per_tok=top_k, **common,
+            intermediate_size=top_k * width,
+            moe_intermediate_size=width,
+            num_local_experts=num_experts,
+            num_experts_per_tok=top_k,
+            **common,
         )
         config._experts_implementation = kind
         model = LlamaMoEForCausalLM(config)
@@ -86,10 +93,14 @@ def main(argv=None):
     if contenders[0] != "dense":
         sys.exit("--contenders must start with dense (the reference)")
     print(f"command: {' '.join([os.path.basename(sys.executable)] + sys.argv)}")
-    print(f"torch {torch.__version__}, python {platform.python_version()}, threads {args.threads}, "
-          f"load average {os.getloadavg()[0]:.2f}")
-    print(f"model: hidden {args.hidden}, {args.layers} layers, {args.heads}/{args.kv_heads} heads, vocab "
-          f"{args.vocab}, {args.dtype}; prompt {args.prompt}, {args.new_tokens} steps, median of {args.repeats}\n")
+    print(
+        f"torch {torch.__version__}, python {platform.python_version()}, threads {args.threads}, "
+        f"load average {os.getloadavg()[0]:.2f}"
+    )
+    print(
+        f"model: hidden {args.hidden}, {args.layers} layers, {args.heads}/{args.kv_heads} heads, vocab "
+        f"{args.vocab}, {args.dtype}; prompt {args.prompt}, {args.new_tokens} steps, median of {args.repeats}\n"
+    )
     rows = []
     for shape in args.shapes.split(","):
         num_experts, top_k, width = (int(v) for v in shape.split(":"))

@@ -47,18 +47,26 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=576)
     parser.add_argument("--vocabs", default="32000,49152,128256")
     args = parser.parse_args()
-    print("| vocabulary | student logits (MB) | extra peak, chunked (MB) | chunked minus its returned gradient (MB) "
-          "| extra peak, plain (MB) |")
+    print(
+        "| vocabulary | student logits (MB) | extra peak, chunked (MB) | chunked minus its returned gradient (MB) "
+        "| extra peak, plain (MB) |"
+    )
     print("|---|---|---|---|---|")
     for vocab in (int(v) for v in args.vocabs.split(",")):
         row = {}
         for mode in ("chunked", "plain"):
-            out = subprocess.run([sys.executable, "-c", CASE, mode, str(args.tokens), str(vocab), str(args.hidden)],
-                                 capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [sys.executable, "-c", CASE, mode, str(args.tokens), str(vocab), str(args.hidden)],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             row[mode] = json.loads(out.stdout.strip().splitlines()[-1])
         chunked, logits = row["chunked"]["extra_mb"], row["chunked"]["logits_mb"]
-        print(f"| {vocab} | {logits:.0f} | {chunked:.0f} | {chunked - logits:.0f} | {row['plain']['extra_mb']:.0f} |",
-              flush=True)
+        print(
+            f"| {vocab} | {logits:.0f} | {chunked:.0f} | {chunked - logits:.0f} | {row['plain']['extra_mb']:.0f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -231,8 +231,10 @@ def main(argv=None):
         print(json.dumps([measure_memory(args, shape, tokens, device, dtype) for shape, tokens in cases]))
         return 0
     print("\n".join(machine_info(device)))
-    print(f"hidden {args.hidden}, {args.dtype} on {device}, median of {args.repeats} interleaved repetitions, "
-          f"{args.clock} clock")
+    print(
+        f"hidden {args.hidden}, {args.dtype} on {device}, median of {args.repeats} interleaved repetitions, "
+        f"{args.clock} clock"
+    )
     print("Shared machine: other work may run at the same time; ratios within one run are what to compare.\n")
     results = []
     for shape, tokens in cases:

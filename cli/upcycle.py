@@ -28,8 +28,14 @@ def add_method_options(parser: argparse.ArgumentParser) -> None:
         for f in own:
             seen.add(f.name)
             default = "" if f.default is None else f" (default {f.default})"
-            group.add_argument(flag(f.name), dest=f.name, default=f.default, type=f.metadata["type"],
-                               choices=f.metadata["choices"], help=f.metadata["help"] + default)
+            group.add_argument(
+                flag(f.name),
+                dest=f.name,
+                default=f.default,
+                type=f.metadata["type"],
+                choices=f.metadata["choices"],
+                help=f.metadata["help"] + default,
+            )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,8 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("out", metavar="OUT", help="output folder (must not exist unless --overwrite)")
     parser.add_argument("--method", default="copy", help=f"construction method: {', '.join(METHODS)} (default copy)")
     parser.add_argument("--num-experts", type=int, default=8, help="routed experts per MoE layer (default 8)")
-    parser.add_argument("--top-k", "--num-experts-per-tok", dest="top_k", type=int, default=2,
-                        help="experts per token (default 2)")
+    parser.add_argument(
+        "--top-k", "--num-experts-per-tok", dest="top_k", type=int, default=2, help="experts per token (default 2)"
+    )
     parser.add_argument(
         "--moe-layers", default="all", help="which layers become MoE: all, every-other, or a list like 0,2,5"
     )
@@ -71,17 +78,23 @@ def build_parser() -> argparse.ArgumentParser:
         "granular exact G, otherwise 1)",
     )
     parser.add_argument("--capacity-factor", type=float, default=None, help="expert capacity (default: dropless)")
-    parser.add_argument("--aux-loss-coef", type=float, default=0.01,
-                        help="load-balancing loss weight, per MoE layer (0.01)")
+    parser.add_argument(
+        "--aux-loss-coef", type=float, default=0.01, help="load-balancing loss weight, per MoE layer (0.01)"
+    )
     parser.add_argument(
         "--router-init",
         default=None,
         choices=list(ROUTER_INIT_HELP),
-        help="router weights: " + "; ".join(f"{k} = {v}" for k, v in ROUTER_INIT_HELP.items())
+        help="router weights: "
+        + "; ".join(f"{k} = {v}" for k, v in ROUTER_INIT_HELP.items())
         + " (default: fit for carve, normal otherwise)",
     )
-    parser.add_argument("--router-std", type=float, default=None, help="std of the normal router init "
-                        "(default: the model's initializer_range)")
+    parser.add_argument(
+        "--router-std",
+        type=float,
+        default=None,
+        help="std of the normal router init (default: the model's initializer_range)",
+    )
     parser.add_argument(
         "--calibration-data",
         nargs="+",
@@ -101,12 +114,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     parser.add_argument(
-        "--format", default="llama_moe",
+        "--format",
+        default="llama_moe",
         help=f"output architecture: {', '.join(FORMATS)} (default llama_moe); gguf: OUT is a .gguf file for llama.cpp "
         "in --dtype",
     )
-    parser.add_argument("--gguf-tokenizer-pre", default=None,
-                        help="gguf: llama.cpp's name of the tokenizer's pre-tokenizer where it is not detected")
+    parser.add_argument(
+        "--gguf-tokenizer-pre",
+        default=None,
+        help="gguf: llama.cpp's name of the tokenizer's pre-tokenizer where it is not detected",
+    )
     parser.add_argument(
         "--from",
         dest="source_format",

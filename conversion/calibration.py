@@ -69,7 +69,9 @@ def parse_calibration_sources(specs) -> list[CalibrationSource]:
         if not sep or os.path.exists(spec):
             name, path = Path(spec).stem, spec
         if not name or not path:
-            raise ValueError(f"--calibration-data {spec!r}: give a file, NAME=FILE, or one of {sorted(BUILTIN_SOURCES)}.")
+            raise ValueError(
+                f"--calibration-data {spec!r}: give a file, NAME=FILE, or one of {sorted(BUILTIN_SOURCES)}."
+            )
         check_calibration_file(path)
         sources.append(CalibrationSource(name, path))
     if not sources:
@@ -77,8 +79,9 @@ def parse_calibration_sources(specs) -> list[CalibrationSource]:
     names = [source.name for source in sources]
     twice = sorted({name for name in names if names.count(name) > 1})
     if twice:
-        raise ValueError(f"--calibration-data names {twice} more than once; give each source once (NAME=FILE "
-                         "renames a file).")
+        raise ValueError(
+            f"--calibration-data names {twice} more than once; give each source once (NAME=FILE renames a file)."
+        )
     return sources
 
 
@@ -134,8 +137,9 @@ def source_text(source: CalibrationSource, tokens: int, dense, tokenizer, seed: 
     return read_calibration_text(source.path)[: tokens * 16]
 
 
-def calibration_blocks(tokenizer, text: str, max_tokens: int, sequence_length: int = SEQUENCE_LENGTH,
-                       what: str = "--calibration-data") -> torch.Tensor:
+def calibration_blocks(
+    tokenizer, text: str, max_tokens: int, sequence_length: int = SEQUENCE_LENGTH, what: str = "--calibration-data"
+) -> torch.Tensor:
     """[blocks, sequence_length] token ids: at most `max_tokens` of `text`, cut into whole blocks."""
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0][:max_tokens]
     usable = ids.shape[0] // sequence_length * sequence_length
@@ -144,8 +148,9 @@ def calibration_blocks(tokenizer, text: str, max_tokens: int, sequence_length: i
     return ids[:usable].view(-1, sequence_length)
 
 
-def mixture_blocks(sources: list[CalibrationSource], tokens: int, dense, tokenizer, seed: int,
-                   sequence_length: int = SEQUENCE_LENGTH) -> torch.Tensor:
+def mixture_blocks(
+    sources: list[CalibrationSource], tokens: int, dense, tokenizer, seed: int, sequence_length: int = SEQUENCE_LENGTH
+) -> torch.Tensor:
     """[blocks, sequence_length]: an equal share of `tokens` from each source, in whole blocks."""
     share = tokens // len(sources)
     if share < sequence_length:
@@ -155,10 +160,17 @@ def mixture_blocks(sources: list[CalibrationSource], tokens: int, dense, tokeniz
         )
     parts = []
     for source in sources:
-        blocks = calibration_blocks(tokenizer, source_text(source, share, dense, tokenizer, seed), share,
-                                    sequence_length, what=f"--calibration-data source {source.name!r}")
+        blocks = calibration_blocks(
+            tokenizer,
+            source_text(source, share, dense, tokenizer, seed),
+            share,
+            sequence_length,
+            what=f"--calibration-data source {source.name!r}",
+        )
         if blocks.numel() < share // sequence_length * sequence_length:
-            logger.warning("calibration source %r gives %d tokens of its share of %d", source.name, blocks.numel(), share)
+            logger.warning(
+                "calibration source %r gives %d tokens of its share of %d", source.name, blocks.numel(), share
+            )
         parts.append(blocks)
     return torch.cat(parts)
 
@@ -200,8 +212,11 @@ class LayerwiseCalibration:
         cos, sin = self.position_embeddings
         residual = []
         for hidden in self._batches(self.hidden_NSH):
-            out, _ = attention(hidden_states=input_norm(hidden), attention_mask=None,
-                               position_embeddings=(cos.expand(len(hidden), -1, -1), sin.expand(len(hidden), -1, -1)))
+            out, _ = attention(
+                hidden_states=input_norm(hidden),
+                attention_mask=None,
+                position_embeddings=(cos.expand(len(hidden), -1, -1), sin.expand(len(hidden), -1, -1)),
+            )
             residual.append(hidden + out)
         self._residual = torch.cat(residual)
         self._inputs = torch.cat([post_norm(r) for r in self._batches(self._residual)])

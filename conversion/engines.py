@@ -20,14 +20,18 @@ ENGINE_NAMES = {"transformers": "transformers", "vllm": "vLLM", "llama.cpp": "ll
 
 
 # Measured by benchmarks/serving_check.py: llama.cpp's default float16 KV cache flips routing near ties.
-F32_KV_ADVICE = ("keep the KV cache in float32 (-ctk f32 -ctv f32): its default float16 cache flips routers that "
-                 "sit near ties (the random split's always)")
+F32_KV_ADVICE = (
+    "keep the KV cache in float32 (-ctk f32 -ctv f32): its default float16 cache flips routers that "
+    "sit near ties (the random split's always)"
+)
 # Measured by the same check: in bfloat16 every engine, transformers itself included, changes greedy tokens of
 # upcycled models whose routers sit near ties (all but the copy method), each as far from float32 as the others.
-FLOAT32_ADVICE = ("Exact agreement between engines needs float32 (vLLM --dtype float32, f32 GGUF, f32 KV cache): "
-                  "in bfloat16 every engine, transformers included, rounds routing near ties its own way, so greedy "
-                  "tokens of an upcycled model differ from its float32 ones and from each other's "
-                  "(measured: README, serving check).")
+FLOAT32_ADVICE = (
+    "Exact agreement between engines needs float32 (vLLM --dtype float32, f32 GGUF, f32 KV cache): "
+    "in bfloat16 every engine, transformers included, rounds routing near ties its own way, so greedy "
+    "tokens of an upcycled model differ from its float32 ones and from each other's "
+    "(measured: README, serving check)."
+)
 
 
 # RoPE variants the GGUF exporter writes (conversion/gguf_export.py); llama.cpp reads each from the file's metadata.
@@ -81,8 +85,10 @@ def gguf_architecture(config, explain: list[str]) -> str | None:
     if rope_type not in ROPE_TYPES:
         reasons.append(f"rope_type={rope_type!r}: this exporter writes {list(ROPE_TYPES)}")
     if config.norm_topk_prob and config.shared_expert_intermediate_size and config.shared_expert_gate:
-        reasons.append("a gated shared expert with renormalized top-k: llama.cpp's qwen2moe gates its shared expert "
-                       "but never renormalizes, granitemoe renormalizes but has no gate")
+        reasons.append(
+            "a gated shared expert with renormalized top-k: llama.cpp's qwen2moe gates its shared expert "
+            "but never renormalizes, granitemoe renormalizes but has no gate"
+        )
     explain.extend(reasons)
     if reasons:
         return None
@@ -104,7 +110,8 @@ def engine_support(format_name: str, config) -> list[EngineSupport]:
             EngineSupport("transformers", True, "MixtralForCausalLM, no remote code"),
             EngineSupport("vllm", True, "served as MixtralForCausalLM"),
             EngineSupport(
-                "llama.cpp", True,
+                "llama.cpp",
+                True,
                 "after convert_hf_to_gguf.py (or --format gguf); " + F32_KV_ADVICE,
             ),
         ]
@@ -124,14 +131,21 @@ def engine_support(format_name: str, config) -> list[EngineSupport]:
         reasons: list[str] = []
         arch = gguf_architecture(config, reasons)
         return [
-            EngineSupport("transformers", arch == "qwen2moe",
-                          "Qwen2MoeForCausalLM.from_pretrained(folder, gguf_file=..., config=<the qwen2_moe export's "
-                          "config>)" if arch == "qwen2moe" else
-                          "transformers' GGUF reader has no experts for llama.cpp's llama and granitemoe files"),
+            EngineSupport(
+                "transformers",
+                arch == "qwen2moe",
+                "Qwen2MoeForCausalLM.from_pretrained(folder, gguf_file=..., config=<the qwen2_moe export's config>)"
+                if arch == "qwen2moe"
+                else "transformers' GGUF reader has no experts for llama.cpp's llama and granitemoe files",
+            ),
             EngineSupport("vllm", False, "serve the mixtral or qwen2_moe export (vLLM's GGUF loading is not checked)"),
-            EngineSupport("llama.cpp", arch is not None,
-                          f"llama-cli / llama-server -m FILE.gguf (architecture {arch}); {F32_KV_ADVICE}"
-                          if arch else "; ".join(reasons)),
+            EngineSupport(
+                "llama.cpp",
+                arch is not None,
+                f"llama-cli / llama-server -m FILE.gguf (architecture {arch}); {F32_KV_ADVICE}"
+                if arch
+                else "; ".join(reasons),
+            ),
         ]
     raise ValueError(f"Unknown format {format_name!r}.")
 
@@ -164,8 +178,11 @@ def gguf_row_lengths(config) -> dict[str, tuple[int, str]]:
 
 def quantization_fallbacks(config, block: int) -> list[str]:
     """The tensors llama-quantize would store in a fallback type for a quantization with this block, and why."""
-    return [f"{name} (rows of {length} = {field}, not a multiple of {block})"
-            for name, (length, field) in gguf_row_lengths(config).items() if length % block]
+    return [
+        f"{name} (rows of {length} = {field}, not a multiple of {block})"
+        for name, (length, field) in gguf_row_lengths(config).items()
+        if length % block
+    ]
 
 
 def quantization_lines(config) -> list[str]:
@@ -173,12 +190,20 @@ def quantization_lines(config) -> list[str]:
     lines = []
     for family, block in QUANT_BLOCKS.items():
         fallbacks = quantization_fallbacks(config, block)
-        lines.append(f"llama.cpp {family}: " + (
-            "every matrix keeps the asked type" if not fallbacks else
-            "stored in a fallback type (llama-quantize's 'fallback quantization'): " + "; ".join(fallbacks)
-            + (" (carve: --width-multiple 256 chooses expert widths that quantize)"
-               if config.hidden_size % block == 0 and config.moe_intermediate_size % block else "")
-        ))
+        lines.append(
+            f"llama.cpp {family}: "
+            + (
+                "every matrix keeps the asked type"
+                if not fallbacks
+                else "stored in a fallback type (llama-quantize's 'fallback quantization'): "
+                + "; ".join(fallbacks)
+                + (
+                    " (carve: --width-multiple 256 chooses expert widths that quantize)"
+                    if config.hidden_size % block == 0 and config.moe_intermediate_size % block
+                    else ""
+                )
+            )
+        )
     return lines
 
 
@@ -202,7 +227,10 @@ def engine_table_markdown(format_name: str, config) -> str:
 def engine_lines(format_name: str, config) -> str:
     """What the CLI prints after writing: one line per engine."""
     return "\n".join(
-        [f"  {ENGINE_NAMES[row.engine]:<12} {'exact' if row.exact else 'no':<5}  {row.note}"
-         for row in engine_support(format_name, config)] + ["  " + FLOAT32_ADVICE]
+        [
+            f"  {ENGINE_NAMES[row.engine]:<12} {'exact' if row.exact else 'no':<5}  {row.note}"
+            for row in engine_support(format_name, config)
+        ]
+        + ["  " + FLOAT32_ADVICE]
         + ["  " + line for line in quantization_lines(config)]
     )

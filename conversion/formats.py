@@ -31,7 +31,6 @@ from .writer import ShardedSafetensorsWriter, parse_size, read_written_shapes
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 
 
-
 def write_config_and_code(config: PreTrainedConfig, out_dir: str | os.PathLike) -> None:
     """Write `config.json`; for our own config also the remote-code files and `auto_map`, exactly as
     `LlamaMoEForCausalLM.save_pretrained` does, without building the model's weights (meta device)."""
@@ -369,9 +368,7 @@ class Qwen2MoeExporter(Exporter):
         return [(name, tensor)]  # attention, norms, embeddings, lm_head, shared expert, dense MLPs
 
 
-EXPORTERS: dict[str, type[Exporter]] = {
-    cls.name: cls for cls in (LlamaMoEExporter, MixtralExporter, Qwen2MoeExporter)
-}
+EXPORTERS: dict[str, type[Exporter]] = {cls.name: cls for cls in (LlamaMoEExporter, MixtralExporter, Qwen2MoeExporter)}
 
 
 FORMATS = [*EXPORTERS, "gguf"]  # every --format value
@@ -404,8 +401,10 @@ def get_exporter(name: str, moe_config: LlamaMoEConfig, engine: str | None = Non
     if engine is not None:
         refusal = engine_refusal(name, moe_config, engine)
         if refusal:
-            raise ValueError(f"{refusal} Formats that {ENGINE_NAMES[engine]} serves for this configuration: "
-                             f"{formats_that_fit(moe_config, engine)}.")
+            raise ValueError(
+                f"{refusal} Formats that {ENGINE_NAMES[engine]} serves for this configuration: "
+                f"{formats_that_fit(moe_config, engine)}."
+            )
     return cls(moe_config)
 
 
@@ -420,9 +419,7 @@ def check_written_tensors(written: dict[str, tuple[int, ...]], expected: dict[st
     if extra:
         problems.append(f"{len(extra)} unexpected tensors, e.g. {extra[:5]}")
     if wrong:
-        problems.append(
-            "wrong shapes: " + ", ".join(f"{n} {written[n]} (expected {expected[n]})" for n in wrong[:5])
-        )
+        problems.append("wrong shapes: " + ", ".join(f"{n} {written[n]} (expected {expected[n]})" for n in wrong[:5]))
     if problems:
         raise ValueError("The converted checkpoint does not match its config: " + "; ".join(problems) + ".")
 
@@ -508,8 +505,13 @@ def write_converted_checkpoint(
             Path(folder, "README.md").write_text(card)
 
     return write_checkpoint(
-        [(item.name, item.shape, item.dtype) for item in tensors], stream, exporter, out_dir,
-        finish=finish, max_shard_size=max_shard_size, overwrite=overwrite,
+        [(item.name, item.shape, item.dtype) for item in tensors],
+        stream,
+        exporter,
+        out_dir,
+        finish=finish,
+        max_shard_size=max_shard_size,
+        overwrite=overwrite,
     )
 
 
@@ -549,8 +551,14 @@ def export_checkpoint(
         and not (name == "lm_head.weight" and moe_config.tie_word_embeddings)  # tied: the embedding is the head
     ]
     result = write_converted_checkpoint(
-        tensors, exporter, src, out_dir, max_shard_size=max_shard_size, overwrite=overwrite,
-        desc=f"Exporting to {format_name}", card=render_export_card(os.fspath(src_dir), format_name, moe_config),
+        tensors,
+        exporter,
+        src,
+        out_dir,
+        max_shard_size=max_shard_size,
+        overwrite=overwrite,
+        desc=f"Exporting to {format_name}",
+        card=render_export_card(os.fspath(src_dir), format_name, moe_config),
     )
     if verbose:
         tqdm.write(

@@ -42,9 +42,16 @@ def sample_texts(model, tokenizer, tokens: int, seed: int = 0, progress: bool = 
         while sampled < tokens:
             batch = min(SAMPLE_BATCH, -(-(tokens - sampled) // SAMPLE_LENGTH))
             ids = torch.full((batch, 1), start, device=device)
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0,
-                                 top_p=1.0, top_k=0, max_new_tokens=SAMPLE_LENGTH,
-                                 pad_token_id=start if tokenizer.pad_token_id is None else tokenizer.pad_token_id)
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=True,
+                temperature=1.0,
+                top_p=1.0,
+                top_k=0,
+                max_new_tokens=SAMPLE_LENGTH,
+                pad_token_id=start if tokenizer.pad_token_id is None else tokenizer.pad_token_id,
+            )
             for row in out[:, 1:].tolist():
                 row = [token for token in row if token not in stops]
                 if row:

@@ -43,8 +43,11 @@ from .reader import CheckpointReader, is_recomputed_buffer
 
 OUTTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 # What numpy hands the GGUF writer per stored dtype (numpy has no bfloat16: its raw bytes, typed by GGML's name).
-NUMPY_DTYPES = {torch.float32: np.dtype(np.float32), torch.float16: np.dtype(np.float16),
-                torch.bfloat16: np.dtype(np.uint8)}
+NUMPY_DTYPES = {
+    torch.float32: np.dtype(np.float32),
+    torch.float16: np.dtype(np.float16),
+    torch.bfloat16: np.dtype(np.uint8),
+}
 
 # llama.cpp names a BPE pre-tokenizer by the hash of the token ids of this text (its converter's `chktxt`), so the
 # same identifier is computed here. Known hashes for the Llama family; others need `tokenizer_pre=`.
@@ -74,8 +77,10 @@ def check_gguf_fit(config: LlamaMoEConfig, engine: str | None = None) -> str:
     arch = gguf_architecture(config, reasons)
     if arch is None:
         lines = "\n".join(f"  - {reason}" for reason in reasons)
-        raise ValueError(f"llama.cpp cannot compute this configuration as llama-moe does:\n{lines}\n"
-                         "Write it with --format llama_moe (or qwen2_moe / mixtral for vLLM where they fit) instead.")
+        raise ValueError(
+            f"llama.cpp cannot compute this configuration as llama-moe does:\n{lines}\n"
+            "Write it with --format llama_moe (or qwen2_moe / mixtral for vLLM where they fit) instead."
+        )
     refusal = engine and engine_refusal("gguf", config, engine)
     if refusal:
         raise ValueError(refusal)
@@ -199,8 +204,11 @@ def _numpy(tensor: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
 
 
 def _ggml_type(dtype: torch.dtype):
-    return {torch.float32: gguf.GGMLQuantizationType.F32, torch.float16: gguf.GGMLQuantizationType.F16,
-            torch.bfloat16: gguf.GGMLQuantizationType.BF16}[dtype]
+    return {
+        torch.float32: gguf.GGMLQuantizationType.F32,
+        torch.float16: gguf.GGMLQuantizationType.F16,
+        torch.bfloat16: gguf.GGMLQuantizationType.BF16,
+    }[dtype]
 
 
 def add_model_metadata(writer, config: LlamaMoEConfig, arch: str, name: str, outtype: str) -> None:
@@ -231,8 +239,11 @@ def add_model_metadata(writer, config: LlamaMoEConfig, arch: str, name: str, out
     if arch == "granitemoe":
         writer.add_expert_shared_feed_forward_length(c.shared_expert_intermediate_size)
         writer.add_logit_scale(1.0)
-    file_types = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                  "bf16": gguf.LlamaFileType.MOSTLY_BF16}
+    file_types = {
+        "f32": gguf.LlamaFileType.ALL_F32,
+        "f16": gguf.LlamaFileType.MOSTLY_F16,
+        "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+    }
     writer.add_file_type(file_types[outtype])
 
 
@@ -304,7 +315,8 @@ def export_gguf(
     reader = CheckpointReader(src)
     tensor_map = GgufTensorMap(config, arch)
     names = [
-        n for n in reader.keys()
+        n
+        for n in reader.keys()
         if not is_recomputed_buffer(n) and not (n == "lm_head.weight" and config.tie_word_embeddings)
     ]
     outdtype = OUTTYPES[outtype]
@@ -343,8 +355,9 @@ def export_gguf(
         writer.write_ti_data_to_file()
         for (planned_name, shape, dtype), (new_name, tensor) in zip(plan, stream(), strict=True):
             if planned_name != new_name or tuple(tensor.shape) != shape:
-                raise RuntimeError(f"GGUF stream out of plan: {new_name} {tuple(tensor.shape)}, planned "
-                                   f"{planned_name} {shape}")
+                raise RuntimeError(
+                    f"GGUF stream out of plan: {new_name} {tuple(tensor.shape)}, planned {planned_name} {shape}"
+                )
             writer.write_tensor_data(_numpy(tensor, dtype))
         writer.close()
     return os.fspath(out)

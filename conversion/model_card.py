@@ -48,8 +48,10 @@ def render_model_card(plan, *, format: str, total_params: int, active_params: in
     method_options = {name: getattr(o, name) for name in method_option_names(o.method)}
     if plan.uses_calibration_text:
         sources = parse_calibration_sources(o.calibration_data)
-        method_options.update(calibration_data=" + ".join(source.describe() for source in sources),
-                              calibration_tokens=o.calibration_tokens)
+        method_options.update(
+            calibration_data=" + ".join(source.describe() for source in sources),
+            calibration_tokens=o.calibration_tokens,
+        )
     option_text = ", ".join(f"{k}={v}" for k, v in method_options.items()) or "none"
     dense_layers = c.num_hidden_layers - len(c.moe_layers)
     lines = [
@@ -58,8 +60,9 @@ def render_model_card(plan, *, format: str, total_params: int, active_params: in
         "pipeline_tag: text-generation",
         f"base_model: {base}" if "/" in base and not os.path.isabs(base) else f"# base_model: {base}",
         "tags:",
-        _yaml_list(["moe", "mixture-of-experts", "custom_code" if format == "llama_moe" else format, "upcycling",
-                    "llama-moe"]),
+        _yaml_list(
+            ["moe", "mixture-of-experts", "custom_code" if format == "llama_moe" else format, "upcycling", "llama-moe"]
+        ),
         "---",
         "",
         f"# {os.path.basename(base.rstrip('/'))} upcycled to a Mixture of Experts ({o.method})",
@@ -72,15 +75,21 @@ def render_model_card(plan, *, format: str, total_params: int, active_params: in
         f"| base model | `{base}` |",
         f"| method | `{o.method}` ({option_text}) |",
         f"| experts per MoE layer | {c.num_local_experts} routed"
-        + (f" + shared expert of width {c.shared_expert_intermediate_size}"
-           if c.shared_expert_intermediate_size else "")
+        + (
+            f" + shared expert of width {c.shared_expert_intermediate_size}"
+            if c.shared_expert_intermediate_size
+            else ""
+        )
         + " |",
         f"| top-k | {c.num_experts_per_tok} (renormalized: {c.norm_topk_prob}, "
         f"routed scaling {c.routed_scaling_factor:g}) |",
         f"| expert width | {c.moe_intermediate_size} (dense FFN {c.intermediate_size})"
-        + (f"; {plan.built_expert_width} neurons built, padded with zero neurons (they add nothing) so that weight "
-           "rows span a multiple of 16 bytes, as grouped-GEMM kernels need"
-           if plan.built_expert_width != c.moe_intermediate_size else "")
+        + (
+            f"; {plan.built_expert_width} neurons built, padded with zero neurons (they add nothing) so that weight "
+            "rows span a multiple of 16 bytes, as grouped-GEMM kernels need"
+            if plan.built_expert_width != c.moe_intermediate_size
+            else ""
+        )
         + " |",
         f"| MoE layers | {len(c.moe_layers)} of {c.num_hidden_layers}"
         + (f" ({dense_layers} stay dense)" if dense_layers else "")
@@ -112,22 +121,29 @@ def write_model_card(folder: str, plan, **kwargs) -> str:
 
 def render_export_card(src: str, format_name: str, config) -> str:
     """The card of `llama-moe export`: where it came from, how to load it, which engines serve it exactly."""
-    return "\n".join([
-        "---",
-        "library_name: transformers",
-        "pipeline_tag: text-generation",
-        "tags:",
-        _yaml_list(["moe", "mixture-of-experts", "custom_code" if format_name == "llama_moe" else format_name,
-                    "llama-moe"]),
-        "---",
-        "",
-        f"# {os.path.basename(os.path.abspath(src))} ({format_name})",
-        "",
-        f"A Mixture-of-Experts checkpoint made with `llama-moe`, exported "
-        f"to the `{format_name}` format from `{src}`: {config.num_local_experts} routed experts, top-"
-        f"{config.num_experts_per_tok}"
-        + (f", shared expert of width {config.shared_expert_intermediate_size}"
-           if config.shared_expert_intermediate_size else "") + ".",
-        "",
-        *_usage_and_serving(format_name, config),
-    ])
+    return "\n".join(
+        [
+            "---",
+            "library_name: transformers",
+            "pipeline_tag: text-generation",
+            "tags:",
+            _yaml_list(
+                ["moe", "mixture-of-experts", "custom_code" if format_name == "llama_moe" else format_name, "llama-moe"]
+            ),
+            "---",
+            "",
+            f"# {os.path.basename(os.path.abspath(src))} ({format_name})",
+            "",
+            f"A Mixture-of-Experts checkpoint made with `llama-moe`, exported "
+            f"to the `{format_name}` format from `{src}`: {config.num_local_experts} routed experts, top-"
+            f"{config.num_experts_per_tok}"
+            + (
+                f", shared expert of width {config.shared_expert_intermediate_size}"
+                if config.shared_expert_intermediate_size
+                else ""
+            )
+            + ".",
+            "",
+            *_usage_and_serving(format_name, config),
+        ]
+    )

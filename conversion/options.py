@@ -54,8 +54,13 @@ class CommonOptions:
         options = cls(**kwargs)
         method = METHODS.get(options.method)
         if method is not None:
-            foreign = [name for name in kwargs if name in METHOD_OPTION_OWNERS and name not in method.option_names()
-                       and kwargs[name] != METHOD_OPTION_FIELDS[name].default]
+            foreign = [
+                name
+                for name in kwargs
+                if name in METHOD_OPTION_OWNERS
+                and name not in method.option_names()
+                and kwargs[name] != METHOD_OPTION_FIELDS[name].default
+            ]
             if foreign:
                 name = foreign[0]
                 raise ValueError(
@@ -72,7 +77,8 @@ def _method_option_fields() -> tuple[dict, dict]:
     for method in METHODS.values():
         for f in fields(method.options):
             if f.name in found and (found[f.name].default, found[f.name].metadata["type"]) != (
-                f.default, f.metadata["type"]
+                f.default,
+                f.metadata["type"],
             ):
                 raise TypeError(f"method option {f.name!r} is declared twice with different defaults or types.")
             found.setdefault(f.name, f)

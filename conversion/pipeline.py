@@ -324,8 +324,13 @@ def run_upcycle(
             check_gguf_tokenizer(Path(staging) / "tokenizer", gguf_tokenizer_pre)
         folder = out if staging is None else os.path.join(staging, "moe")
         written = write_checkpoint(
-            [(name, shape, plan.dtype) for name, shape in plan.tensors], iter_moe_tensors(plan, progress=progress),
-            exporter, folder, finish=finish, max_shard_size=shard_bytes, overwrite=overwrite,
+            [(name, shape, plan.dtype) for name, shape in plan.tensors],
+            iter_moe_tensors(plan, progress=progress),
+            exporter,
+            folder,
+            finish=finish,
+            max_shard_size=shard_bytes,
+            overwrite=overwrite,
         )
         result = UpcycleResult(
             path=out,
@@ -340,8 +345,14 @@ def run_upcycle(
             # The dense model already opened (no second GGUF parse).
             result.verify = verify_upcycled(plan.source, folder)
         if staging is not None:
-            export_gguf(folder, out, outtype=outtype_of(plan.dtype), tokenizer_pre=gguf_tokenizer_pre,
-                        overwrite=overwrite, progress=progress)
+            export_gguf(
+                folder,
+                out,
+                outtype=outtype_of(plan.dtype),
+                tokenizer_pre=gguf_tokenizer_pre,
+                overwrite=overwrite,
+                progress=progress,
+            )
             result.bytes_written, result.num_files = os.path.getsize(out), 1
     finally:
         if staging is not None:

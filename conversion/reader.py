@@ -189,8 +189,15 @@ class CheckpointReader:
         return tuple(tensor.shape), tensor.dtype
 
 
-CONFIG_KEYS_TO_DROP = ("architectures", "model_type", "transformers_version", "auto_map", "quantization_config",
-                       "_name_or_path", "torch_dtype")
+CONFIG_KEYS_TO_DROP = (
+    "architectures",
+    "model_type",
+    "transformers_version",
+    "auto_map",
+    "quantization_config",
+    "_name_or_path",
+    "torch_dtype",
+)
 
 
 def check_llama_config(config_dict: dict, where: str) -> None:
@@ -325,8 +332,6 @@ class SafetensorsSource(DenseSource):
 
     def save_tokenizer(self, folder: str) -> list[str]:
         return copy_side_files(self.folder, folder)
-
-
 
 
 class ModelSource(DenseSource):

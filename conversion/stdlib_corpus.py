@@ -19,8 +19,20 @@ from pydoc_data.topics import topics
 HELDOUT_EVERY = 10  # one document in ten (by a stable hash) is held out
 
 # Standard-library folders that are tests, demos or vendored data rather than library code.
-_SKIP_DIRS = {"test", "tests", "idlelib", "lib2to3", "turtledemo", "site-packages", "ensurepip", "__pycache__",
-              "pydoc_data", "venv", "distutils", "tkinter"}
+_SKIP_DIRS = {
+    "test",
+    "tests",
+    "idlelib",
+    "lib2to3",
+    "turtledemo",
+    "site-packages",
+    "ensurepip",
+    "__pycache__",
+    "pydoc_data",
+    "venv",
+    "distutils",
+    "tkinter",
+}
 
 
 @dataclass
@@ -86,8 +98,10 @@ def _write_split(documents, folder: Path, max_train_bytes: int, max_heldout_byte
     folder.mkdir(parents=True, exist_ok=True)
     sizes = {"train": 0, "heldout": 0}
     limits = {"train": max_train_bytes, "heldout": max_heldout_bytes}
-    with open(folder / "train.jsonl", "w", encoding="utf-8") as train, \
-            open(folder / "heldout.jsonl", "w", encoding="utf-8") as heldout:
+    with (
+        open(folder / "train.jsonl", "w", encoding="utf-8") as train,
+        open(folder / "heldout.jsonl", "w", encoding="utf-8") as heldout,
+    ):
         for text in documents:
             split = "heldout" if _is_heldout(text, heldout_every) else "train"
             if sizes[split] + len(text) > limits[split]:
@@ -99,8 +113,9 @@ def _write_split(documents, folder: Path, max_train_bytes: int, max_heldout_byte
     return sizes
 
 
-def build_stdlib_corpus(out_dir, max_train_bytes: int = 3_000_000, max_heldout_bytes: int = 300_000,
-                        heldout_every: int = HELDOUT_EVERY) -> dict[str, CorpusDomain]:
+def build_stdlib_corpus(
+    out_dir, max_train_bytes: int = 3_000_000, max_heldout_bytes: int = 300_000, heldout_every: int = HELDOUT_EVERY
+) -> dict[str, CorpusDomain]:
     """Write `out_dir/<domain>/{train,heldout}.jsonl` (a "text" field per document) and describe them."""
     out_dir = Path(out_dir)
     sources = {
@@ -113,6 +128,7 @@ def build_stdlib_corpus(out_dir, max_train_bytes: int = 3_000_000, max_heldout_b
         sizes = _write_split(documents, folder, max_train_bytes, max_heldout_bytes, heldout_every)
         if sizes["train"] == 0 or sizes["heldout"] == 0:
             raise ValueError(f"the embedded corpus domain {name!r} came out empty; is the standard library complete?")
-        domains[name] = CorpusDomain(name, folder / "train.jsonl", folder / "heldout.jsonl",
-                                     sizes["train"], sizes["heldout"], description)
+        domains[name] = CorpusDomain(
+            name, folder / "train.jsonl", folder / "heldout.jsonl", sizes["train"], sizes["heldout"], description
+        )
     return domains

@@ -71,9 +71,7 @@ class ShardedSafetensorsWriter:
         self.specs = specs
         self.shards = plan_shards(specs, max_shard_size)
         n = len(self.shards)
-        self.file_names = (
-            [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        )
+        self.file_names = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         self._position = 0  # index into specs of the next tensor
         self._shard = -1
         self._file = None
@@ -89,7 +87,9 @@ class ShardedSafetensorsWriter:
             name, shape, dtype = self.specs[i]
             size = tensor_bytes(shape, dtype)
             header[name] = {
-                "dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]
+                "dtype": SAFETENSORS_DTYPES[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + size],
             }
             offset += size
         header["__metadata__"] = {"format": "pt"}

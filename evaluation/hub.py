@@ -31,8 +31,19 @@ RECOMMENDED_FILE_BYTES = 20 * 1000**3
 LFS_THRESHOLD_BYTES = 10 * 1000**2
 SCAN_WHOLE_FILE_BYTES = 50 * 1000**2  # bigger files: only their safetensors header is scanned for secrets
 # Never uploaded: version-control and cache folders, bytecode, our own atomic-write temporaries.
-DEFAULT_IGNORE = [".git/*", "*/.git/*", ".cache/*", "*/.cache/*", "__pycache__/*", "*/__pycache__/*", "*.pyc",
-                  TEMPORARY_FILE_PATTERN, f"*/{TEMPORARY_FILE_PATTERN}", ".DS_Store", "*/.DS_Store"]
+DEFAULT_IGNORE = [
+    ".git/*",
+    "*/.git/*",
+    ".cache/*",
+    "*/.cache/*",
+    "__pycache__/*",
+    "*/__pycache__/*",
+    "*.pyc",
+    TEMPORARY_FILE_PATTERN,
+    f"*/{TEMPORARY_FILE_PATTERN}",
+    ".DS_Store",
+    "*/.DS_Store",
+]
 SECRET_PATTERNS = {
     "Hugging Face token": rb"hf_[A-Za-z0-9]{30,}",
     "Hugging Face org API token": rb"api_org_[A-Za-z0-9]{30,}",
@@ -57,8 +68,10 @@ class UploadPlan:
     load_check: dict = field(default_factory=dict)
 
     def describe(self) -> str:
-        lines = [f"Would upload {len(self.files)} file(s), {sum(s for _, s, _ in self.files) / 1e6:,.1f} MB, "
-                 f"from {self.folder} to https://huggingface.co/{self.repo_id}:"]
+        lines = [
+            f"Would upload {len(self.files)} file(s), {sum(s for _, s, _ in self.files) / 1e6:,.1f} MB, "
+            f"from {self.folder} to https://huggingface.co/{self.repo_id}:"
+        ]
         lines += [f"  {path}  ({size / 1e6:,.2f} MB{', LFS' if lfs else ''})" for path, size, lfs in self.files]
         if self.load_check:
             lines.append(f"Remote code check: {self.load_check.get('summary', self.load_check)}")
@@ -79,8 +92,11 @@ def _lfs_patterns(folder: Path) -> list[str] | None:
     attributes = folder / ".gitattributes"
     if not attributes.is_file():
         return None
-    return [line.split()[0] for line in attributes.read_text().splitlines()
-            if "filter=lfs" in line and line.strip() and not line.startswith("#")]
+    return [
+        line.split()[0]
+        for line in attributes.read_text().splitlines()
+        if "filter=lfs" in line and line.strip() and not line.startswith("#")
+    ]
 
 
 def check_files(folder: Path, files: list[str]) -> tuple[list[str], list[str]]:
@@ -88,21 +104,30 @@ def check_files(folder: Path, files: list[str]) -> tuple[list[str], list[str]]:
     problems, warnings = [], []
     pickles = [f for f in files if f.lower().endswith(PICKLE_SUFFIXES)]
     if pickles:
-        problems.append(f"pickle files {pickles} can run code when loaded: keep weights in safetensors "
-                        "(save_pretrained does by default) and delete these files, or leave them out with --exclude.")
+        problems.append(
+            f"pickle files {pickles} can run code when loaded: keep weights in safetensors "
+            "(save_pretrained does by default) and delete these files, or leave them out with --exclude."
+        )
     lfs_patterns = _lfs_patterns(folder)
     for name in files:
         size = (folder / name).stat().st_size
         if size > MAX_FILE_BYTES:
-            problems.append(f"{name} is {size / 1e9:.1f} GB; the Hub refuses files over 50 GB: re-save with "
-                            "save_pretrained(..., max_shard_size='5GB').")
+            problems.append(
+                f"{name} is {size / 1e9:.1f} GB; the Hub refuses files over 50 GB: re-save with "
+                "save_pretrained(..., max_shard_size='5GB')."
+            )
         elif size > RECOMMENDED_FILE_BYTES:
             warnings.append(f"{name} is {size / 1e9:.1f} GB; the Hub recommends files under 20 GB (shard it).")
-        if size > LFS_THRESHOLD_BYTES and lfs_patterns is not None and not any(
-                fnmatch(name, p) or fnmatch(Path(name).name, p) for p in lfs_patterns):
-            problems.append(f"{name} is over 10 MB but the folder's .gitattributes does not track it with LFS: "
-                            f"add '{Path(name).suffix and '*' + Path(name).suffix or name} filter=lfs diff=lfs "
-                            "merge=lfs -text' to .gitattributes, or delete .gitattributes.")
+        if (
+            size > LFS_THRESHOLD_BYTES
+            and lfs_patterns is not None
+            and not any(fnmatch(name, p) or fnmatch(Path(name).name, p) for p in lfs_patterns)
+        ):
+            problems.append(
+                f"{name} is over 10 MB but the folder's .gitattributes does not track it with LFS: "
+                f"add '{Path(name).suffix and '*' + Path(name).suffix or name} filter=lfs diff=lfs "
+                "merge=lfs -text' to .gitattributes, or delete .gitattributes."
+            )
     return problems, warnings
 
 
@@ -110,8 +135,9 @@ def _safetensors_header(path: Path) -> dict:
     try:
         return safetensors_header(path)[0]
     except ValueError as error:
-        raise ValueError(f"{path.name} is not a readable safetensors file ({error}): re-save it with "
-                         "save_pretrained.") from error
+        raise ValueError(
+            f"{path.name} is not a readable safetensors file ({error}): re-save it with save_pretrained."
+        ) from error
 
 
 def scan_secrets(folder: Path, files: list[str]) -> list[str]:
@@ -135,8 +161,9 @@ def scan_secrets(folder: Path, files: list[str]) -> list[str]:
             match = re.search(pattern, data)
             if match:
                 shown = match.group()[:7].decode(errors="replace") + "..."
-                found.append(f"{name} contains what looks like a {kind} ({shown}): remove it (and revoke it) "
-                             "before uploading.")
+                found.append(
+                    f"{name} contains what looks like a {kind} ({shown}): remove it (and revoke it) before uploading."
+                )
     return found
 
 
@@ -210,21 +237,29 @@ def check_remote_code(folder: Path, full_load_max_bytes: int = 1_000_000_000, ti
         env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(Path(scratch) / "modules"), TRANSFORMERS_VERBOSITY="error")
         result = subprocess.run(
             [sys.executable, "-I", "-c", _LOAD_CHECK, str(folder.resolve()), "1" if full else "0", str(shapes_file)],
-            cwd=scratch, env=env, capture_output=True, text=True, timeout=timeout,
+            cwd=scratch,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
     marker = [line for line in result.stdout.splitlines() if line.startswith("LLAMA_MOE_LOAD_CHECK ")]
     if result.returncode != 0 or not marker:
         tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-8:])
-        raise ValueError(f"{folder} does not load with trust_remote_code=True without llama-moe installed:\n{tail}\n"
-                         "Re-save it with save_pretrained from a model built by llama-moe (that copies the code "
-                         "files and writes auto_map into config.json).")
+        raise ValueError(
+            f"{folder} does not load with trust_remote_code=True without llama-moe installed:\n{tail}\n"
+            "Re-save it with save_pretrained from a model built by llama-moe (that copies the code "
+            "files and writes auto_map into config.json)."
+        )
     report = json.loads(marker[-1].split(" ", 1)[1])
     report["mode"] = "full load + forward" if full else "meta-device build vs safetensors headers"
     bad = {k: report[k] for k in ("missing", "unexpected", "mismatched") if report.get(k)}
     if bad or report.get("finite_logits") is False:
         non_finite = " (non-finite logits)" if report.get("finite_logits") is False else ""
-        raise ValueError(f"{folder} loads with its remote code but its weights do not match the model: "
-                         f"{json.dumps(bad)[:600]}{non_finite}.")
+        raise ValueError(
+            f"{folder} loads with its remote code but its weights do not match the model: "
+            f"{json.dumps(bad)[:600]}{non_finite}."
+        )
     report["summary"] = f"{report['model_class']} ({report['mode']}): ok"
     return report
 
@@ -242,30 +277,45 @@ def _evaluation_section(folder: Path) -> str:
     if results.is_file():
         data = json.loads(results.read_text())
         if "comparison" in data:
-            lines += [f"lm-evaluation-harness, compared with the dense base `{data['base']['model']}`:", "",
-                      "| task | metric | this model | base | delta |", "|---|---|---:|---:|---:|"]
-            lines += [f"| {r['task']} | {r['metric']} | {r['moe']:.4f} | {r['base']:.4f} | {r['delta']:+.4f} |"
-                      for r in data["comparison"]]
+            lines += [
+                f"lm-evaluation-harness, compared with the dense base `{data['base']['model']}`:",
+                "",
+                "| task | metric | this model | base | delta |",
+                "|---|---|---:|---:|---:|",
+            ]
+            lines += [
+                f"| {r['task']} | {r['metric']} | {r['moe']:.4f} | {r['base']:.4f} | {r['delta']:+.4f} |"
+                for r in data["comparison"]
+            ]
         else:
             lines += ["lm-evaluation-harness:", "", "| task | metric | value |", "|---|---|---:|"]
             for task, metrics in data["model"]["scores"].items():
-                lines += [f"| {task} | {m} | {v:.4f} |" for m, v in metrics.items()
-                          if "_stderr" not in m and m != "sample_len"]
+                lines += [
+                    f"| {task} | {m} | {v:.4f} |"
+                    for m, v in metrics.items()
+                    if "_stderr" not in m and m != "sample_len"
+                ]
         lines += ["", "Full results: [eval/results.md](eval/results.md).", ""]
     analysis_file = folder / "analysis" / "analysis.json"
     if analysis_file.is_file():
         results = json.loads(analysis_file.read_text())["results"]
         base = results.get("base")
-        lines += ["Perplexity per domain (`llama-moe analyze`):", "",
-                  "| domain | tokens | perplexity |" + (" dense base |" if base else ""),
-                  "|---|---:|---:|" + ("---:|" if base else "")]
+        lines += [
+            "Perplexity per domain (`llama-moe analyze`):",
+            "",
+            "| domain | tokens | perplexity |" + (" dense base |" if base else ""),
+            "|---|---:|---:|" + ("---:|" if base else ""),
+        ]
         for domain, scores in results["model"]["domains"].items():
             row = f"| {domain} | {scores['tokens']} | {scores['perplexity']:.4g} |"
             lines.append(row + (f" {base['domains'][domain]['perplexity']:.4g} |" if base else ""))
         lines.append("")
     if (folder / "analysis" / "report.md").is_file():
-        lines += ["Perplexity per domain, routing statistics (expert load heatmaps), parameter counts and speed: "
-                  "[analysis/report.md](analysis/report.md).", ""]
+        lines += [
+            "Perplexity per domain, routing statistics (expert load heatmaps), parameter counts and speed: "
+            "[analysis/report.md](analysis/report.md).",
+            "",
+        ]
     if not lines:
         return ""
     return "\n".join([EVAL_START, "## Evaluation", ""] + lines + [EVAL_END])
@@ -277,21 +327,33 @@ def _generated_body(folder: Path, facts: dict) -> str:
     remote = ", trust_remote_code=True" if "auto_map" in config else ""
     experts = config.get("num_local_experts") or config.get("num_experts")
     layers = config.get("moe_layers")
-    return "\n".join([
-        f"# {name}", "",
-        "A Mixture-of-Experts model upcycled from a dense Llama-architecture checkpoint with "
-        "`llama-moe`: the dense feed-forward blocks became routed experts.",
-        "", "| | |", "|---|---|",
-        f"| architecture | `{config.get('model_type', '?')}` |",
-        f"| experts per MoE layer | {experts} |",
-        f"| top-k | {config.get('num_experts_per_tok')} |",
-        f"| MoE layers | {len(layers) if layers is not None else config.get('num_hidden_layers')} of "
-        f"{config.get('num_hidden_layers')} |",
-        f"| parameters | {facts['total'] / 1e6:,.1f}M total, {facts['active'] / 1e6:,.1f}M active per token |",
-        "", "## Usage", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-        f'model = AutoModelForCausalLM.from_pretrained("REPO_ID"{remote})',
-        f'tokenizer = AutoTokenizer.from_pretrained("REPO_ID"{remote})', "```", "",
-    ])
+    return "\n".join(
+        [
+            f"# {name}",
+            "",
+            "A Mixture-of-Experts model upcycled from a dense Llama-architecture checkpoint with "
+            "`llama-moe`: the dense feed-forward blocks became routed experts.",
+            "",
+            "| | |",
+            "|---|---|",
+            f"| architecture | `{config.get('model_type', '?')}` |",
+            f"| experts per MoE layer | {experts} |",
+            f"| top-k | {config.get('num_experts_per_tok')} |",
+            f"| MoE layers | {len(layers) if layers is not None else config.get('num_hidden_layers')} of "
+            f"{config.get('num_hidden_layers')} |",
+            f"| parameters | {facts['total'] / 1e6:,.1f}M total, {facts['active'] / 1e6:,.1f}M active per token |",
+            "",
+            "## Usage",
+            "",
+            "```python",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "",
+            f'model = AutoModelForCausalLM.from_pretrained("REPO_ID"{remote})',
+            f'tokenizer = AutoTokenizer.from_pretrained("REPO_ID"{remote})',
+            "```",
+            "",
+        ]
+    )
 
 
 def build_card(folder: Path, repo_id: str, base_model: str | None = None) -> tuple[str, list[str]]:
@@ -299,8 +361,11 @@ def build_card(folder: Path, repo_id: str, base_model: str | None = None) -> tup
     metadata is completed and the evaluation section (re)written. Returns (card text, warnings)."""
     facts = weight_facts(folder)
     readme = folder / "README.md"
-    card = ModelCard.load(readme) if readme.is_file() else ModelCard(
-        f"---\nlibrary_name: transformers\n---\n{_generated_body(folder, facts)}")
+    card = (
+        ModelCard.load(readme)
+        if readme.is_file()
+        else ModelCard(f"---\nlibrary_name: transformers\n---\n{_generated_body(folder, facts)}")
+    )
     data: ModelCardData = card.data
     warnings = []
     data.library_name = "transformers"
@@ -311,10 +376,13 @@ def build_card(folder: Path, repo_id: str, base_model: str | None = None) -> tup
     if base_model:
         data.base_model = base_model
     if not _looks_like_hub_id(data.base_model if isinstance(data.base_model, str) else None) and not isinstance(
-            data.base_model, list):
+        data.base_model, list
+    ):
         data.base_model = None
-        warnings.append("no Hub id for base_model in the card: pass --base-model ORG/NAME so the Hub links the "
-                        "model to the dense model it was upcycled from.")
+        warnings.append(
+            "no Hub id for base_model in the card: pass --base-model ORG/NAME so the Hub links the "
+            "model to the dense model it was upcycled from."
+        )
     # Usage snippets load the uploaded repo, whatever path the card was written with (upcycle, train, by hand).
     body = re.sub(r'from_pretrained\("[^"]*"', f'from_pretrained("{repo_id}"', card.text)
     section = _evaluation_section(folder)
@@ -331,8 +399,13 @@ def build_card(folder: Path, repo_id: str, base_model: str | None = None) -> tup
 # ------------------------------------------------------------------------------------------------ the push
 
 
-def plan_upload(folder: str | Path, repo_id: str, base_model: str | None = None, exclude: list[str] | None = None,
-                load_check: bool = True) -> UploadPlan:
+def plan_upload(
+    folder: str | Path,
+    repo_id: str,
+    base_model: str | None = None,
+    exclude: list[str] | None = None,
+    load_check: bool = True,
+) -> UploadPlan:
     """Run every check and build the card; raise ValueError listing all problems found."""
     folder = Path(folder)
     if not folder.is_dir():
@@ -361,20 +434,33 @@ def plan_upload(folder: str | Path, repo_id: str, base_model: str | None = None,
     sizes = {name: (folder / name).stat().st_size for name in files}
     names = sorted(set(files) | {"README.md"})
     card_size = len(plan.card.encode())
-    plan.files = [(n, sizes.get(n, card_size) if n != "README.md" else card_size,
-                   (sizes.get(n, 0) > LFS_THRESHOLD_BYTES)) for n in names]
+    plan.files = [
+        (n, sizes.get(n, card_size) if n != "README.md" else card_size, (sizes.get(n, 0) > LFS_THRESHOLD_BYTES))
+        for n in names
+    ]
     return plan
 
 
-def push(folder: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
-         commit_message: str | None = None, dry_run: bool = False, base_model: str | None = None,
-         exclude: list[str] | None = None, load_check: bool = True) -> tuple[UploadPlan, str | None]:
+def push(
+    folder: str | Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    dry_run: bool = False,
+    base_model: str | None = None,
+    exclude: list[str] | None = None,
+    load_check: bool = True,
+) -> tuple[UploadPlan, str | None]:
     """Check, write the card into the folder, then create the repo (and branch) and upload; returns the plan
     and the commit URL (None for a dry run)."""
     token = get_token()
     if token is None and not dry_run:
-        raise ValueError("No Hugging Face token is configured: run `hf auth login` or set HF_TOKEN "
-                         "(or use --dry-run to see what would be uploaded).")
+        raise ValueError(
+            "No Hugging Face token is configured: run `hf auth login` or set HF_TOKEN "
+            "(or use --dry-run to see what would be uploaded)."
+        )
     plan = plan_upload(folder, repo_id, base_model=base_model, exclude=exclude, load_check=load_check)
     if dry_run:
         return plan, None
@@ -385,7 +471,10 @@ def push(folder: str | Path, repo_id: str, *, private: bool = False, revision: s
     if revision and revision != "main":
         api.create_branch(repo_id=repo_id, branch=revision, repo_type="model", exist_ok=True)
     commit = api.upload_folder(
-        repo_id=repo_id, folder_path=str(plan.folder), repo_type="model", revision=revision,
+        repo_id=repo_id,
+        folder_path=str(plan.folder),
+        repo_type="model",
+        revision=revision,
         commit_message=commit_message or f"Upload {plan.folder.resolve().name} with llama-moe",
         allow_patterns=[glob.escape(name) for name, _, _ in plan.files],
     )

@@ -120,8 +120,16 @@ def local_task_names() -> list[str]:
     return [LOCAL_TASK_TAG] + sorted(p.stem for p in LOCAL_TASKS_DIR.glob("*.yaml"))
 
 
-NETWORK_ERROR_NAMES = ("ConnectionError", "ConnectError", "ConnectTimeout", "Timeout", "OfflineModeIsEnabled",
-                       "LocalEntryNotFoundError", "DatasetNotFoundError", "HfHubHTTPError")
+NETWORK_ERROR_NAMES = (
+    "ConnectionError",
+    "ConnectError",
+    "ConnectTimeout",
+    "Timeout",
+    "OfflineModeIsEnabled",
+    "LocalEntryNotFoundError",
+    "DatasetNotFoundError",
+    "HfHubHTTPError",
+)
 
 
 def _is_network_error(error: BaseException | None) -> bool:
@@ -167,8 +175,12 @@ class EvalRun:
     samples: dict[str, list] = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        return {"model": self.model, "n_shot": self.n_shot, "scores": self.scores,
-                "higher_is_better": self.higher_is_better}
+        return {
+            "model": self.model,
+            "n_shot": self.n_shot,
+            "scores": self.scores,
+            "higher_is_better": self.higher_is_better,
+        }
 
 
 def _clean_metrics(task_results: dict) -> dict[str, float]:
@@ -182,8 +194,14 @@ def _clean_metrics(task_results: dict) -> dict[str, float]:
     return metrics
 
 
-def load_lm(model, tokenizer=None, device: str | None = None, dtype: str = "auto", batch_size: int | str = 1,
-            trust_remote_code: bool = True):
+def load_lm(
+    model,
+    tokenizer=None,
+    device: str | None = None,
+    dtype: str = "auto",
+    batch_size: int | str = 1,
+    trust_remote_code: bool = True,
+):
     """An lm-eval HFLM for a path / Hub id (loaded with trust_remote_code) or an already loaded model."""
     from lm_eval.models.huggingface import HFLM
 
@@ -192,8 +210,15 @@ def load_lm(model, tokenizer=None, device: str | None = None, dtype: str = "auto
     if isinstance(model, (str, os.PathLike)):
         # A dense base as GGUF is dequantized by transformers (gguf_file=).
         model, options = locate_model(model).from_pretrained_arguments()
-        return HFLM(pretrained=model, tokenizer=tokenizer, device=device, dtype=dtype, batch_size=batch_size,
-                    trust_remote_code=trust_remote_code, **options)
+        return HFLM(
+            pretrained=model,
+            tokenizer=tokenizer,
+            device=device,
+            dtype=dtype,
+            batch_size=batch_size,
+            trust_remote_code=trust_remote_code,
+            **options,
+        )
     return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, trust_remote_code=trust_remote_code)
 
 
@@ -226,11 +251,20 @@ def evaluate(
         by_shots.setdefault(spec.num_fewshot, []).append(spec.name)
     for shots, names in by_shots.items():
         results = simple_evaluate(
-            model=lm, tasks=names, num_fewshot=shots, limit=limit, task_manager=manager, log_samples=log_samples,
-            random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+            model=lm,
+            tasks=names,
+            num_fewshot=shots,
+            limit=limit,
+            task_manager=manager,
+            log_samples=log_samples,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
         )
-        run.raw.append({key: results[key] for key in ("results", "groups", "n-shot", "versions", "config")
-                        if key in results})
+        run.raw.append(
+            {key: results[key] for key in ("results", "groups", "n-shot", "versions", "config") if key in results}
+        )
         for task, task_results in results["results"].items():
             label = task if shots is None else f"{task} ({shots}-shot)"
             run.scores[label] = _clean_metrics(task_results)
@@ -250,11 +284,16 @@ def comparison_rows(base: EvalRun, moe: EvalRun) -> list[dict]:
         for metric, value in moe_metrics.items():
             if "_stderr" in metric or metric == "sample_len" or metric not in base_metrics:
                 continue
-            rows.append({
-                "task": label, "metric": metric, "base": base_metrics[metric], "moe": value,
-                "delta": value - base_metrics[metric],
-                "higher_is_better": moe.higher_is_better.get(label, {}).get(metric.split(",")[0]),
-            })
+            rows.append(
+                {
+                    "task": label,
+                    "metric": metric,
+                    "base": base_metrics[metric],
+                    "moe": value,
+                    "delta": value - base_metrics[metric],
+                    "higher_is_better": moe.higher_is_better.get(label, {}).get(metric.split(",")[0]),
+                }
+            )
     return rows
 
 
@@ -273,8 +312,9 @@ def scores_table(run: EvalRun) -> str:
                 continue
             base_name, _, filter_name = metric.partition(",")
             stderr = metrics.get(f"{base_name}_stderr" + (f",{filter_name}" if filter_name else ""))
-            lines.append(f"| {label} | {run.n_shot.get(label, 0)} | {examples} | {metric} | {_fmt(value)} | "
-                         f"{_fmt(stderr)} |")
+            lines.append(
+                f"| {label} | {run.n_shot.get(label, 0)} | {examples} | {metric} | {_fmt(value)} | {_fmt(stderr)} |"
+            )
     return "\n".join(lines)
 
 
@@ -282,8 +322,10 @@ def comparison_table(rows: list[dict]) -> str:
     lines = ["| task | metric | base | MoE | delta |", "|---|---|---:|---:|---:|"]
     for row in rows:
         arrow = {True: " ↑", False: " ↓"}.get(row["higher_is_better"], "")
-        lines.append(f"| {row['task']} | {row['metric']}{arrow} | {_fmt(row['base'])} | {_fmt(row['moe'])} | "
-                     f"{row['delta']:+.4f} |")
+        lines.append(
+            f"| {row['task']} | {row['metric']}{arrow} | {_fmt(row['base'])} | {_fmt(row['moe'])} | "
+            f"{row['delta']:+.4f} |"
+        )
     return "\n".join(lines)
 
 

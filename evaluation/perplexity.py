@@ -33,7 +33,7 @@ def read_domain_texts(path: str | Path) -> list[str]:
             if line.strip():
                 row = json.loads(line)
                 if "text" not in row:
-                    raise ValueError(f"{path} line {number} has no \"text\" field (fields: {sorted(row)}).")
+                    raise ValueError(f'{path} line {number} has no "text" field (fields: {sorted(row)}).')
                 texts.append(row["text"])
         return texts
     return [path.read_text(encoding="utf-8", errors="replace")]
@@ -56,8 +56,13 @@ def token_blocks(tokenizer, texts: list[str], block_size: int, max_tokens: int) 
     return [block for block in blocks if len(block) >= 2]
 
 
-def domain_perplexity(model, blocks: list[list[int]], on_outputs: Callable | None = None,
-                      forward_kwargs: dict | None = None, progress: str | None = None) -> dict:
+def domain_perplexity(
+    model,
+    blocks: list[list[int]],
+    on_outputs: Callable | None = None,
+    forward_kwargs: dict | None = None,
+    progress: str | None = None,
+) -> dict:
     """Perplexity over the blocks (each block scored independently, every token but the first predicted).
     `on_outputs(outputs)` sees each forward's outputs (e.g. to collect router logits)."""
     total_nll, total_tokens = 0.0, 0

@@ -52,15 +52,18 @@ def load_heatmap(domain: str, routing: dict, path: Path, ceiling: float | None =
     ax.set_yticks(range(0, num_experts, step), [str(e) for e in range(0, num_experts, step)])
     ax.set_xlabel("MoE layer")
     ax.set_ylabel("expert")
-    ax.set_title(f"Expert load share per layer: {domain}\n"
-                 f"({routing['tokens']} tokens, top-{routing['top_k']} of {num_experts}; uniform = {uniform:.3f})")
+    ax.set_title(
+        f"Expert load share per layer: {domain}\n"
+        f"({routing['tokens']} tokens, top-{routing['top_k']} of {num_experts}; uniform = {uniform:.3f})"
+    )
     if share_EL.size <= 256:
         for e in range(num_experts):
             for col in range(len(layers)):
                 value = share_EL[e, col]
                 strong = abs(norm(value) - 0.5) > 0.3
-                ax.text(col, e, f"{value:.2f}", ha="center", va="center", fontsize=8,
-                        color="white" if strong else "black")
+                ax.text(
+                    col, e, f"{value:.2f}", ha="center", va="center", fontsize=8, color="white" if strong else "black"
+                )
     bar = fig.colorbar(image, ax=ax)
     # The norm is two linear halves around 1/E: tick both halves evenly and name the centre.
     ticks = sorted(set(np.linspace(norm.vmin, uniform, 3).tolist() + np.linspace(uniform, norm.vmax, 4).tolist()))
@@ -102,8 +105,11 @@ def coactivation_heatmaps(domain: str, routing: dict, path: Path) -> Path:
     bar = fig.colorbar(image, ax=axes[0].tolist(), shrink=0.85)
     bar.set_label("P(j chosen | i chosen)")
     bar.ax.axhline(chance, color="white", linewidth=1.5)
-    fig.suptitle(f"Expert co-activation: {domain} (top-{top_k} of {num_experts}; "
-                 f"white line = {chance:.2f}, uniform independent routing)", fontsize=10)
+    fig.suptitle(
+        f"Expert co-activation: {domain} (top-{top_k} of {num_experts}; "
+        f"white line = {chance:.2f}, uniform independent routing)",
+        fontsize=10,
+    )
     return _save(fig, path)
 
 
@@ -151,8 +157,15 @@ def trade_off_figure(points: dict[str, tuple[float, dict[str, float]]], path: Pa
         ax.set_title(f"{domain}{' (unseen)' if domain in unseen else ''}")
         ax.grid(alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False,
-               bbox_to_anchor=(0.5, -0.08))
+    fig.legend(
+        handles,
+        labels,
+        loc="lower center",
+        ncol=min(4, len(labels)),
+        fontsize=8,
+        frameon=False,
+        bbox_to_anchor=(0.5, -0.08),
+    )
     fig.tight_layout()
     return _save(fig, path)
 

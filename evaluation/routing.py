@@ -40,8 +40,10 @@ class RoutingStats:
     def update(self, router_logits) -> None:
         if router_logits is None or len(router_logits) != len(self.layers):
             got = 0 if router_logits is None else len(router_logits)
-            raise ValueError(f"Expected router logits for {len(self.layers)} MoE layers, got {got}: "
-                             "call the model with output_router_logits=True.")
+            raise ValueError(
+                f"Expected router logits for {len(self.layers)} MoE layers, got {got}: "
+                "call the model with output_router_logits=True."
+            )
         for layer, logits_TE in enumerate(router_logits):
             logits_TE = logits_TE.detach().float().reshape(-1, self.num_experts).cpu()
             probs_TE = torch.softmax(logits_TE, dim=-1)
@@ -77,5 +79,10 @@ class RoutingStats:
                 "mean_router_prob": (self.prob_sum_LE[position] / self.tokens).tolist(),
                 "coselection": (self.coselect_LEE[position] / self.tokens).tolist(),
             }
-        return {"layers": self.layers, "num_experts": self.num_experts, "top_k": self.top_k, "tokens": self.tokens,
-                "per_layer": per_layer}
+        return {
+            "layers": self.layers,
+            "num_experts": self.num_experts,
+            "top_k": self.top_k,
+            "tokens": self.tokens,
+            "per_layer": per_layer,
+        }

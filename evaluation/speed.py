@@ -21,9 +21,15 @@ def parameter_counts(model) -> dict:
 def _timed_generate(model, input_ids, new_tokens: int) -> float:
     start = time.perf_counter()
     with torch.no_grad():  # not inference_mode: tensors it creates cannot be reused outside it
-        model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens,
-                       min_new_tokens=new_tokens, do_sample=False, use_cache=True,
-                       pad_token_id=model.config.eos_token_id if model.config.pad_token_id is None else None)
+        model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=model.config.eos_token_id if model.config.pad_token_id is None else None,
+        )
     return time.perf_counter() - start
 
 
@@ -41,7 +47,14 @@ def generation_speed(model, prompt_ids: list[int], new_tokens: int = 32, repeats
         full.append(_timed_generate(model, input_ids, new_tokens))
     prefill_s, full_s = statistics.median(prefill), statistics.median(full)
     decode_s = max(full_s - prefill_s, 1e-9)
-    return {"prompt_tokens": len(prompt_ids), "new_tokens": new_tokens, "repeats": repeats,
-            "prefill_seconds": prefill_s, "decode_seconds": decode_s,
-            "prefill_tokens_per_s": len(prompt_ids) / prefill_s, "decode_tokens_per_s": (new_tokens - 1) / decode_s,
-            "threads": torch.get_num_threads(), "device": str(device)}
+    return {
+        "prompt_tokens": len(prompt_ids),
+        "new_tokens": new_tokens,
+        "repeats": repeats,
+        "prefill_seconds": prefill_s,
+        "decode_seconds": decode_s,
+        "prefill_tokens_per_s": len(prompt_ids) / prefill_s,
+        "decode_tokens_per_s": (new_tokens - 1) / decode_s,
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+    }

@@ -17,8 +17,10 @@ from pathlib import Path
 BOOK = Path(__file__).resolve().parent / "tasks" / "botchan.txt"
 UNSEEN_DOMAIN = "unseen-prose"  # the domain's name in every table and file
 CLOZE_TASK = "llama_moe_prose_cloze"
-DESCRIPTION = ("English narrative prose that calibration and training never read: Botchan by Natsume Soseki, "
-               "tr. Y. Morri, 1919 (Project Gutenberg #8868, public domain)")
+DESCRIPTION = (
+    "English narrative prose that calibration and training never read: Botchan by Natsume Soseki, "
+    "tr. Y. Morri, 1919 (Project Gutenberg #8868, public domain)"
+)
 PERPLEXITY_CHAPTERS = 2  # chapters I-II score perplexity; the cloze task is built from the rest
 
 _CHAPTER = re.compile(r"^CHAPTER [IVXL]+\.?$")

@@ -229,9 +229,7 @@ class _Plan:
             per_sample = per_sample.to(rows_SH.dtype)
         if rows_SH.shape[0] == 0:  # nothing kept: embedding_bag refuses an empty table
             return rows_SH.new_zeros(self.bag_offsets.shape[0], rows_SH.shape[1])
-        return F.embedding_bag(
-            self.bag_positions, rows_SH, self.bag_offsets, mode="sum", per_sample_weights=per_sample
-        )
+        return F.embedding_bag(self.bag_positions, rows_SH, self.bag_offsets, mode="sum", per_sample_weights=per_sample)
 
     def mm(self, a_SK: torch.Tensor, weight_EKN, out_SN: torch.Tensor) -> torch.Tensor:
         """out[rows of e] = a[rows of e] @ weight[e] for every expert e; weight_EKN is [E, K, N] (views allowed)."""
@@ -275,6 +273,7 @@ class DroplessExpertsFunction(torch.autograd.Function):
             act_SI = act_fn(gate_up_S2I[:, :intermediate]).mul_(gate_up_S2I[:, intermediate:])
             y_SH = plan.mm(act_SI, down_proj.transpose(1, 2), x_SH)  # x is not needed any more: reuse its buffer
         else:
+
             def expert_forward(expert, start, end):
                 # One expert start to end while its rows are in cache: gather, gate/up, activation, down (the
                 # output overwrites the expert's gathered rows, which are not needed any more).
@@ -307,8 +306,18 @@ class DroplessExpertsFunction(torch.autograd.Function):
         grad_gate_up_S2I = _workspace("gate_up", plan.kept, gate_up_S2I.shape[1], gate_up_S2I)
         grads = _backward_staged if plan.backend == "grouped" else _backward_per_expert
         grad_hidden_TH, grad_weights_S, grad_gate_up_proj, grad_down_proj = grads(
-            plan, needs, ctx.act_fn, grad_out_TH.to(dtype), hidden_TH, weights_S1, gate_up_S2I, gate_up_proj,
-            down_proj, grad_y_SH, grad_act_SI, grad_gate_up_S2I,
+            plan,
+            needs,
+            ctx.act_fn,
+            grad_out_TH.to(dtype),
+            hidden_TH,
+            weights_S1,
+            gate_up_S2I,
+            gate_up_proj,
+            down_proj,
+            grad_y_SH,
+            grad_act_SI,
+            grad_gate_up_S2I,
         )
         grad_top_k_weights = None
         if needs.weights:
@@ -318,8 +327,20 @@ class DroplessExpertsFunction(torch.autograd.Function):
         return grad_hidden_TH, None, grad_top_k_weights, grad_gate_up_proj, grad_down_proj, None
 
 
-def _backward_staged(plan, needs, act_fn, grad_out_TH, hidden_TH, weights_S1, gate_up_S2I, gate_up_proj, down_proj,
-                     grad_y_SH, grad_act_SI, grad_gate_up_S2I):
+def _backward_staged(
+    plan,
+    needs,
+    act_fn,
+    grad_out_TH,
+    hidden_TH,
+    weights_S1,
+    gate_up_S2I,
+    gate_up_proj,
+    down_proj,
+    grad_y_SH,
+    grad_act_SI,
+    grad_gate_up_S2I,
+):
     """Each stage over all rows at once, the GEMMs grouped: the order for torch's grouped GEMM (CUDA)."""
     torch.index_select(grad_out_TH, 0, plan.token_S, out=grad_y_SH)
     grad_act_SI = plan.mm(grad_y_SH, down_proj, grad_act_SI)
@@ -343,8 +364,20 @@ def _backward_staged(plan, needs, act_fn, grad_out_TH, hidden_TH, weights_S1, ga
     return grad_hidden_TH, grad_weights_S, grad_gate_up_proj, grad_down_proj
 
 
-def _backward_per_expert(plan, needs, act_fn, grad_out_TH, hidden_TH, weights_S1, gate_up_S2I, gate_up_proj,
-                         down_proj, grad_y_SH, grad_act_SI, grad_gate_up_S2I):
+def _backward_per_expert(
+    plan,
+    needs,
+    act_fn,
+    grad_out_TH,
+    hidden_TH,
+    weights_S1,
+    gate_up_S2I,
+    gate_up_proj,
+    down_proj,
+    grad_y_SH,
+    grad_act_SI,
+    grad_gate_up_S2I,
+):
     """Each expert start to end while its rows are in cache (CPU): gather, four GEMMs and the SwiGLU backward."""
     grad_weights_S = weights_S1.new_empty(plan.kept) if needs.weights else None
     grad_down_proj = torch.empty_like(down_proj) if needs.down else None
@@ -359,7 +392,12 @@ def _backward_per_expert(plan, needs, act_fn, grad_out_TH, hidden_TH, weights_S1
             torch.mm(grad_y_RH.t(), weighted_act_RI, out=grad_down_proj[expert])
 
         grad_weights_R = swiglu_backward(
-            grad_act_RI, gate_up_S2I[start:end], weights_S1[start:end], act_fn, grad_gate_up_R2I, needs.weights,
+            grad_act_RI,
+            gate_up_S2I[start:end],
+            weights_S1[start:end],
+            act_fn,
+            grad_gate_up_R2I,
+            needs.weights,
             down_grad if needs.down else None,
         )
         if grad_weights_R is not None:
@@ -387,7 +425,8 @@ def _reduce_rows(plan, grad_x_SH, dtype):
 def _short_rows(matrix_ENK: torch.Tensor) -> bool:
     rows, row_length = matrix_ENK.shape[-2:]
     return (
-        row_length <= settings.short_row and rows * row_length <= settings.short_row_max_elements
+        row_length <= settings.short_row
+        and rows * row_length <= settings.short_row_max_elements
         and matrix_ENK.device.type == "cpu"
     )
 

@@ -59,8 +59,9 @@ class InputGrads(NamedTuple):
     act_fn: bool
 
 
-def swiglu_backward(grad_act_RI, gate_up_R2I, weights_R1, act_fn, grad_gate_up_R2I, want_weights_grad,
-                    use_weighted_act):
+def swiglu_backward(
+    grad_act_RI, gate_up_R2I, weights_R1, act_fn, grad_gate_up_R2I, want_weights_grad, use_weighted_act
+):
     """From d(out)/d(act) before the routing weight, for a block of rows: fills grad_gate_up_R2I (d/d(gate, up)
     after the routing weight), hands act * weight to `use_weighted_act` (the down-projection weight gradient) while
     it still exists, and returns d/d(routing weight) per row when asked. SwiGLU is recomputed, not stored."""

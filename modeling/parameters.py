@@ -26,8 +26,9 @@ def is_routed_expert(name: str, shape: Sequence[int], num_experts: int | None) -
     return bool(_PER_EXPERT.search(name)) or (".experts." in name and len(shape) == 3 and shape[0] == num_experts)
 
 
-def shape_parameter_counts(named_shapes: Iterable[tuple[str, Sequence[int]]], num_experts: int | None,
-                           top_k: int | None) -> dict:
+def shape_parameter_counts(
+    named_shapes: Iterable[tuple[str, Sequence[int]]], num_experts: int | None, top_k: int | None
+) -> dict:
     """total: every parameter once (list a tied matrix once); routed_experts: the routed experts' share;
     active: what one token goes through, total - routed + routed * top_k / num_experts (the embedding lookup
     included, as model cards count it; a dense model has active == total)."""
@@ -50,8 +51,9 @@ def model_parameter_counts(model) -> dict:
     shapes = [(name, tuple(p.shape)) for name, p in model.named_parameters()]  # a tied matrix is listed once
     counts = shape_parameter_counts(shapes, num_experts, top_k)
     embedding = model.get_input_embeddings()
-    counts.update(embedding=embedding.weight.numel() if embedding is not None else 0, num_experts=num_experts,
-                  top_k=top_k)
+    counts.update(
+        embedding=embedding.weight.numel() if embedding is not None else 0, num_experts=num_experts, top_k=top_k
+    )
     return counts
 
 

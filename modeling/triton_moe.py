@@ -60,11 +60,31 @@ def _kernels():
 
     @triton.jit
     def scatter2scatter(
-        a_ptr, a_rows_ptr, w_ptr, y_ptr, y_rows_ptr, scale_ptr,
-        block_expert_ptr, block_start_ptr, block_end_ptr,
-        num_experts, K, N, stride_am, stride_we, stride_wk, stride_wn, stride_ym,
-        GATHER: tl.constexpr, SCATTER: tl.constexpr, SCALE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+        a_ptr,
+        a_rows_ptr,
+        w_ptr,
+        y_ptr,
+        y_rows_ptr,
+        scale_ptr,
+        block_expert_ptr,
+        block_start_ptr,
+        block_end_ptr,
+        num_experts,
+        K,
+        N,
+        stride_am,
+        stride_we,
+        stride_wk,
+        stride_wn,
+        stride_ym,
+        GATHER: tl.constexpr,
+        SCATTER: tl.constexpr,
+        SCALE: tl.constexpr,
+        IEEE: tl.constexpr,
+        UPCAST: tl.constexpr,
+        BM: tl.constexpr,
+        BN: tl.constexpr,
+        BK: tl.constexpr,
     ):
         """Y[y_row(r)] = scale[r] * A[a_row(r)] @ W[e] for the rows r of one block, all of expert e; W[e] is read
         through strides as a (K, N) matrix, so [E, N, K] and [E, K, N] weights both work without copies. Blocks of
@@ -85,11 +105,13 @@ def _kernels():
             k_mask = ks < K
             a = tl.load(
                 a_ptr + a_rows[:, None].to(tl.int64) * stride_am + ks[None, :],
-                mask=row_mask[:, None] & k_mask[None, :], other=0.0,
+                mask=row_mask[:, None] & k_mask[None, :],
+                other=0.0,
             )
             w = tl.load(
                 w_ptr + expert.to(tl.int64) * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wn,
-                mask=k_mask[:, None] & col_mask[None, :], other=0.0,
+                mask=k_mask[:, None] & col_mask[None, :],
+                other=0.0,
             )
             acc = _dot_accumulate(acc, a, w, IEEE, UPCAST)
         if SCALE:
@@ -103,10 +125,25 @@ def _kernels():
 
     @triton.jit
     def group_weight_grad(
-        a_ptr, a_rows_ptr, b_ptr, b_rows_ptr, g_ptr, expert_start_ptr, expert_end_ptr,
-        P, Q, stride_am, stride_bm, stride_ge,
-        GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-        BP: tl.constexpr, BQ: tl.constexpr, BR: tl.constexpr,
+        a_ptr,
+        a_rows_ptr,
+        b_ptr,
+        b_rows_ptr,
+        g_ptr,
+        expert_start_ptr,
+        expert_end_ptr,
+        P,
+        Q,
+        stride_am,
+        stride_bm,
+        stride_ge,
+        GATHER_A: tl.constexpr,
+        GATHER_B: tl.constexpr,
+        IEEE: tl.constexpr,
+        UPCAST: tl.constexpr,
+        BP: tl.constexpr,
+        BQ: tl.constexpr,
+        BR: tl.constexpr,
     ):
         """G[e] = A[rows of e]^T @ B[rows of e] ((P, Q) per expert), rows optionally gathered; an expert without
         rows gets zeros (its loop does not run)."""
@@ -125,11 +162,13 @@ def _kernels():
             b_rows = tl.load(b_rows_ptr + rows, mask=row_mask, other=0) if GATHER_B else rows
             a_t = tl.load(
                 a_ptr + a_rows[None, :].to(tl.int64) * stride_am + ps[:, None],
-                mask=p_mask[:, None] & row_mask[None, :], other=0.0,
+                mask=p_mask[:, None] & row_mask[None, :],
+                other=0.0,
             )
             b = tl.load(
                 b_ptr + b_rows[:, None].to(tl.int64) * stride_bm + qs[None, :],
-                mask=row_mask[:, None] & q_mask[None, :], other=0.0,
+                mask=row_mask[:, None] & q_mask[None, :],
+                other=0.0,
             )
             acc = _dot_accumulate(acc, a_t, b, IEEE, UPCAST)
         tl.store(
@@ -182,13 +221,31 @@ class _RowBlocks:
         dummy = self.token_S
         grid = (self.num_blocks, triton.cdiv(out_cols, bn))
         scatter2scatter[grid](
-            a, a_rows if a_rows is not None else dummy, w, y, y_rows if y_rows is not None else dummy,
+            a,
+            a_rows if a_rows is not None else dummy,
+            w,
+            y,
+            y_rows if y_rows is not None else dummy,
             scale if scale is not None else a,
-            self.block_expert, self.block_start, self.block_end,
-            self.num_experts, k, out_cols, a.stride(0), stride_we, stride_wk, stride_wn, y.stride(0),
-            GATHER=a_rows is not None, SCATTER=y_rows is not None, SCALE=scale is not None, IEEE=_ieee(a),
+            self.block_expert,
+            self.block_start,
+            self.block_end,
+            self.num_experts,
+            k,
+            out_cols,
+            a.stride(0),
+            stride_we,
+            stride_wk,
+            stride_wn,
+            y.stride(0),
+            GATHER=a_rows is not None,
+            SCATTER=y_rows is not None,
+            SCALE=scale is not None,
+            IEEE=_ieee(a),
             UPCAST=_upcast(a),
-            BM=BLOCK_ROWS, BN=bn, BK=bk,
+            BM=BLOCK_ROWS,
+            BN=bn,
+            BK=bk,
         )
         return y
 
@@ -200,10 +257,25 @@ class _RowBlocks:
         dummy = self.token_S
         grid = (self.num_experts, triton.cdiv(p, bp), triton.cdiv(q, bq))
         group_weight_grad[grid](
-            a, a_rows if a_rows is not None else dummy, b, b_rows if b_rows is not None else dummy, out_EPQ,
-            self.expert_start, self.expert_end, p, q, a.stride(0), b.stride(0), out_EPQ.stride(0),
-            GATHER_A=a_rows is not None, GATHER_B=b_rows is not None, IEEE=_ieee(a), UPCAST=_upcast(a),
-            BP=bp, BQ=bq, BR=32,
+            a,
+            a_rows if a_rows is not None else dummy,
+            b,
+            b_rows if b_rows is not None else dummy,
+            out_EPQ,
+            self.expert_start,
+            self.expert_end,
+            p,
+            q,
+            a.stride(0),
+            b.stride(0),
+            out_EPQ.stride(0),
+            GATHER_A=a_rows is not None,
+            GATHER_B=b_rows is not None,
+            IEEE=_ieee(a),
+            UPCAST=_upcast(a),
+            BP=bp,
+            BQ=bq,
+            BR=32,
         )
         return out_EPQ
 
@@ -243,8 +315,13 @@ class TritonExpertsFunction(torch.autograd.Function):
         # Gather fused into the first GEMM: gate_up[r] = x[token(r)] @ gate_up_proj[e]^T ([E, 2I, H] read as (H, 2I)).
         gate_up_S2I = hidden_TH.new_empty(slots, 2 * intermediate)
         blocks.gemm(
-            hidden_TH, (gate_up_proj.stride(0), gate_up_proj.stride(2), gate_up_proj.stride(1)), gate_up_proj,
-            2 * intermediate, hidden, a_rows=blocks.token_S, y=gate_up_S2I,
+            hidden_TH,
+            (gate_up_proj.stride(0), gate_up_proj.stride(2), gate_up_proj.stride(1)),
+            gate_up_proj,
+            2 * intermediate,
+            hidden,
+            a_rows=blocks.token_S,
+            y=gate_up_S2I,
         )
         act_SI = act_fn(gate_up_S2I[:, :intermediate]) * gate_up_S2I[:, intermediate:]
         # Scatter with weights fused into the second: rows[(t, j)] = w[t, j] * act[r] @ down_proj[e]^T.
@@ -252,8 +329,14 @@ class TritonExpertsFunction(torch.autograd.Function):
         weights_S = top_k_weights.reshape(-1)[blocks.order_S].to(acc_dtype)  # sorted order, reused in backward
         y_rows = _slot_rows(blocks, hidden, hidden_TH)
         blocks.gemm(
-            act_SI, (down_proj.stride(0), down_proj.stride(2), down_proj.stride(1)), down_proj, hidden, intermediate,
-            y=y_rows, y_rows=blocks.order_S, scale=weights_S,
+            act_SI,
+            (down_proj.stride(0), down_proj.stride(2), down_proj.stride(1)),
+            down_proj,
+            hidden,
+            intermediate,
+            y=y_rows,
+            y_rows=blocks.order_S,
+            scale=weights_S,
         )
         ctx.save_for_backward(hidden_TH, top_k_weights, weights_S, gate_up_S2I, gate_up_proj, down_proj)
         ctx.blocks, ctx.act_fn = blocks, act_fn
@@ -271,8 +354,13 @@ class TritonExpertsFunction(torch.autograd.Function):
         # d/d(act) before the routing weight: grad_out[token(r)] @ down_proj[e] (gathered, [E, H, I] as (H, I)).
         grad_act_SI = gate_up_S2I.new_empty(slots, intermediate)
         blocks.gemm(
-            grad_out_TH, (down_proj.stride(0), down_proj.stride(1), down_proj.stride(2)), down_proj, intermediate,
-            hidden, a_rows=blocks.token_S, y=grad_act_SI,
+            grad_out_TH,
+            (down_proj.stride(0), down_proj.stride(1), down_proj.stride(2)),
+            down_proj,
+            intermediate,
+            hidden,
+            a_rows=blocks.token_S,
+            y=grad_act_SI,
         )
         grad_down_proj = None
 
@@ -284,15 +372,25 @@ class TritonExpertsFunction(torch.autograd.Function):
 
         grad_gate_up_S2I = torch.empty_like(gate_up_S2I)
         grad_weights_S = swiglu_backward(
-            grad_act_SI, gate_up_S2I, weights_S1, ctx.act_fn, grad_gate_up_S2I, needs.weights,
+            grad_act_SI,
+            gate_up_S2I,
+            weights_S1,
+            ctx.act_fn,
+            grad_gate_up_S2I,
+            needs.weights,
             down_grad if needs.down else None,
         )
         grad_hidden_TH = None
         if needs.hidden:  # d/d(x): grad_gate_up[r] @ gate_up_proj[e] ([E, 2I, H] as (2I, H)), scattered to (t, j) rows
             grad_rows = _slot_rows(blocks, hidden, hidden_TH)
             blocks.gemm(
-                grad_gate_up_S2I, (gate_up_proj.stride(0), gate_up_proj.stride(1), gate_up_proj.stride(2)),
-                gate_up_proj, hidden, 2 * intermediate, y=grad_rows, y_rows=blocks.order_S,
+                grad_gate_up_S2I,
+                (gate_up_proj.stride(0), gate_up_proj.stride(1), gate_up_proj.stride(2)),
+                gate_up_proj,
+                hidden,
+                2 * intermediate,
+                y=grad_rows,
+                y_rows=blocks.order_S,
             )
             grad_hidden_TH = blocks.sum_slots(grad_rows).to(hidden_TH.dtype)
         grad_gate_up_proj = None

@@ -40,8 +40,10 @@ class MoETrainingArguments:
     )
     reference_model: str | None = field(
         default=None,
-        metadata={"help": "Dynamic sampling: model whose held-out losses are the references (default: the dense "
-                  "base with --upcycle_from, else the initial model)."},
+        metadata={
+            "help": "Dynamic sampling: model whose held-out losses are the references (default: the dense "
+            "base with --upcycle_from, else the initial model)."
+        },
     )
     eta: float = field(default=1.0, metadata={"help": "Dynamic sampling step size."})
     smoothing: float = field(default=1e-4, metadata={"help": "Dynamic sampling: mix this much of uniform in."})
@@ -50,8 +52,10 @@ class MoETrainingArguments:
     )
     freeze: str | None = field(
         default=None,
-        metadata={"help": "Comma list: routers_only:N (train only routers for N steps), and/or groups kept frozen: "
-                  "attention, embeddings, lm_head, norms, experts, routers."},
+        metadata={
+            "help": "Comma list: routers_only:N (train only routers for N steps), and/or groups kept frozen: "
+            "attention, embeddings, lm_head, norms, experts, routers."
+        },
     )
     upcycle_from: str | None = field(
         default=None, metadata={"help": "Dense base model to upcycle in memory before training."}
@@ -63,16 +67,20 @@ class MoETrainingArguments:
     )
     distill_from: str | None = field(
         default=None,
-        metadata={"help": "Teacher for distillation (folder, .gguf or Hub id; usually the dense base): adds "
-                  "distill_weight * T^2 * KL(teacher || student) of the next-token distributions to the loss."},
+        metadata={
+            "help": "Teacher for distillation (folder, .gguf or Hub id; usually the dense base): adds "
+            "distill_weight * T^2 * KL(teacher || student) of the next-token distributions to the loss."
+        },
     )
     distill_weight: float = field(default=1.0, metadata={"help": "Weight of the distillation KL term."})
     distill_temperature: float = field(default=1.0, metadata={"help": "Softmax temperature T of the distillation."})
     distill_dtype: str = field(
         default="auto",
-        metadata={"help": "dtype of the frozen teacher: auto (the training dtype), float32, bfloat16 or float16. "
-                  "bfloat16 makes the teacher's forward about 3x cheaper on CPUs with AMX or AVX512-BF16; the KL "
-                  "itself is computed in float32."},
+        metadata={
+            "help": "dtype of the frozen teacher: auto (the training dtype), float32, bfloat16 or float16. "
+            "bfloat16 makes the teacher's forward about 3x cheaper on CPUs with AMX or AVX512-BF16; the KL "
+            "itself is computed in float32."
+        },
     )
     router_z_loss_coef: float | None = field(
         default=None, metadata={"help": "Override the model's router z-loss coefficient."}
@@ -90,8 +98,10 @@ class MoETrainingArguments:
     )
     lora_target_parameters: list[str] | None = field(
         default=None,
-        metadata={"help": "Parameters that get adapters (default for MoE models: mlp.experts.gate_up_proj and "
-                  "mlp.experts.down_proj, the fused routed experts)."},
+        metadata={
+            "help": "Parameters that get adapters (default for MoE models: mlp.experts.gate_up_proj and "
+            "mlp.experts.down_proj, the fused routed experts)."
+        },
     )
     lora_modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Modules trained in full besides the adapters (default for MoE: mlp.gate)."}
@@ -156,10 +166,28 @@ def build_parser() -> TrlParser:
 
 
 # Inherited TRL/transformers flags that a continual pre-training run usually sets, shown by the short --help.
-COMMON_INHERITED = ("output_dir", "max_steps", "learning_rate", "lr_scheduler_type", "warmup_steps",
-                    "per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "weight_decay",
-                    "max_grad_norm", "bf16", "gradient_checkpointing", "logging_steps", "eval_strategy", "eval_steps",
-                    "save_steps", "save_total_limit", "resume_from_checkpoint", "seed", "report_to")
+COMMON_INHERITED = (
+    "output_dir",
+    "max_steps",
+    "learning_rate",
+    "lr_scheduler_type",
+    "warmup_steps",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "max_length",
+    "weight_decay",
+    "max_grad_norm",
+    "bf16",
+    "gradient_checkpointing",
+    "logging_steps",
+    "eval_strategy",
+    "eval_steps",
+    "save_steps",
+    "save_total_limit",
+    "resume_from_checkpoint",
+    "seed",
+    "report_to",
+)
 
 
 def help_text(full: bool = False) -> str:
@@ -169,12 +197,19 @@ def help_text(full: bool = False) -> str:
     ours = HfArgumentParser((MoETrainingArguments,), prog="llama-moe train").format_help()
     ours = ours.split("\n\n", 1)[1] if "\n\n" in ours else ours  # drop argparse's usage line (ours is below)
     inherited = {f.name: f for f in fields(SFTConfig)}
-    lines = ["usage: llama-moe train [--config RECIPE.yaml] [--flag value ...]", "",
-             "Continual pre-training of an MoE checkpoint with TRL and accelerate. A YAML recipe gives defaults",
-             "(see training/recipes/), flags override it; flags keep TRL/transformers names.", "",
-             "  --config RECIPE.yaml  defaults from a YAML recipe of any of the flags below", "",
-             "llama-moe options:", ours.replace("options:\n", "").rstrip(), "",
-             "common TRL/transformers options (all of them: llama-moe train --help-all):"]
+    lines = [
+        "usage: llama-moe train [--config RECIPE.yaml] [--flag value ...]",
+        "",
+        "Continual pre-training of an MoE checkpoint with TRL and accelerate. A YAML recipe gives defaults",
+        "(see training/recipes/), flags override it; flags keep TRL/transformers names.",
+        "",
+        "  --config RECIPE.yaml  defaults from a YAML recipe of any of the flags below",
+        "",
+        "llama-moe options:",
+        ours.replace("options:\n", "").rstrip(),
+        "",
+        "common TRL/transformers options (all of them: llama-moe train --help-all):",
+    ]
     for name in COMMON_INHERITED:
         help_ = " ".join(str(inherited[name].metadata.get("help", "")).split()).replace("%%", "%")
         lines.append(f"  --{name:<30} {help_[:100] + ('...' if len(help_) > 100 else '')}")
@@ -210,11 +245,16 @@ def parse_arguments(argv: list[str]) -> tuple[MoETrainingArguments, SFTConfig]:
     if config.max_steps is None or config.max_steps <= 0:
         raise ValueError("--max_steps must be set (> 0): training streams data, so there are no epochs to count.")
     if options.sampling == "dynamic" and str(config.eval_strategy) in ("no", "IntervalStrategy.NO"):
-        config.eval_strategy, config.eval_steps, config.do_eval = IntervalStrategy.STEPS, default_eval_steps(
-            config.max_steps), True
+        config.eval_strategy, config.eval_steps, config.do_eval = (
+            IntervalStrategy.STEPS,
+            default_eval_steps(config.max_steps),
+            True,
+        )
         if int(os.environ.get("RANK", "0")) == 0:
-            print(f"[llama-moe train] --sampling dynamic updates the mixture at each evaluation: evaluating every "
-                  f"{config.eval_steps} steps (choose with --eval_strategy steps --eval_steps N).")
+            print(
+                f"[llama-moe train] --sampling dynamic updates the mixture at each evaluation: evaluating every "
+                f"{config.eval_steps} steps (choose with --eval_strategy steps --eval_steps N)."
+            )
     if config.max_length is None:
         raise ValueError("--max_length must be set: it is the length of the packed training blocks.")
     if options.distill_weight < 0:

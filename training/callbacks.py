@@ -44,7 +44,8 @@ def active_parameters(model) -> int:
     is the same matrix and is a matmul, so with tied embeddings nothing is taken off."""
     counts = model_parameter_counts(model)
     tied = model.get_output_embeddings() is not None and (
-        model.get_output_embeddings().weight is model.get_input_embeddings().weight)
+        model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    )
     return counts["active"] - (0 if tied else counts["embedding"])
 
 

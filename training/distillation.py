@@ -55,8 +55,9 @@ class ChunkedKLDivergence(torch.autograd.Function):
         return grad_NV, None, None, None, None, None
 
 
-def kl_to_teacher(student_logits_NV, teacher_hidden_NH, teacher_head_VH, mask_N, temperature: float = 1.0,
-                  chunk: int | None = None) -> torch.Tensor:
+def kl_to_teacher(
+    student_logits_NV, teacher_hidden_NH, teacher_head_VH, mask_N, temperature: float = 1.0, chunk: int | None = None
+) -> torch.Tensor:
     """Sum over the masked tokens of KL(teacher || student) at `temperature` (differentiable in the student);
     `chunk` tokens at a time (default: CHUNK_ELEMENTS worth of logits)."""
     chunk = chunk or max(1, CHUNK_ELEMENTS // student_logits_NV.shape[-1])
@@ -82,8 +83,15 @@ class Distiller:
         device = inputs["input_ids"].device
         if next(self.teacher.parameters()).device != device:
             self.teacher.to(device)
-        keep = ("input_ids", "attention_mask", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
-                "max_length_k")
+        keep = (
+            "input_ids",
+            "attention_mask",
+            "position_ids",
+            "cu_seq_lens_q",
+            "cu_seq_lens_k",
+            "max_length_q",
+            "max_length_k",
+        )
         outputs = self.teacher.get_decoder()(**{k: v for k, v in inputs.items() if k in keep}, use_cache=False)
         return outputs.last_hidden_state
 
@@ -95,6 +103,11 @@ class Distiller:
         mask_BS[:, :-1] = (labels[:, 1:] != -100).float()  # position i predicts token i + 1, as the LM loss
         vocab = student_logits_BSV.shape[-1]
         head_VH = self.teacher.get_output_embeddings().weight
-        total = kl_to_teacher(student_logits_BSV.reshape(-1, vocab), hidden_BSH.reshape(-1, hidden_BSH.shape[-1]),
-                              head_VH, mask_BS.reshape(-1), self.temperature)
+        total = kl_to_teacher(
+            student_logits_BSV.reshape(-1, vocab),
+            hidden_BSH.reshape(-1, hidden_BSH.shape[-1]),
+            head_VH,
+            mask_BS.reshape(-1),
+            self.temperature,
+        )
         return total, mask_BS.sum()

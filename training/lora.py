@@ -27,8 +27,9 @@ def check_lora_options(options) -> None:
     if options.lora_r < 1:
         raise ValueError(f"--lora_r must be >= 1, got {options.lora_r}.")
     if options.freeze:
-        raise ValueError("--freeze and --use_peft do not combine: with LoRA only the adapters (and the routers) "
-                         "train; choose one.")
+        raise ValueError(
+            "--freeze and --use_peft do not combine: with LoRA only the adapters (and the routers) train; choose one."
+        )
 
 
 def lora_config(options, model):

@@ -149,6 +149,7 @@ class MixtureDataset(torch.utils.data.IterableDataset):
 def as_hf_iterable(mixture: MixtureDataset):
     """The mixture as a `datasets.IterableDataset` (what TRL's SFTTrainer accepts). The generator is a plain
     closure, which `datasets` never copies, so the state stays in `mixture`."""
+
     def generate():
         yield from mixture
 

@@ -146,10 +146,14 @@ def load_model(options: MoETrainingArguments, config):
             seed=config.seed,
         )
     else:
-        model = plain_copy(from_pretrained(
-            AutoModelForCausalLM, options.model_name_or_path, dtype=torch.float32,
-            trust_remote_code=config.trust_remote_code,
-        ))
+        model = plain_copy(
+            from_pretrained(
+                AutoModelForCausalLM,
+                options.model_name_or_path,
+                dtype=torch.float32,
+                trust_remote_code=config.trust_remote_code,
+            )
+        )
     if options.router_z_loss_coef is not None:
         if not hasattr(model.config, "router_z_loss_coef"):
             raise ValueError("--router_z_loss_coef is set but the model has no router z-loss (not a LlamaMoE model).")
@@ -183,9 +187,11 @@ def load_teacher(options, config):
         dtype = getattr(torch, options.distill_dtype)
     else:
         dtype = torch.bfloat16 if config.bf16 else torch.float16 if config.fp16 else torch.float32
-    teacher = plain_copy(from_pretrained(
-        AutoModelForCausalLM, options.distill_from, dtype=dtype, trust_remote_code=config.trust_remote_code
-    ))
+    teacher = plain_copy(
+        from_pretrained(
+            AutoModelForCausalLM, options.distill_from, dtype=dtype, trust_remote_code=config.trust_remote_code
+        )
+    )
     return Distiller(teacher, options.distill_weight, options.distill_temperature)
 
 

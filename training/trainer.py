@@ -130,8 +130,11 @@ class MoETrainer(SFTTrainer):
     # -- checkpoints -------------------------------------------------------------------------------------------
     def examples_consumed(self) -> int:
         args = self.args
-        return self.state.global_step * args.per_device_train_batch_size * args.gradient_accumulation_steps * (
-            self.accelerator.num_processes
+        return (
+            self.state.global_step
+            * args.per_device_train_batch_size
+            * args.gradient_accumulation_steps
+            * (self.accelerator.num_processes)
         )
 
     def _last_checkpoint(self) -> str | None:

@@ -16,7 +16,12 @@ from .random import RandomMethod
 METHODS: dict[str, UpcycleMethod] = {
     method.name: method
     for method in (
-        CopyMethod(), RandomMethod(), ClusteringMethod(), GradientMethod(), GranularMethod(), DropMethod(),
+        CopyMethod(),
+        RandomMethod(),
+        ClusteringMethod(),
+        GradientMethod(),
+        GranularMethod(),
+        DropMethod(),
         CarveMethod(),
     )
 }

@@ -37,12 +37,15 @@ class CarveOptions:
         None, "width of the shared expert in neurons, instead of --shared-experts expert widths", type=int
     )
     output_scale: str = option(
-        "k", "routed output scale: k (each chosen expert counts fully) or fit (least squares to the dense FFN's "
-        "output on the calibration tokens; worse on SmolLM2, see conversion/output_scale.py)", choices=OUTPUT_SCALES
+        "k",
+        "routed output scale: k (each chosen expert counts fully) or fit (least squares to the dense FFN's "
+        "output on the calibration tokens; worse on SmolLM2, see conversion/output_scale.py)",
+        choices=OUTPUT_SCALES,
     )
     width_multiple: int = option(
-        8, "routed expert widths are multiples of this (8: grouped GEMMs; 256: llama.cpp's K-quants such as Q4_K_M "
-        "keep every expert matrix in the asked type, with the FFN width a multiple of 256 too; 32: Q8_0)"
+        8,
+        "routed expert widths are multiples of this (8: grouped GEMMs; 256: llama.cpp's K-quants such as Q4_K_M "
+        "keep every expert matrix in the asked type, with the FFN width a multiple of 256 too; 32: Q8_0)",
     )
 
 
@@ -80,8 +83,10 @@ def coactivation_features(contributions_TI: torch.Tensor, neurons: torch.Tensor)
 
 class CarveMethod(UpcycleMethod):
     name = "carve"
-    summary = ("activation-aware: shared expert from the most active neurons, experts by co-activation, "
-               "fitted router, on calibration text (CMoE)")
+    summary = (
+        "activation-aware: shared expert from the most active neurons, experts by co-activation, "
+        "fitted router, on calibration text (CMoE)"
+    )
     supports_shared_experts = True
     options = CarveOptions
     router_inits = ("fit", "normal", "zeros")

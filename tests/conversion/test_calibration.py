@@ -16,8 +16,10 @@ def dense_dir(tmp_path_factory, request):
 
 def captured_ffn_inputs(model, ids):
     captured = {}
-    hooks = [layer.mlp.register_forward_pre_hook(lambda m, args, i=i: captured.__setitem__(i, args[0]))
-             for i, layer in enumerate(model.model.layers)]
+    hooks = [
+        layer.mlp.register_forward_pre_hook(lambda m, args, i=i: captured.__setitem__(i, args[0]))
+        for i, layer in enumerate(model.model.layers)
+    ]
     with torch.no_grad():
         model(ids)
     for hook in hooks:

@@ -33,17 +33,23 @@ def test_files_by_path_or_by_name(tmp_path):
     notes = tmp_path / "notes.txt"
     notes.write_text("some text")
     sources = parse_calibration_sources(["corpus", str(notes), f"mine={notes}"])
-    assert sources == [CalibrationSource("corpus"), CalibrationSource("notes", str(notes)),
-                       CalibrationSource("mine", str(notes))]
+    assert sources == [
+        CalibrationSource("corpus"),
+        CalibrationSource("notes", str(notes)),
+        CalibrationSource("mine", str(notes)),
+    ]
     assert parse_calibration_sources(str(notes)) == [CalibrationSource("notes", str(notes))]
 
 
-@pytest.mark.parametrize("specs, match", [
-    (["corpus", "corpus"], r"names \['corpus'\] more than once"),
-    (["a=x.txt", "a=y.txt"], "does not exist"),  # files are checked first, then names
-    ([], "is empty"),
-    (["missing.txt"], "missing.txt does not exist"),
-])
+@pytest.mark.parametrize(
+    "specs, match",
+    [
+        (["corpus", "corpus"], r"names \['corpus'\] more than once"),
+        (["a=x.txt", "a=y.txt"], "does not exist"),  # files are checked first, then names
+        ([], "is empty"),
+        (["missing.txt"], "missing.txt does not exist"),
+    ],
+)
 def test_bad_mixtures_are_refused_with_one_clear_error(specs, match, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises((ValueError, FileNotFoundError), match=match):
@@ -104,8 +110,9 @@ def test_generated_text_comes_from_the_dense_model_and_its_seed(tiny_dense):
     sample_texts(model, tokenizer, 10, seed=3, progress=False)
     assert torch.equal(state, torch.random.get_rng_state())  # the caller's random stream is left alone
     blocks = mixture_blocks(parse_calibration_sources(["generated"]), SEQUENCE_LENGTH, source, tokenizer, seed=1)
-    expected = tokenizer("\n\n".join(sample_texts(model, tokenizer, SEQUENCE_LENGTH, seed=1, progress=False)),
-                         add_special_tokens=False).input_ids[:SEQUENCE_LENGTH]
+    expected = tokenizer(
+        "\n\n".join(sample_texts(model, tokenizer, SEQUENCE_LENGTH, seed=1, progress=False)), add_special_tokens=False
+    ).input_ids[:SEQUENCE_LENGTH]
     assert blocks.reshape(-1).tolist() == expected
 
 

@@ -32,8 +32,9 @@ def _gate_logits(model, input_ids):
 
 @pytest.mark.parametrize("shared", [48, 0], ids=["ungated_shared_expert", "no_shared_expert"])
 def test_qwen2_moe_export_has_an_untied_head_and_a_gate_that_is_exactly_one_half_but_never_zero(tmp_path, shared):
-    ours, src = _saved_moe(tmp_path, shared_expert_intermediate_size=shared, norm_topk_prob=False,
-                           tie_word_embeddings=True)
+    ours, src = _saved_moe(
+        tmp_path, shared_expert_intermediate_size=shared, norm_topk_prob=False, tie_word_embeddings=True
+    )
     out = tmp_path / "qwen2_moe"
     export_checkpoint(src, out, "qwen2_moe", engine="llama.cpp")
     config = json.loads((out / "config.json").read_text())
@@ -71,15 +72,19 @@ def test_llama_cpp_qwen2_moe_limits_are_named():
     assert engine_refusal("qwen2_moe", fits, "llama.cpp") is None
     half = tiny_moe_config(shared_expert_intermediate_size=48, norm_topk_prob=False, dtype="float16")
     assert "float16" in engine_refusal("qwen2_moe", half, "llama.cpp")
-    gated_half = tiny_moe_config(shared_expert_intermediate_size=48, norm_topk_prob=False, dtype="float16",
-                                 shared_expert_gate=True)
+    gated_half = tiny_moe_config(
+        shared_expert_intermediate_size=48, norm_topk_prob=False, dtype="float16", shared_expert_gate=True
+    )
     assert engine_refusal("qwen2_moe", gated_half, "llama.cpp") is None  # a learned gate is not tiny
 
 
 def test_engine_refusal_names_the_engine_the_reason_and_the_formats_that_fit():
     renormalized = tiny_moe_config()
-    with pytest.raises(ValueError, match=r"^llama.cpp cannot compute this qwen2_moe checkpoint.*renormalizes.*"
-                       r"Formats that llama.cpp serves for this configuration: \['mixtral', 'gguf'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"^llama.cpp cannot compute this qwen2_moe checkpoint.*renormalizes.*"
+        r"Formats that llama.cpp serves for this configuration: \['mixtral', 'gguf'\]",
+    ):
         get_exporter("qwen2_moe", renormalized, engine="llama.cpp")
     with pytest.raises(ValueError, match=r"^vLLM cannot compute this llama_moe checkpoint"):
         get_exporter("llama_moe", renormalized, engine="vllm")

@@ -138,11 +138,28 @@ def _v1_checkpoint(path, *, gate_network, size_experts, score_scale_factor, gate
 def _v1_reference_model(config, weights):
     """v1 = a Llama decoder whose MLPs are v1 MoE layers: transformers' Llama with the MLPs swapped."""
     llama_config = LlamaConfig(
-        **{k: config[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                                  "num_attention_heads", "num_key_value_heads", "rms_norm_eps", "tie_word_embeddings")},
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, **(
-            {"rope_type": config["rope_scaling"]["type"], "factor": config["rope_scaling"]["factor"]}
-            if config["rope_scaling"] else {})},
+        **{
+            k: config[k]
+            for k in (
+                "vocab_size",
+                "hidden_size",
+                "intermediate_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "rms_norm_eps",
+                "tie_word_embeddings",
+            )
+        },
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            **(
+                {"rope_type": config["rope_scaling"]["type"], "factor": config["rope_scaling"]["factor"]}
+                if config["rope_scaling"]
+                else {}
+            ),
+        },
     )
     model = LlamaForCausalLM(llama_config).eval()
     dense = {k: v for k, v in weights.items() if ".mlp." not in k and "inv_freq" not in k}
@@ -159,12 +176,18 @@ def _v1_reference_model(config, weights):
 
 V1_CASES = {
     # The released LLaMA-MoE-v1 recipe: mlp gate, equal expert sizes, scale factor, learned noise.
-    "released_recipe": dict(gate_network="mlp", size_experts=[[32] * 4] * 2, score_scale_factor=2.0,
-                            gate_add_noise=True),
+    "released_recipe": dict(
+        gate_network="mlp", size_experts=[[32] * 4] * 2, score_scale_factor=2.0, gate_add_noise=True
+    ),
     # Linear gate, unequal expert sizes (zero-padded), per-layer scale factors, linear RoPE scaling, .bin file.
-    "uneven_experts": dict(gate_network="linear", size_experts=[[40, 24, 32, 32], [32] * 4],
-                           score_scale_factor=[1.5, 3.0], gate_add_noise=False, bin_file=True,
-                           rope_scaling={"type": "linear", "factor": 2.0}),
+    "uneven_experts": dict(
+        gate_network="linear",
+        size_experts=[[40, 24, 32, 32], [32] * 4],
+        score_scale_factor=[1.5, 3.0],
+        gate_add_noise=False,
+        bin_file=True,
+        rope_scaling={"type": "linear", "factor": 2.0},
+    ),
 }
 
 
@@ -210,8 +233,13 @@ def test_v1_import_maps_the_config_and_padding(tmp_path):
 
 def test_v1_options_without_equivalent_are_refused_together(tmp_path):
     config, _ = _v1_checkpoint(tmp_path / "v1", **V1_CASES["released_recipe"])
-    bad = {**config, "gate_use_softmax": False, "multiply_gate_scores": False, "gate_type": "SwitchBalancedGate",
-           "add_weight_norm": True}
+    bad = {
+        **config,
+        "gate_use_softmax": False,
+        "multiply_gate_scores": False,
+        "gate_type": "SwitchBalancedGate",
+        "add_weight_norm": True,
+    }
     (tmp_path / "v1" / "config.json").write_text(json.dumps(bad))
     with pytest.raises(ValueError) as error:
         import_llama_moe_v1(tmp_path / "v1", tmp_path / "ours")

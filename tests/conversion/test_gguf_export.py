@@ -22,8 +22,9 @@ def _byte_level_tokenizer(folder):
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB - 8, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB - 8, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     backend.train_from_iterator(["def fibonacci(n): return n if n < 2 else fibonacci(n - 1)"] * 20, trainer)
     PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>").save_pretrained(folder)
 
@@ -113,8 +114,9 @@ def test_qwen2moe_gguf_read_back_by_transformers_gives_our_logits(tmp_path, outt
     export_checkpoint(src, tmp_path / "hf", "qwen2_moe")  # the same architecture's config, as transformers has it
     config = Qwen2MoeConfig.from_pretrained(tmp_path / "hf")
     export_gguf(src, tmp_path / "gguf" / "model.gguf", outtype=outtype, tokenizer_pre="gpt-2", progress=False)
-    qwen = Qwen2MoeForCausalLM.from_pretrained(tmp_path / "gguf", gguf_file="model.gguf", config=config,
-                                               dtype=torch.float32).eval()
+    qwen = Qwen2MoeForCausalLM.from_pretrained(
+        tmp_path / "gguf", gguf_file="model.gguf", config=config, dtype=torch.float32
+    ).eval()
     input_ids = torch.randint(0, VOCAB, (2, 9))
     with torch.no_grad():
         torch.testing.assert_close(qwen(input_ids).logits, ours(input_ids).logits, atol=1e-4, rtol=1e-4)
@@ -142,13 +144,32 @@ def test_upcycle_and_export_write_gguf_from_the_command_line(tmp_path, capsys):
 
     from llama_moe.cli.main import main
 
-    dense_config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    dense_config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
     LlamaForCausalLM(dense_config).save_pretrained(tmp_path / "dense")
     _byte_level_tokenizer(tmp_path / "dense")
     out = tmp_path / "moe.gguf"
-    argv = ["upcycle", str(tmp_path / "dense"), str(out), "--format", "gguf", "--gguf-tokenizer-pre", "gpt-2",
-            "--num-experts", "4", "--top-k", "2", "--no-progress"]
+    argv = [
+        "upcycle",
+        str(tmp_path / "dense"),
+        str(out),
+        "--format",
+        "gguf",
+        "--gguf-tokenizer-pre",
+        "gpt-2",
+        "--num-experts",
+        "4",
+        "--top-k",
+        "2",
+        "--no-progress",
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "architecture llama" in printed and printed.strip().splitlines()[-1].startswith(f"Wrote {out}")
@@ -158,6 +179,20 @@ def test_upcycle_and_export_write_gguf_from_the_command_line(tmp_path, capsys):
     _, src = _saved(tmp_path / "ckpt", **CASES["qwen2moe"])
     assert main(["export", str(src), str(tmp_path / "q.gguf"), "--format", "gguf", "--engine", "vllm"]) == 2
     assert "vLLM cannot compute this gguf checkpoint" in capsys.readouterr().err
-    assert main(["export", str(src), str(tmp_path / "q.gguf"), "--format", "gguf", "--outtype", "f16",
-                 "--gguf-tokenizer-pre", "gpt-2"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                str(src),
+                str(tmp_path / "q.gguf"),
+                "--format",
+                "gguf",
+                "--outtype",
+                "f16",
+                "--gguf-tokenizer-pre",
+                "gpt-2",
+            ]
+        )
+        == 0
+    )
     assert _read(tmp_path / "q.gguf")[1]["general.file_type"] == 1  # MOSTLY_F16

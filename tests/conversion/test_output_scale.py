@@ -18,16 +18,28 @@ def block_and_ffn(top_k: int, shared: bool):
     width = I // (E + 1) if shared else I // E
     neurons = torch.randperm(I)
     init = experts_from_groups(ffn, neurons[: E * width].reshape(E, width), neurons[E * width :][None])
-    config = LlamaMoEConfig(hidden_size=H, intermediate_size=I, num_hidden_layers=1, num_attention_heads=2,
-                            num_local_experts=E, num_experts_per_tok=top_k, moe_intermediate_size=width,
-                            shared_expert_intermediate_size=I - E * width if shared else 0,
-                            routed_scaling_factor=float(top_k))
+    config = LlamaMoEConfig(
+        hidden_size=H,
+        intermediate_size=I,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_local_experts=E,
+        num_experts_per_tok=top_k,
+        moe_intermediate_size=width,
+        shared_expert_intermediate_size=I - E * width if shared else 0,
+        routed_scaling_factor=float(top_k),
+    )
     router = torch.zeros(E, H) if top_k == E else torch.randn(E, H)  # zeros: equal weights 1/k, times k = 1
-    tensors = [("model.layers.0.mlp.gate.weight", router), ("model.layers.0.mlp.experts.gate_up_proj", init.gate_up),
-               ("model.layers.0.mlp.experts.down_proj", init.down)]
+    tensors = [
+        ("model.layers.0.mlp.gate.weight", router),
+        ("model.layers.0.mlp.experts.gate_up_proj", init.gate_up),
+        ("model.layers.0.mlp.experts.down_proj", init.down),
+    ]
     if shared:
-        tensors += [(f"model.layers.0.mlp.shared_expert.{p}_proj.weight", getattr(init.shared, p))
-                    for p in ("gate", "up", "down")]
+        tensors += [
+            (f"model.layers.0.mlp.shared_expert.{p}_proj.weight", getattr(init.shared, p))
+            for p in ("gate", "up", "down")
+        ]
     return moe_block(config, tensors), ffn
 
 

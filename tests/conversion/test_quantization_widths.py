@@ -11,9 +11,17 @@ from llama_moe.modeling import LlamaMoEConfig
 
 
 def config(hidden, width, shared, heads=8):
-    return LlamaMoEConfig(hidden_size=hidden, intermediate_size=16 * width, num_attention_heads=heads,
-                          num_key_value_heads=heads // 2, num_hidden_layers=2, num_local_experts=12,
-                          num_experts_per_tok=4, moe_intermediate_size=width, shared_expert_intermediate_size=shared)
+    return LlamaMoEConfig(
+        hidden_size=hidden,
+        intermediate_size=16 * width,
+        num_attention_heads=heads,
+        num_key_value_heads=heads // 2,
+        num_hidden_layers=2,
+        num_local_experts=12,
+        num_experts_per_tok=4,
+        moe_intermediate_size=width,
+        shared_expert_intermediate_size=shared,
+    )
 
 
 def test_fallbacks_name_each_tensor_whose_rows_miss_the_block():

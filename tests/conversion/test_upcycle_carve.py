@@ -71,8 +71,9 @@ def test_carve_with_every_expert_on_is_the_dense_model(dense_dir, tmp_path):
     """top-k = E and equal weights (zero router): shared + all routed experts add up to the dense FFN."""
     out = carve(dense_dir, tmp_path / "m", num_experts=4, top_k=4, shared_experts=2, router_init="zeros")
     ids = tokens()
-    torch.testing.assert_close(logits_of(load_moe(out), ids), logits_of(load_dense(dense_dir), ids),
-                               atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        logits_of(load_moe(out), ids), logits_of(load_dense(dense_dir), ids), atol=1e-4, rtol=1e-4
+    )
 
 
 @pytest.mark.parametrize("method", ["carve", "random"])
@@ -80,8 +81,16 @@ def test_fitted_router_ranks_experts_by_contribution(dense_dir, tmp_path, method
     """On calibration inputs, the expert with the largest router logit is the expert with the largest output far
     more often than chance (1/E), and the logits correlate with the output norms."""
     E = 4
-    out = upcycle(dense_dir, tmp_path / "m", method=method, num_experts=E, top_k=1, router_init="fit",
-                  calibration_tokens=2048, progress=False)
+    out = upcycle(
+        dense_dir,
+        tmp_path / "m",
+        method=method,
+        num_experts=E,
+        top_k=1,
+        router_init="fit",
+        calibration_tokens=2048,
+        progress=False,
+    )
     tensors = read_tensors(out)
     source = open_dense(dense_dir)
     blocks = calibration_blocks(source.load_tokenizer(), corpus_text(2048 * 8), 2048)
@@ -102,31 +111,59 @@ def test_fitted_router_ranks_experts_by_contribution(dense_dir, tmp_path, method
 def test_fitted_router_exports_fold_the_temperature(dense_dir, tmp_path):
     from transformers import MixtralForCausalLM
 
-    out = upcycle(dense_dir, tmp_path / "m", method="random", num_experts=4, top_k=2, router_init="fit",
-                  calibration_tokens=2048, progress=False)
+    out = upcycle(
+        dense_dir,
+        tmp_path / "m",
+        method="random",
+        num_experts=4,
+        top_k=2,
+        router_init="fit",
+        calibration_tokens=2048,
+        progress=False,
+    )
     assert json.load(open(os.path.join(out, "config.json")))["router_temperature"] == 100.0
-    mixtral = upcycle(dense_dir, tmp_path / "x", method="random", num_experts=4, top_k=2, router_init="fit",
-                      calibration_tokens=2048, format="mixtral", progress=False)
+    mixtral = upcycle(
+        dense_dir,
+        tmp_path / "x",
+        method="random",
+        num_experts=4,
+        top_k=2,
+        router_init="fit",
+        calibration_tokens=2048,
+        format="mixtral",
+        progress=False,
+    )
     ids = tokens()
     expected = logits_of(load_moe(out), ids)
-    torch.testing.assert_close(logits_of(MixtralForCausalLM.from_pretrained(mixtral).eval(), ids), expected,
-                               atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        logits_of(MixtralForCausalLM.from_pretrained(mixtral).eval(), ids), expected, atol=1e-4, rtol=1e-4
+    )
 
 
 def test_carve_card_verify_and_exports(dense_dir, tmp_path):
     from llama_moe.conversion.options import UpcycleOptions
     from llama_moe.conversion.pipeline import run_upcycle
 
-    options = UpcycleOptions.from_kwargs(method="carve", num_experts=4, top_k=2, shared_experts=2,
-                                         calibration_tokens=2048)
+    options = UpcycleOptions.from_kwargs(
+        method="carve", num_experts=4, top_k=2, shared_experts=2, calibration_tokens=2048
+    )
     result = run_upcycle(dense_dir, tmp_path / "m", options, verify=True, progress=False)
     assert result.verify["max_abs_logit_diff"] > 0 and result.verify["moe_perplexity"] > 0
     card = open(os.path.join(result.path, "README.md")).read()
     assert "`carve`" in card and "router | init fit" in card and "calibration_tokens=2048" in card
     assert "embedded" in card and "generated (text sampled" in card  # where the calibration text came from
     assert "github.com" not in card  # links only to what exists
-    qwen = upcycle(dense_dir, tmp_path / "q", method="carve", num_experts=4, top_k=2, shared_experts=2,
-                   calibration_tokens=2048, format="qwen2_moe", progress=False)
+    qwen = upcycle(
+        dense_dir,
+        tmp_path / "q",
+        method="carve",
+        num_experts=4,
+        top_k=2,
+        shared_experts=2,
+        calibration_tokens=2048,
+        format="qwen2_moe",
+        progress=False,
+    )
     assert json.load(open(os.path.join(qwen, "config.json")))["shared_expert_intermediate_size"] == 32
     with pytest.raises(ValueError, match="no shared expert"):
         carve(dense_dir, tmp_path / "x", num_experts=4, top_k=2, shared_experts=2, format="mixtral")
@@ -146,5 +183,8 @@ def test_carve_refuses_bad_input_before_work(dense_dir, tmp_path):
     refused(r"--calibration-tokens must be >= 256", calibration_tokens=100)
     refused(r"--shared-expert-size 200 does not fit the FFN's 96 neurons", shared_expert_size=200)
     refused(r"not both", shared_expert_size=8, shared_experts=1)
-    refused(r"--router-init fit needs --method random, clustering, gradient, drop or carve", method="copy",
-            router_init="fit")
+    refused(
+        r"--router-init fit needs --method random, clustering, gradient, drop or carve",
+        method="copy",
+        router_init="fit",
+    )

@@ -52,9 +52,17 @@ def test_output_folder_contents(dense_dirs, tmp_path):
     assert tensors["model.layers.0.mlp.experts.down_proj"].shape == (4, 32, 96)
     assert tensors["model.layers.0.mlp.gate.weight"].shape == (4, 32)
     card = open(os.path.join(out, "README.md")).read()
-    for needle in ("library_name: transformers", "pipeline_tag: text-generation", "- moe", "- custom_code",
-                   "- upcycling", "`copy`", "| top-k | 2", "active per token",
-                   "upcycle('" + dense_dirs["llama3"] + "', '" + out + "', method='copy', num_experts=4, top_k=2)"):
+    for needle in (
+        "library_name: transformers",
+        "pipeline_tag: text-generation",
+        "- moe",
+        "- custom_code",
+        "- upcycling",
+        "`copy`",
+        "| top-k | 2",
+        "active per token",
+        "upcycle('" + dense_dirs["llama3"] + "', '" + out + "', method='copy', num_experts=4, top_k=2)",
+    ):
         assert needle in card, needle
 
 
@@ -88,8 +96,24 @@ def test_cli_sharded_bf16_every_other(dense_dirs, tmp_path, capsys):
     from llama_moe.cli.main import main
 
     out = tmp_path / "moe"
-    argv = ["upcycle", dense_dirs["llama2"], str(out), "--num-experts", "4", "--top-k", "1", "--moe-layers",
-            "every-other", "--dtype", "bfloat16", "--max-shard-size", "20KB", "--no-progress", "--seed", "3"]
+    argv = [
+        "upcycle",
+        dense_dirs["llama2"],
+        str(out),
+        "--num-experts",
+        "4",
+        "--top-k",
+        "1",
+        "--moe-layers",
+        "every-other",
+        "--dtype",
+        "bfloat16",
+        "--max-shard-size",
+        "20KB",
+        "--no-progress",
+        "--seed",
+        "3",
+    ]
     assert main(argv) == 0
     summary = capsys.readouterr().out.strip().splitlines()[-1]
     assert summary.startswith(f"Wrote {out}") and "1/3 MoE layers x 4 experts (top-1)" in summary
@@ -164,8 +188,12 @@ def test_failure_mid_write_leaves_nothing(dense_dirs, tmp_path, monkeypatch):
 def test_verify_reports_logit_difference_and_perplexities(dense_dirs, tmp_path, capsys):
     from llama_moe.cli.main import main
 
-    assert main(["upcycle", dense_dirs["llama3"], str(tmp_path / "copy"), "--num-experts", "4", "--verify",
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            ["upcycle", dense_dirs["llama3"], str(tmp_path / "copy"), "--num-experts", "4", "--verify", "--no-progress"]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     line = [x for x in err.splitlines() if x.startswith("verify on")][0]
     diff = float(line.split("max |logit diff| ")[1].split(",")[0])
@@ -176,8 +204,13 @@ def test_verify_reports_logit_difference_and_perplexities(dense_dirs, tmp_path, 
     from llama_moe.conversion.options import UpcycleOptions
     from llama_moe.conversion.pipeline import run_upcycle
 
-    result = run_upcycle(dense_dirs["llama3"], tmp_path / "random", UpcycleOptions(method="random", num_experts=4),
-                         verify=True, progress=False)
+    result = run_upcycle(
+        dense_dirs["llama3"],
+        tmp_path / "random",
+        UpcycleOptions(method="random", num_experts=4),
+        verify=True,
+        progress=False,
+    )
     assert result.verify["max_abs_logit_diff"] > 1e-3  # random splits change the function
     assert result.verify["tokens"] == 128
 
@@ -185,8 +218,15 @@ def test_verify_reports_logit_difference_and_perplexities(dense_dirs, tmp_path, 
 def test_mixtral_format_loads_without_remote_code(dense_dirs, tmp_path):
     from transformers import MixtralForCausalLM
 
-    out = upcycle(dense_dirs["llama2"], tmp_path / "mixtral", method="random", num_experts=4, top_k=2,
-                  format="mixtral", progress=False)
+    out = upcycle(
+        dense_dirs["llama2"],
+        tmp_path / "mixtral",
+        method="random",
+        num_experts=4,
+        top_k=2,
+        format="mixtral",
+        progress=False,
+    )
     assert not [f for f in os.listdir(out) if f.endswith(".py")]
     config = json.load(open(os.path.join(out, "config.json")))
     assert config["model_type"] == "mixtral" and "auto_map" not in config

@@ -27,34 +27,70 @@ def test_option_errors(dense_dir, tmp_path):
     refused(tmp_path, dense_dir, r"--top-k 9 does not fit 8 experts", num_experts=8, top_k=9)
     refused(tmp_path, dense_dir, r"96 neurons.*5 equal parts", method="random", num_experts=5, top_k=2)
     refused(tmp_path, dense_dir, r"clustering makes 7 equal clusters", method="clustering", num_experts=7)
-    refused(tmp_path, dense_dir, r"unknown upcycling method 'moefy'; choose one of copy, random, clustering",
-            method="moefy")
+    refused(
+        tmp_path, dense_dir, r"unknown upcycling method 'moefy'; choose one of copy, random, clustering", method="moefy"
+    )
     refused(tmp_path, dense_dir, r"--moe-layers .*names layers \[7\]", moe_layers="0,7")
-    refused(tmp_path, dense_dir, r"--top-k 3 must be a multiple of --granularity 2", method="granular",
-            num_experts=8, top_k=3, granularity=2)
-    refused(tmp_path, dense_dir, r"--granularity 5 does not divide the FFN size 96", method="granular",
-            granularity=5)
+    refused(
+        tmp_path,
+        dense_dir,
+        r"--top-k 3 must be a multiple of --granularity 2",
+        method="granular",
+        num_experts=8,
+        top_k=3,
+        granularity=2,
+    )
+    refused(tmp_path, dense_dir, r"--granularity 5 does not divide the FFN size 96", method="granular", granularity=5)
     refused(tmp_path, dense_dir, r"--drop-ratio must be in \[0, 1\]", method="drop", drop_ratio=1.5)
     refused(tmp_path, dense_dir, r"--shared-experts needs a method that splits", shared_experts=1)
-    refused(tmp_path, dense_dir, r"--router-init centroids needs --method clustering or gradient",
-            router_init="centroids")
+    refused(
+        tmp_path, dense_dir, r"--router-init centroids needs --method clustering or gradient", router_init="centroids"
+    )
     refused(tmp_path, dense_dir, r"--method gradient needs the base model.s tokenizer", method="gradient")
     # A method option with choices is checked before the base is opened (this base does not even exist).
     missing = str(tmp_path / "no-such-model")
-    refused(tmp_path, missing, r"--cluster-on 'down' is unknown; choose one of \['up', 'gate'\]", method="clustering",
-            cluster_on="down")
+    refused(
+        tmp_path,
+        missing,
+        r"--cluster-on 'down' is unknown; choose one of \['up', 'gate'\]",
+        method="clustering",
+        cluster_on="down",
+    )
     refused(tmp_path, missing, r"--granular-scaling 'x' is unknown", method="granular", granular_scaling="x")
-    refused(tmp_path, missing, r"--output-scale 'norm' is unknown; choose one of \['k', 'fit'\]", method="carve",
-            output_scale="norm")
-    refused(tmp_path, dense_dir, r"--calibration-data .*nothing.txt does not exist", method="gradient",
-            calibration_data=str(tmp_path / "nothing.txt"))
+    refused(
+        tmp_path,
+        missing,
+        r"--output-scale 'norm' is unknown; choose one of \['k', 'fit'\]",
+        method="carve",
+        output_scale="norm",
+    )
+    refused(
+        tmp_path,
+        dense_dir,
+        r"--calibration-data .*nothing.txt does not exist",
+        method="gradient",
+        calibration_data=str(tmp_path / "nothing.txt"),
+    )
     refused(tmp_path, dense_dir, r"unknown upcycling option\(s\) \['num_expert'\]", num_expert=4)
     refused(tmp_path, dense_dir, r"Unknown format 'onnx'", format="onnx")
     refused(tmp_path, dense_dir, r"must end in .gguf", format="gguf")  # OUT names a file for gguf
-    refused(tmp_path, dense_dir, r"(?s)llama.cpp cannot compute.*dense", format="gguf", out_name="moe.gguf",
-            moe_layers="every-other")
-    refused(tmp_path, dense_dir, r"(?s)does not fit format 'mixtral'.*no shared expert", format="mixtral",
-            method="random", num_experts=4, shared_experts=2)
+    refused(
+        tmp_path,
+        dense_dir,
+        r"(?s)llama.cpp cannot compute.*dense",
+        format="gguf",
+        out_name="moe.gguf",
+        moe_layers="every-other",
+    )
+    refused(
+        tmp_path,
+        dense_dir,
+        r"(?s)does not fit format 'mixtral'.*no shared expert",
+        format="mixtral",
+        method="random",
+        num_experts=4,
+        shared_experts=2,
+    )
     refused(tmp_path, dense_dir, r"--max-shard-size 'lots'", max_shard_size="lots")
 
 
@@ -122,16 +158,20 @@ def test_missing_shard_and_missing_tensor(dense_dir, tmp_path):
     names = sorted(tensors)
     half = len(names) // 2
     files = {"a.safetensors": names[:half], "b.safetensors": names[half:]}
-    json.dump({"weight_map": {n: f for f, ns in files.items() for n in ns}},
-              open(sharded / "model.safetensors.index.json", "w"))
+    json.dump(
+        {"weight_map": {n: f for f, ns in files.items() for n in ns}},
+        open(sharded / "model.safetensors.index.json", "w"),
+    )
     save_file({n: tensors[n] for n in files["a.safetensors"]}, str(sharded / "a.safetensors"))
     refused(tmp_path, sharded, r"lacks shard file\(s\) \['b.safetensors'\]")
 
     lacking = tmp_path / "lacking"
     lacking.mkdir()
     shutil.copy(os.path.join(dense_dir, "config.json"), lacking / "config.json")
-    save_file({n: t for n, t in tensors.items() if n != "model.layers.1.mlp.up_proj.weight"},
-              str(lacking / "model.safetensors"))
+    save_file(
+        {n: t for n, t in tensors.items() if n != "model.layers.1.mlp.up_proj.weight"},
+        str(lacking / "model.safetensors"),
+    )
     refused(tmp_path, lacking, r"lacks tensors \['model.layers.1.mlp.up_proj.weight'\]")
 
 

@@ -56,8 +56,12 @@ def test_importance_matches_autograd_reference(dense_dir):
     expected = {0: torch.zeros(I), 2: torch.zeros(I)}
     for ids in batches:
         captured = {}
-        hooks = [model.model.layers[i].mlp.down_proj.register_forward_pre_hook(
-            lambda m, args, i=i: captured.__setitem__(i, args[0])) for i in (0, 2)]
+        hooks = [
+            model.model.layers[i].mlp.down_proj.register_forward_pre_hook(
+                lambda m, args, i=i: captured.__setitem__(i, args[0])
+            )
+            for i in (0, 2)
+        ]
         embeds = model.model.embed_tokens(ids).detach().requires_grad_(True)
         out = model(inputs_embeds=embeds, labels=ids)
         for a in captured.values():
@@ -81,8 +85,17 @@ def test_select_neurons_sharing_inner_and_inter():
 
 
 def test_gradient_upcycle_end_to_end(dense_dir, calibration_file, tmp_path):
-    out = upcycle(dense_dir, tmp_path / "m", method="gradient", num_experts=4, top_k=2, shared_experts=1,
-                  calibration_data=calibration_file, router_init="centroids", progress=False)
+    out = upcycle(
+        dense_dir,
+        tmp_path / "m",
+        method="gradient",
+        num_experts=4,
+        top_k=2,
+        shared_experts=1,
+        calibration_data=calibration_file,
+        router_init="centroids",
+        progress=False,
+    )
     config = json.load(open(os.path.join(out, "config.json")))
     size = I // 5
     # routed experts are padded to a multiple of 8 neurons with zeros (test_expert_width.py); the shared one is not

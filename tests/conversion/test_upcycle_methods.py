@@ -94,13 +94,30 @@ def test_random_is_an_equal_partition(dense_dirs, tmp_path, style):
 def test_random_with_shared_experts_and_all_experts_active_is_dense(dense_dirs, tmp_path):
     """E=k=4 routed + 2 shared groups: every neuron is used once; with a zero router every routed weight is 1/4,
     so routed scaling 4 makes the layer exactly the dense FFN."""
-    out = upcycle(dense_dirs["llama2"], tmp_path / "m", method="random", num_experts=4, top_k=4, shared_experts=2,
-                  routed_scaling_factor=1.0, progress=False)
+    out = upcycle(
+        dense_dirs["llama2"],
+        tmp_path / "m",
+        method="random",
+        num_experts=4,
+        top_k=4,
+        shared_experts=2,
+        routed_scaling_factor=1.0,
+        progress=False,
+    )
     config = json.load(open(os.path.join(out, "config.json")))
     assert config["shared_expert_intermediate_size"] == 2 * I // 6
     assert_partition(out, dense_dirs["llama2"], 3, 4, shared_groups=2)
-    out4 = upcycle(dense_dirs["llama2"], tmp_path / "m4", method="random", num_experts=4, top_k=4, shared_experts=2,
-                   routed_scaling_factor=4.0, router_init="zeros", progress=False)
+    out4 = upcycle(
+        dense_dirs["llama2"],
+        tmp_path / "m4",
+        method="random",
+        num_experts=4,
+        top_k=4,
+        shared_experts=2,
+        routed_scaling_factor=4.0,
+        router_init="zeros",
+        progress=False,
+    )
     ids = tokens()
     torch.testing.assert_close(
         logits_of(load_moe(out4), ids), logits_of(load_dense(dense_dirs["llama2"]), ids), atol=1e-4, rtol=1e-4
@@ -108,8 +125,15 @@ def test_random_with_shared_experts_and_all_experts_active_is_dense(dense_dirs, 
 
 
 def test_clustering_is_an_equal_partition_and_centroids_init_router(dense_dirs, tmp_path):
-    out = upcycle(dense_dirs["llama3"], tmp_path / "m", method="clustering", num_experts=4, top_k=2,
-                  router_init="centroids", progress=False)
+    out = upcycle(
+        dense_dirs["llama3"],
+        tmp_path / "m",
+        method="clustering",
+        num_experts=4,
+        top_k=2,
+        router_init="centroids",
+        progress=False,
+    )
     assert_partition(out, dense_dirs["llama3"], 2, 4)
     tensors = read_tensors(out)
     router = tensors["model.layers.0.mlp.gate.weight"]
@@ -135,8 +159,16 @@ def test_balanced_kmeans_finds_planted_clusters():
 
 def test_granular_virtual_groups_and_exact_mode(dense_dirs, tmp_path):
     E, G, k = 8, 4, 4
-    out = upcycle(dense_dirs["llama2"], tmp_path / "m", method="granular", num_experts=E, top_k=k, granularity=G,
-                  granular_scaling="exact", progress=False)
+    out = upcycle(
+        dense_dirs["llama2"],
+        tmp_path / "m",
+        method="granular",
+        num_experts=E,
+        top_k=k,
+        granularity=G,
+        granular_scaling="exact",
+        progress=False,
+    )
     config = json.load(open(os.path.join(out, "config.json")))
     assert config["moe_intermediate_size"] == I // G and config["routed_scaling_factor"] == G
     assert config["norm_topk_prob"] is True
@@ -155,8 +187,9 @@ def test_granular_virtual_groups_and_exact_mode(dense_dirs, tmp_path):
         assert not torch.equal(router[0], router[G])
     ids = tokens()
     moe = load_moe(out)
-    torch.testing.assert_close(logits_of(moe, ids), logits_of(load_dense(dense_dirs["llama2"]), ids), atol=1e-4,
-                               rtol=1e-4)
+    torch.testing.assert_close(
+        logits_of(moe, ids), logits_of(load_dense(dense_dirs["llama2"]), ids), atol=1e-4, rtol=1e-4
+    )
     # top-k picks whole virtual groups: k/G groups, all G shards of each
     for load in moe.expert_load().values():
         per_group = load.view(E // G, G)
@@ -165,8 +198,9 @@ def test_granular_virtual_groups_and_exact_mode(dense_dirs, tmp_path):
 
 def test_granular_paper_scaling(dense_dirs, tmp_path):
     E, G, k = 8, 2, 2
-    out = upcycle(dense_dirs["llama3"], tmp_path / "m", method="granular", num_experts=E, top_k=k, granularity=G,
-                  progress=False)
+    out = upcycle(
+        dense_dirs["llama3"], tmp_path / "m", method="granular", num_experts=E, top_k=k, granularity=G, progress=False
+    )
     config = json.load(open(os.path.join(out, "config.json")))
     assert config["norm_topk_prob"] is False and config["routed_scaling_factor"] == 1.0  # softmax-then-top-k
     gate, up, down = dense_ffn(dense_dirs["llama3"], 0)
@@ -179,8 +213,9 @@ def test_granular_paper_scaling(dense_dirs, tmp_path):
 @pytest.mark.parametrize("ratio", [0.5, 0.25])
 def test_drop_reinitializes_the_fraction(dense_dirs, tmp_path, ratio):
     E = 4
-    out = upcycle(dense_dirs["llama2"], tmp_path / "m", method="drop", num_experts=E, top_k=2, drop_ratio=ratio,
-                  progress=False)
+    out = upcycle(
+        dense_dirs["llama2"], tmp_path / "m", method="drop", num_experts=E, top_k=2, drop_ratio=ratio, progress=False
+    )
     tensors = read_tensors(out)
     gate, up, down = dense_ffn(dense_dirs["llama2"], 1)
     gate_up = tensors["model.layers.1.mlp.experts.gate_up_proj"]
@@ -198,11 +233,13 @@ def test_drop_reinitializes_the_fraction(dense_dirs, tmp_path, ratio):
 
 
 def test_drop_ratio_zero_is_exact_copy(dense_dirs, tmp_path):
-    out = upcycle(dense_dirs["llama3"], tmp_path / "m", method="drop", num_experts=4, top_k=2, drop_ratio=0.0,
-                  progress=False)
+    out = upcycle(
+        dense_dirs["llama3"], tmp_path / "m", method="drop", num_experts=4, top_k=2, drop_ratio=0.0, progress=False
+    )
     ids = tokens()
-    torch.testing.assert_close(logits_of(load_moe(out), ids), logits_of(load_dense(dense_dirs["llama3"]), ids),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        logits_of(load_moe(out), ids), logits_of(load_dense(dense_dirs["llama3"]), ids), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_every_method_follows_one_signature():

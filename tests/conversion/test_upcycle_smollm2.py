@@ -52,8 +52,7 @@ def test_copy_8x2_reloads_with_the_dense_logits(dense, copy_out, ids):
 
 def test_random_8x2_loads_and_generates(dense, ids, tmp_path):
     # bfloat16 halves what this writes (1.4 GB) while the float32 copy above is still on disk
-    out = upcycle(dense, tmp_path / "moe", method="random", num_experts=8, top_k=2, dtype="bfloat16",
-                  progress=False)
+    out = upcycle(dense, tmp_path / "moe", method="random", num_experts=8, top_k=2, dtype="bfloat16", progress=False)
     moe = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
     assert moe.config.moe_intermediate_size == 1536 // 8 and moe.config.routed_scaling_factor == 4.0
     generated = moe.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=dense.config.eos_token_id)

@@ -39,8 +39,14 @@ def tiny_moe_dir(tmp_path_factory, smollm2_tokenizer_dir):
     from llama_moe.modeling import LlamaMoEForCausalLM
 
     torch.manual_seed(0)
-    config = tiny_moe_config(vocab_size=SMOLLM2_VOCAB, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
-                             bos_token_id=1, eos_token_id=2)
+    config = tiny_moe_config(
+        vocab_size=SMOLLM2_VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        moe_intermediate_size=16,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     folder = tmp_path_factory.mktemp("tiny-moe")
     LlamaMoEForCausalLM(config).save_pretrained(folder)
     copy_tokenizer(smollm2_tokenizer_dir, folder)
@@ -52,9 +58,18 @@ def dense_dir(tmp_path_factory, smollm2_tokenizer_dir):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=SMOLLM2_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1,
-                         eos_token_id=2, tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=SMOLLM2_VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=True,
+    )
     folder = tmp_path_factory.mktemp("tiny-dense")
     LlamaForCausalLM(config).save_pretrained(folder)
     copy_tokenizer(smollm2_tokenizer_dir, folder)
@@ -68,6 +83,5 @@ def upcycled_dir(tmp_path_factory, dense_dir):
     from llama_moe.conversion import upcycle
 
     out = tmp_path_factory.mktemp("upcycled") / "moe"
-    path = upcycle(str(dense_dir), str(out), method="copy", num_experts=4, top_k=2, norm_topk_prob=True,
-                   progress=False)
+    path = upcycle(str(dense_dir), str(out), method="copy", num_experts=4, top_k=2, norm_topk_prob=True, progress=False)
     return type(dense_dir)(path)

@@ -66,8 +66,16 @@ def test_routing_counts_agree_with_the_models_own_expert_load():
 def test_perplexity_matches_the_models_own_loss():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=100,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    ).eval()
     blocks = [list(range(1, 21)), list(range(30, 40))]
     seen = []
     result = domain_perplexity(model, blocks, on_outputs=seen.append)
@@ -126,9 +134,30 @@ def test_analyze_writes_json_plots_and_report(dense_dir, upcycled_dir, tmp_path,
     code_dir = Path(sysconfig.get_paths()["stdlib"]) / "json"
     docs = local_tasks_dir() / "stdlib_docs_ppl.jsonl"
     out = tmp_path / "analysis"
-    assert analyze_cli.main([str(upcycled_dir), "--data", f"code={code_dir}", "--data", f"docs={docs}",
-                             "--base", str(dense_dir), "--output", str(out), "--max-tokens", "384",
-                             "--new-tokens", "4", "--prompt-tokens", "16", "--cloze-items", "8"]) == 0
+    assert (
+        analyze_cli.main(
+            [
+                str(upcycled_dir),
+                "--data",
+                f"code={code_dir}",
+                "--data",
+                f"docs={docs}",
+                "--base",
+                str(dense_dir),
+                "--output",
+                str(out),
+                "--max-tokens",
+                "384",
+                "--new-tokens",
+                "4",
+                "--prompt-tokens",
+                "16",
+                "--cloze-items",
+                "8",
+            ]
+        )
+        == 0
+    )
     analysis = json.loads((out / "analysis.json").read_text())
     model, base = analysis["results"]["model"], analysis["results"]["base"]
     assert analysis["unseen_domains"] == [UNSEEN_DOMAIN] and list(model["domains"]) == ["code", "docs", UNSEEN_DOMAIN]
@@ -154,11 +183,25 @@ def test_analyze_writes_json_plots_and_report(dense_dir, upcycled_dir, tmp_path,
         width, height = _png_size(out / name)
         assert width >= 400 and height >= 300
     report = (out / "report.md").read_text()
-    for heading in ("## Parameters", "## Perplexity", "## Generation speed", "## Trade-off", "## Routing", "### code",
-                    "### docs", f"| {UNSEEN_DOMAIN} (unseen) |", "Cloze task on the unseen prose"):
+    for heading in (
+        "## Parameters",
+        "## Perplexity",
+        "## Generation speed",
+        "## Trade-off",
+        "## Routing",
+        "### code",
+        "### docs",
+        f"| {UNSEEN_DOMAIN} (unseen) |",
+        "Cloze task on the unseen prose",
+    ):
         assert heading in report
-    for link in ("perplexity.png", "expert_load_code.png", "expert_load_docs.png", "expert_coactivation_docs.png",
-                 "analysis.json"):
+    for link in (
+        "perplexity.png",
+        "expert_load_code.png",
+        "expert_load_docs.png",
+        "expert_coactivation_docs.png",
+        "analysis.json",
+    ):
         assert f"({link})" in report and (out / link).is_file()
     assert "+0.00 %" in report or "-0.00 %" in report  # the perplexity change column
     assert "llama-moe analyze: 3 domain(s), 7 figure(s)" in capsys.readouterr().out
@@ -178,21 +221,44 @@ def _synthetic_analysis(layers: int, experts: int) -> dict:
     per_layer = {}
     for layer in range(layers):
         share = torch.softmax(torch.randn(experts, generator=generator), 0).tolist()
-        per_layer[str(layer)] = {"load_share": share, "token_fraction": [2 * s for s in share], "load_cv": 0.5,
-                                 "load_entropy": 1.0, "load_entropy_normalized": 0.9, "top1_expert": 0,
-                                 "top1_agreement": 0.3, "coselection": _coselection(share, generator)}
-    routing = {"layers": list(range(layers)), "num_experts": experts, "top_k": 2, "tokens": 4096,
-               "per_layer": per_layer}
+        per_layer[str(layer)] = {
+            "load_share": share,
+            "token_fraction": [2 * s for s in share],
+            "load_cv": 0.5,
+            "load_entropy": 1.0,
+            "load_entropy_normalized": 0.9,
+            "top1_expert": 0,
+            "top1_agreement": 0.3,
+            "coselection": _coselection(share, generator),
+        }
+    routing = {
+        "layers": list(range(layers)),
+        "num_experts": experts,
+        "top_k": 2,
+        "tokens": 4096,
+        "per_layer": per_layer,
+    }
     params = {"total": 10**9, "active": 4 * 10**8, "routed_experts": 8 * 10**8, "embedding": 10**8}
     domain = {"perplexity": 12.5, "tokens": 4096, "routing": routing}
-    return {"model": "some/moe", "base": "some/dense", "config": {"num_local_experts": experts,
-            "num_experts_per_tok": 2, "moe_layers": list(range(layers)), "num_hidden_layers": layers},
-            "settings": {"max_tokens": 4096}, "data": {"web": "web.txt", "code": "code/"},
-            "results": {"model": {"parameters": params,
-                                  "domains": {"web": domain, "code": dict(domain, perplexity=4.0)}},
-                        "base": {"parameters": dict(params, active=10**9, routed_experts=0),
-                                 "domains": {"web": {"perplexity": 11.0, "tokens": 4096},
-                                             "code": {"perplexity": 3.5, "tokens": 4096}}}}}
+    return {
+        "model": "some/moe",
+        "base": "some/dense",
+        "config": {
+            "num_local_experts": experts,
+            "num_experts_per_tok": 2,
+            "moe_layers": list(range(layers)),
+            "num_hidden_layers": layers,
+        },
+        "settings": {"max_tokens": 4096},
+        "data": {"web": "web.txt", "code": "code/"},
+        "results": {
+            "model": {"parameters": params, "domains": {"web": domain, "code": dict(domain, perplexity=4.0)}},
+            "base": {
+                "parameters": dict(params, active=10**9, routed_experts=0),
+                "domains": {"web": {"perplexity": 11.0, "tokens": 4096}, "code": {"perplexity": 3.5, "tokens": 4096}},
+            },
+        },
+    }
 
 
 def test_plots_and_report_come_from_the_json_alone(tmp_path):
@@ -206,8 +272,9 @@ def test_plots_and_report_come_from_the_json_alone(tmp_path):
     assert "| web | 4096 | 12.5 | 11 | +13.64 % |" in report
     assert "## Generation speed" not in report  # no speed numbers in this JSON: no empty section
     assert "## Benchmarks" not in report
-    moe = EvalRun("moe", scores={"t": {"acc": 0.5, "acc_stderr": 0.1, "sample_len": 3}},
-                  higher_is_better={"t": {"acc": True}})
+    moe = EvalRun(
+        "moe", scores={"t": {"acc": 0.5, "acc_stderr": 0.1, "sample_len": 3}}, higher_is_better={"t": {"acc": True}}
+    )
     write_results(tmp_path / "eval", moe, EvalRun("base", scores={"t": {"acc": 0.25}}))
     report = write_report(path, tmp_path / "eval" / "results.json").read_text()
     assert "| t | acc | 0.5000 | 0.2500 | +0.2500 |" in report and "(eval/results.md)" in report

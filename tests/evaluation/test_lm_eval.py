@@ -18,15 +18,33 @@ from llama_moe.evaluation import lm_eval_runner as runner
 def test_real_lm_eval_command_scores_a_project_checkpoint(tiny_moe_dir, tmp_path):
     lm_eval = shutil.which("lm_eval") or os.path.join(os.path.dirname(sys.executable), "lm_eval")
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH="")
-    command = [lm_eval, "--model", "hf", "--model_args", f"pretrained={tiny_moe_dir},trust_remote_code=True",
-               "--tasks", runner.LOCAL_TASK_TAG, "--include_path", str(runner.local_tasks_dir()), "--limit", "3",
-               "--device", "cpu", "--output_path", str(tmp_path / "out")]
+    command = [
+        lm_eval,
+        "--model",
+        "hf",
+        "--model_args",
+        f"pretrained={tiny_moe_dir},trust_remote_code=True",
+        "--tasks",
+        runner.LOCAL_TASK_TAG,
+        "--include_path",
+        str(runner.local_tasks_dir()),
+        "--limit",
+        "3",
+        "--device",
+        "cpu",
+        "--output_path",
+        str(tmp_path / "out"),
+    ]
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     (results_file,) = glob.glob(str(tmp_path / "out" / "**" / "results_*.json"), recursive=True)
     results = json.loads(open(results_file).read())["results"]
-    assert set(results) == {"llama_moe_docstring_mc", "llama_moe_next_line_mc", "llama_moe_prose_cloze",
-                            "llama_moe_stdlib_ppl"}
+    assert set(results) == {
+        "llama_moe_docstring_mc",
+        "llama_moe_next_line_mc",
+        "llama_moe_prose_cloze",
+        "llama_moe_stdlib_ppl",
+    }
     for task in ("llama_moe_docstring_mc", "llama_moe_next_line_mc"):
         assert 0.0 <= results[task]["acc,none"] <= 1.0
         assert results[task]["sample_len"] == 3
@@ -59,8 +77,22 @@ def test_copy_upcycled_model_scores_the_same_loglikelihoods_as_its_dense_base(de
 
 def test_eval_cli_compare_writes_one_table_with_deltas(dense_dir, upcycled_dir, tmp_path, capsys):
     out = tmp_path / "eval"
-    code = eval_cli.main([str(upcycled_dir), "--compare", str(dense_dir), "--tasks", "llama_moe_docstring_mc",
-                          "llama_moe_stdlib_ppl", "--limit", "3", "--device", "cpu", "--output", str(out)])
+    code = eval_cli.main(
+        [
+            str(upcycled_dir),
+            "--compare",
+            str(dense_dir),
+            "--tasks",
+            "llama_moe_docstring_mc",
+            "llama_moe_stdlib_ppl",
+            "--limit",
+            "3",
+            "--device",
+            "cpu",
+            "--output",
+            str(out),
+        ]
+    )
     assert code == 0
     data = json.loads((out / "results.json").read_text())
     rows = {(r["task"], r["metric"]): r for r in data["comparison"]}

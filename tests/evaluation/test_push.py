@@ -22,13 +22,19 @@ def model_dir(upcycled_dir, tmp_path):
     lm-eval results and an analysis report as `llama-moe eval` / `analyze` leave them."""
     folder = tmp_path / "model"
     shutil.copytree(upcycled_dir, folder)
-    run = EvalRun(model=str(folder), scores={"llama_moe_docstring_mc": {"acc": 0.25, "acc_stderr": 0.1}},
-                  higher_is_better={"llama_moe_docstring_mc": {"acc": True}}, n_shot={"llama_moe_docstring_mc": 0})
+    run = EvalRun(
+        model=str(folder),
+        scores={"llama_moe_docstring_mc": {"acc": 0.25, "acc_stderr": 0.1}},
+        higher_is_better={"llama_moe_docstring_mc": {"acc": True}},
+        n_shot={"llama_moe_docstring_mc": 0},
+    )
     write_results(folder / "eval", run)
     (folder / "analysis").mkdir()
     (folder / "analysis" / "report.md").write_text("# Analysis\n")
-    domains = {"model": {"domains": {"code": {"perplexity": 12.34, "tokens": 512}}},
-               "base": {"domains": {"code": {"perplexity": 12.3, "tokens": 512}}}}
+    domains = {
+        "model": {"domains": {"code": {"perplexity": 12.34, "tokens": 512}}},
+        "base": {"domains": {"code": {"perplexity": 12.3, "tokens": 512}}},
+    }
     (folder / "analysis" / "analysis.json").write_text(json.dumps({"results": domains}))
     return folder
 
@@ -44,8 +50,16 @@ def test_dry_run_prints_files_and_card_without_a_token(model_dir, monkeypatch, c
     argv = [str(model_dir), "me/tiny-moe", "--dry-run", "--base-model", "HuggingFaceTB/SmolLM2-135M"]
     assert push_cli.main(argv) == 0
     out = capsys.readouterr().out
-    for name in ("config.json", "model.safetensors", "modeling_llama_moe.py", "configuration_llama_moe.py",
-                 "tokenizer.json", "README.md", "eval/results.json", "analysis/report.md"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "modeling_llama_moe.py",
+        "configuration_llama_moe.py",
+        "tokenizer.json",
+        "README.md",
+        "eval/results.json",
+        "analysis/report.md",
+    ):
         assert f"  {name}  (" in out
     assert "Remote code check: transformers_modules." in out and "(full load + forward): ok" in out
     assert "base_model: HuggingFaceTB/SmolLM2-135M" in out and "dry run, nothing uploaded" in out
@@ -66,8 +80,12 @@ def test_patched_upload_sends_the_checked_files_and_a_merged_card(model_dir, mon
         calls["upload_folder"] = kwargs
         calls["token"] = self.token
         calls["card"] = (model_dir / "README.md").read_text()
-        return huggingface_hub.CommitInfo(commit_url=f"https://huggingface.co/{kwargs['repo_id']}/commit/abc",
-                                          commit_message="m", commit_description="", oid="abc")
+        return huggingface_hub.CommitInfo(
+            commit_url=f"https://huggingface.co/{kwargs['repo_id']}/commit/abc",
+            commit_message="m",
+            commit_description="",
+            oid="abc",
+        )
 
     (model_dir / ".cache").mkdir()
     (model_dir / ".cache" / "junk.lock").write_text("x")
@@ -78,8 +96,22 @@ def test_patched_upload_sends_the_checked_files_and_a_merged_card(model_dir, mon
     monkeypatch.setattr(huggingface_hub.HfApi, "create_branch", create_branch)
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
 
-    assert push_cli.main([str(model_dir), "me/tiny-moe", "--private", "--revision", "v1", "--commit-message",
-                          "first", "--base-model", "HuggingFaceTB/SmolLM2-135M"]) == 0
+    assert (
+        push_cli.main(
+            [
+                str(model_dir),
+                "me/tiny-moe",
+                "--private",
+                "--revision",
+                "v1",
+                "--commit-message",
+                "first",
+                "--base-model",
+                "HuggingFaceTB/SmolLM2-135M",
+            ]
+        )
+        == 0
+    )
     assert calls["create_repo"]["repo_id"] == "me/tiny-moe" and calls["create_repo"]["private"] is True
     assert calls["create_branch"]["branch"] == "v1"
     upload = calls["upload_folder"]
@@ -87,12 +119,26 @@ def test_patched_upload_sends_the_checked_files_and_a_merged_card(model_dir, mon
     assert upload["folder_path"] == str(model_dir) and calls["token"] == FAKE_TOKEN
     on_disk = sorted(p.relative_to(model_dir).as_posix() for p in model_dir.rglob("*") if p.is_file())
     sent = [f for f in on_disk if any(fnmatch(f, pattern) for pattern in upload["allow_patterns"])]
-    assert sent == sorted(["README.md", "config.json", "configuration_llama_moe.py", "dropless_moe.py", "moe_ops.py",
-                           "triton_moe.py",
-                           "generation_config.json", "model.safetensors", "modeling_llama_moe.py",
-                           "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-                           "eval/results.json", "eval/results.md", "analysis/report.md",
-                           "analysis/analysis.json"])
+    assert sent == sorted(
+        [
+            "README.md",
+            "config.json",
+            "configuration_llama_moe.py",
+            "dropless_moe.py",
+            "moe_ops.py",
+            "triton_moe.py",
+            "generation_config.json",
+            "model.safetensors",
+            "modeling_llama_moe.py",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "chat_template.jinja",
+            "eval/results.json",
+            "eval/results.md",
+            "analysis/report.md",
+            "analysis/analysis.json",
+        ]
+    )
     assert json.loads((model_dir / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"]
 
     card = calls["card"]
@@ -139,8 +185,9 @@ def test_large_file_not_tracked_by_a_local_gitattributes_is_refused(model_dir):
     assert any("big.json is over 10 MB" in p for p in problems)
     assert (model_dir / "model.safetensors").stat().st_size < hub.LFS_THRESHOLD_BYTES  # small files need no LFS
     assert len([p for p in problems if "over 10 MB" in p]) == 1
-    (model_dir / ".gitattributes").write_text("*.json filter=lfs diff=lfs merge=lfs -text\n"
-                                              "*.safetensors filter=lfs diff=lfs merge=lfs -text\n")
+    (model_dir / ".gitattributes").write_text(
+        "*.json filter=lfs diff=lfs merge=lfs -text\n*.safetensors filter=lfs diff=lfs merge=lfs -text\n"
+    )
     assert hub.check_files(model_dir, hub.list_files(model_dir))[0] == []
 
 
@@ -148,7 +195,8 @@ def test_remote_code_check_runs_without_llama_moe(model_dir):
     report = hub.check_remote_code(model_dir, full_load_max_bytes=0)  # meta-device build vs safetensors headers
     assert report["model_class"].startswith("transformers_modules.") and report["missing"] == []
     modeling = model_dir / "modeling_llama_moe.py"
-    modeling.write_text("import llama_moe.modeling  # a checkpoint that secretly needs the package\n"
-                        + modeling.read_text())
+    modeling.write_text(
+        "import llama_moe.modeling  # a checkpoint that secretly needs the package\n" + modeling.read_text()
+    )
     with pytest.raises(ValueError, match="does not load with trust_remote_code=True without llama-moe installed"):
         hub.check_remote_code(model_dir)

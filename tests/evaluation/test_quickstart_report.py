@@ -10,17 +10,22 @@ def routing(shares_per_layer, top_k=2):
     def entropy(shares):
         return -sum(s * math.log(s) for s in shares if s > 0)
 
-    return {"top_k": top_k, "num_experts": len(shares_per_layer[0]),
-            "per_layer": {str(i): {"load_share": s, "load_entropy": entropy(s)}
-                          for i, s in enumerate(shares_per_layer)}}
+    return {
+        "top_k": top_k,
+        "num_experts": len(shares_per_layer[0]),
+        "per_layer": {str(i): {"load_share": s, "load_entropy": entropy(s)} for i, s in enumerate(shares_per_layer)},
+    }
 
 
 def result(perplexity, generations, acc, stderr, shares=None):
     domain = {"perplexity": perplexity}
     if shares is not None:
         domain["routing"] = routing(shares)
-    return {"domains": {"code": dict(domain)}, "generations": generations,
-            "lm_eval": {"llama_moe_docstring_mc": {"acc": acc, "acc_stderr": stderr}}}
+    return {
+        "domains": {"code": dict(domain)},
+        "generations": generations,
+        "lm_eval": {"llama_moe_docstring_mc": {"acc": acc, "acc_stderr": stderr}},
+    }
 
 
 BALANCED = [0.125] * 8

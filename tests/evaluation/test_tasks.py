@@ -14,8 +14,12 @@ SIZE_CAPS = {"prose_cloze.jsonl": 450_000}  # 1000 items: a 0.03 change in accur
 def test_shipped_files_are_small_and_well_formed():
     folder = local_tasks_dir()
     files = sorted(folder.glob("*.jsonl"))
-    assert [f.name for f in files] == ["prose_cloze.jsonl", "stdlib_docs_ppl.jsonl", "stdlib_docstring_mc.jsonl",
-                                       "stdlib_next_line_mc.jsonl"]
+    assert [f.name for f in files] == [
+        "prose_cloze.jsonl",
+        "stdlib_docs_ppl.jsonl",
+        "stdlib_docstring_mc.jsonl",
+        "stdlib_next_line_mc.jsonl",
+    ]
     for path in files:
         assert path.stat().st_size < SIZE_CAPS.get(path.name, 200_000)
         rows = [json.loads(line) for line in path.read_text().splitlines()]
@@ -29,8 +33,9 @@ def test_shipped_files_are_small_and_well_formed():
     assert local_task_names() == [LOCAL_TASK_TAG] + TASKS
 
 
-@pytest.mark.skipif(sys.version_info[:3] != (3, 11, 7),
-                    reason="the committed data was built from Python 3.11.7's stdlib")
+@pytest.mark.skipif(
+    sys.version_info[:3] != (3, 11, 7), reason="the committed data was built from Python 3.11.7's stdlib"
+)
 def test_build_script_reproduces_the_committed_data(tmp_path):
     sys.path.insert(0, str(local_tasks_dir()))
     try:
@@ -38,7 +43,12 @@ def test_build_script_reproduces_the_committed_data(tmp_path):
     finally:
         sys.path.pop(0)
     assert build_tasks.main([str(tmp_path)]) == 0
-    for name in ("prose_cloze.jsonl", "stdlib_docs_ppl.jsonl", "stdlib_docstring_mc.jsonl", "stdlib_next_line_mc.jsonl"):
+    for name in (
+        "prose_cloze.jsonl",
+        "stdlib_docs_ppl.jsonl",
+        "stdlib_docstring_mc.jsonl",
+        "stdlib_next_line_mc.jsonl",
+    ):
         assert (tmp_path / name).read_bytes() == (local_tasks_dir() / name).read_bytes()
 
 

@@ -24,7 +24,8 @@ def test_model_declares_fullgraph_compile():
 
 
 @pytest.mark.parametrize(
-    "layout", [dict(), dict(moe_layers=[1], shared_expert_intermediate_size=16, capacity_factor=1.0)],
+    "layout",
+    [dict(), dict(moe_layers=[1], shared_expert_intermediate_size=16, capacity_factor=1.0)],
     ids=["all MoE", "dense layer, shared expert, capacity"],
 )
 def test_compiled_forward_and_gradients_match_eager_mode(layout):
@@ -68,8 +69,16 @@ def test_native_mixtral_with_dropless_compiles_fullgraph():
     import llama_moe.modeling  # noqa: F401  (registers "dropless")
 
     torch._dynamo.reset()
-    config = MixtralConfig(vocab_size=96, hidden_size=32, intermediate_size=24, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+    config = MixtralConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+    )
     torch.manual_seed(0)
     model = MixtralForCausalLM(config).eval()
     model.set_experts_implementation("dropless")

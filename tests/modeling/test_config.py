@@ -20,15 +20,34 @@ def test_defaults_and_alias():
 def test_llama_fields_round_trip(tmp_path):
     rope = dict(LLAMA3_ROPE)
     config = tiny_moe_config(
-        rope_parameters=rope, tie_word_embeddings=True, attention_bias=True, moe_layers=[1],
-        router_type="mlp", norm_topk_prob=False, routed_scaling_factor=4.0, capacity_factor=2.0,
-        shared_expert_intermediate_size=16, shared_expert_gate=True, aux_loss_type="cv2",
+        rope_parameters=rope,
+        tie_word_embeddings=True,
+        attention_bias=True,
+        moe_layers=[1],
+        router_type="mlp",
+        norm_topk_prob=False,
+        routed_scaling_factor=4.0,
+        capacity_factor=2.0,
+        shared_expert_intermediate_size=16,
+        shared_expert_gate=True,
+        aux_loss_type="cv2",
     )
     config.save_pretrained(tmp_path)
     loaded = LlamaMoEConfig.from_pretrained(tmp_path)
-    for name in ("rope_parameters", "tie_word_embeddings", "attention_bias", "moe_layers", "router_type",
-                 "norm_topk_prob", "routed_scaling_factor", "capacity_factor", "shared_expert_intermediate_size",
-                 "shared_expert_gate", "aux_loss_type", "num_key_value_heads"):
+    for name in (
+        "rope_parameters",
+        "tie_word_embeddings",
+        "attention_bias",
+        "moe_layers",
+        "router_type",
+        "norm_topk_prob",
+        "routed_scaling_factor",
+        "capacity_factor",
+        "shared_expert_intermediate_size",
+        "shared_expert_gate",
+        "aux_loss_type",
+        "num_key_value_heads",
+    ):
         assert getattr(loaded, name) == getattr(config, name), name
     assert loaded.rope_parameters["rope_type"] == "llama3"
 

@@ -27,8 +27,8 @@ def left_pad(sequences):
     batch = torch.full((len(sequences), width), PAD)
     mask = torch.zeros(len(sequences), width, dtype=torch.long)
     for row, sequence in enumerate(sequences):
-        batch[row, width - len(sequence):] = sequence
-        mask[row, width - len(sequence):] = 1
+        batch[row, width - len(sequence) :] = sequence
+        mask[row, width - len(sequence) :] = 1
     return batch, mask
 
 

@@ -35,8 +35,14 @@ def _copy_upcycled_from(dense: LlamaForCausalLM, moe_config: LlamaMoEConfig) -> 
 
 @pytest.mark.parametrize("style", ["llama2", "llama3"])
 def test_copied_experts_reproduce_the_dense_llama(style):
-    common = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                  num_attention_heads=4, max_position_embeddings=256)
+    common = dict(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+    )
     if style == "llama3":
         common.update(num_key_value_heads=2, tie_word_embeddings=True, rope_parameters=dict(LLAMA3_ROPE))
     dense = LlamaForCausalLM(LlamaConfig(**common)).eval()
@@ -71,8 +77,9 @@ def test_each_router_gets_the_whole_coefficient_however_many_layers(aux_loss_typ
     reports the mean over layers."""
     for layers in (1, 4):
         torch.manual_seed(0)
-        model = LlamaMoEForCausalLM(tiny_moe_config(num_hidden_layers=layers, aux_loss_type=aux_loss_type,
-                                                    router_aux_loss_coef=0.5))
+        model = LlamaMoEForCausalLM(
+            tiny_moe_config(num_hidden_layers=layers, aux_loss_type=aux_loss_type, router_aux_loss_coef=0.5)
+        )
         ids = _ids()
         out = model(ids, labels=ids, output_router_logits=True)
         per_layer = torch.stack([model.router_aux_loss((logits,)) for logits in out.router_logits])

@@ -53,13 +53,28 @@ def test_attention_mlps_and_experts_are_all_split(layout):
 @pytest.mark.slow
 def test_tensor_and_expert_parallel_on_two_cpu_processes_match_one(tmp_path):
     model = LlamaMoEForCausalLM(
-        tiny_moe_config(moe_layers=[1, 2], num_hidden_layers=3, shared_expert_intermediate_size=16,
-                        shared_expert_gate=True, tie_word_embeddings=False)
+        tiny_moe_config(
+            moe_layers=[1, 2],
+            num_hidden_layers=3,
+            shared_expert_intermediate_size=16,
+            shared_expert_gate=True,
+            tie_word_embeddings=False,
+        )
     )
     model.save_pretrained(tmp_path / "model")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29571",
-               os.path.join(HERE, "parallel_worker.py"), str(tmp_path / "model"), str(tmp_path / "rank")]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29571",
+        os.path.join(HERE, "parallel_worker.py"),
+        str(tmp_path / "model"),
+        str(tmp_path / "rank"),
+    ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     for rank in (0, 1):

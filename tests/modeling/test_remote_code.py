@@ -30,7 +30,8 @@ def test_saved_checkpoint_loads_and_generates_without_the_package(tmp_path):
     prompt = torch.tensor([[3, 14, 15, 92, 65]])
     expected = model.generate(prompt, max_new_tokens=6, do_sample=False)
     script = tmp_path / "load.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         import sys, torch
         try:
             import llama_moe
@@ -49,11 +50,16 @@ def test_saved_checkpoint_loads_and_generates_without_the_package(tmp_path):
         assert model.config._experts_implementation == "dropless", model.config._experts_implementation
         out = model.generate(torch.tensor([[3, 14, 15, 92, 65]]), max_new_tokens=6, do_sample=False)
         print("TOKENS", out.tolist())
-    """))
+    """)
+    )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
     result = subprocess.run(
         [sys.executable, str(TOOLS / "without_llama_moe.py"), str(script)],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     tokens = [line for line in result.stdout.splitlines() if line.startswith("TOKENS")]

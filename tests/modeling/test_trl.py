@@ -17,8 +17,16 @@ def test_sft_trainer_one_step_updates_experts_and_router(tmp_path):
     dataset = Dataset.from_dict({"text": texts})
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     args = SFTConfig(
-        output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, learning_rate=1e-2,
-        logging_steps=1, report_to=[], save_strategy="no", max_length=32, use_cpu=True, dataloader_num_workers=0,
+        output_dir=str(tmp_path),
+        max_steps=1,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        max_length=32,
+        use_cpu=True,
+        dataloader_num_workers=0,
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
     assert trainer.aux_loss_enabled

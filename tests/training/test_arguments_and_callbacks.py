@@ -36,8 +36,18 @@ def test_recipe_then_flags_override(tmp_path):
 @pytest.mark.parametrize(
     "name, expected",
     [
-        ("llama_moe_cpt.yaml", dict(learning_rate=2e-4, warmup_steps=100, adam_beta1=0.9, adam_beta2=0.95,
-                                    weight_decay=0.1, max_grad_norm=1.0, router_aux_loss_coef=1e-2)),
+        (
+            "llama_moe_cpt.yaml",
+            dict(
+                learning_rate=2e-4,
+                warmup_steps=100,
+                adam_beta1=0.9,
+                adam_beta2=0.95,
+                weight_decay=0.1,
+                max_grad_norm=1.0,
+                router_aux_loss_coef=1e-2,
+            ),
+        ),
         ("llama3_meets_moe.yaml", dict(learning_rate=3e-5, warmup_steps=100)),
         ("cpu_smoke.yaml", dict(max_steps=20)),
     ],
@@ -77,16 +87,20 @@ def test_bad_recipes_fail_before_training(tmp_path, corpora, tiny_model_dir, cap
     assert not (tmp_path / "out").exists()
 
 
-def test_dynamic_sampling_without_an_interval_evaluates_every_tenth_of_the_run(tmp_path, corpora, tiny_model_dir,
-                                                                              capsys):
+def test_dynamic_sampling_without_an_interval_evaluates_every_tenth_of_the_run(
+    tmp_path, corpora, tiny_model_dir, capsys
+):
     from llama_moe.training.arguments import parse_arguments
 
-    options, config = parse_arguments(train_args(tiny_model_dir, corpora, tmp_path / "out", 50)
-                                      + ["--sampling", "dynamic"])
+    options, config = parse_arguments(
+        train_args(tiny_model_dir, corpora, tmp_path / "out", 50) + ["--sampling", "dynamic"]
+    )
     assert str(config.eval_strategy) in ("steps", "IntervalStrategy.STEPS") and config.eval_steps == 5
     assert "evaluating every 5 steps" in capsys.readouterr().out
-    _, chosen = parse_arguments(train_args(tiny_model_dir, corpora, tmp_path / "out", 50)
-                                + ["--sampling", "dynamic", "--eval_strategy", "steps", "--eval_steps", "7"])
+    _, chosen = parse_arguments(
+        train_args(tiny_model_dir, corpora, tmp_path / "out", 50)
+        + ["--sampling", "dynamic", "--eval_strategy", "steps", "--eval_steps", "7"]
+    )
     assert chosen.eval_steps == 7
 
 
@@ -114,8 +128,13 @@ def _freeze_test_model():
     from llama_moe.modeling import LlamaMoEForCausalLM
 
     config = tiny_moe_config(
-        num_hidden_layers=3, moe_layers=[0, 2], router_type="mlp", router_noise="noisy_topk",
-        shared_expert_intermediate_size=16, shared_expert_gate=True, tie_word_embeddings=False,
+        num_hidden_layers=3,
+        moe_layers=[0, 2],
+        router_type="mlp",
+        router_noise="noisy_topk",
+        shared_expert_intermediate_size=16,
+        shared_expert_gate=True,
+        tie_word_embeddings=False,
     )
     return LlamaMoEForCausalLM(config)
 
@@ -140,8 +159,16 @@ def test_freeze_parse_and_errors():
         parse_freeze("routers_only")
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    dense = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=1))
+    dense = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    )
     with pytest.raises(ValueError, match="with routers"):
         FreezeCallback(dense, routers_only=5)
 
@@ -189,9 +216,13 @@ def _trainer_loss(model, ids, steps):
     from llama_moe.training.trainer import MoETrainer
 
     fake = types.SimpleNamespace(
-        model=model, model_accepts_loss_kwargs=True, current_gradient_accumulation_steps=steps,
-        args=types.SimpleNamespace(average_tokens_across_devices=False), moe_logging=None,
-        accelerator=types.SimpleNamespace(num_processes=1), _router_metrics={"aux_loss": [], "z_loss": []},
+        model=model,
+        model_accepts_loss_kwargs=True,
+        current_gradient_accumulation_steps=steps,
+        args=types.SimpleNamespace(average_tokens_across_devices=False),
+        moe_logging=None,
+        accelerator=types.SimpleNamespace(num_processes=1),
+        _router_metrics={"aux_loss": [], "z_loss": []},
         distiller=None,
     )
     loss = MoETrainer.compute_loss(fake, model, {"input_ids": ids, "labels": ids}, num_items_in_batch=torch.tensor(30))
@@ -227,9 +258,17 @@ def test_trainer_takes_mixtral_router_loss_apart_before_dividing_it():
     term, and only it, by the accumulation steps."""
     from transformers import MixtralConfig, MixtralForCausalLM
 
-    config = MixtralConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
-                           output_router_logits=True, router_aux_loss_coef=0.3)
+    config = MixtralConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        output_router_logits=True,
+        router_aux_loss_coef=0.3,
+    )
     torch.manual_seed(0)
     model = MixtralForCausalLM(config).train()
     ids = torch.randint(0, 128, (2, 16))
@@ -267,7 +306,8 @@ def test_top_k_has_both_spellings_in_train_and_upcycle():
     from llama_moe.cli.upcycle import build_parser as upcycle_parser
     from llama_moe.training.arguments import parse_arguments
 
-    options, _ = parse_arguments(["--upcycle_from", "base", "--output_dir", "out", "--max_steps", "1",
-                                  "--max_length", "64", "--top_k", "4"])
+    options, _ = parse_arguments(
+        ["--upcycle_from", "base", "--output_dir", "out", "--max_steps", "1", "--max_length", "64", "--top_k", "4"]
+    )
     assert options.num_experts_per_tok == 4
     assert upcycle_parser().parse_args(["base", "out", "--num-experts-per-tok", "3"]).top_k == 3

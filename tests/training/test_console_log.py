@@ -17,8 +17,14 @@ def test_console_hides_per_layer_expert_loads_only(console, monkeypatch):
     else:
         callback = MoEPrinterCallback()
         monkeypatch.setattr("builtins.print", lambda *args, **kwargs: written.append(" ".join(map(str, args))))
-    logs = {"loss": 2.5, "aux_loss": 2.0, "moe/load_cv_mean": 0.4, "moe/layer_3/expert_1": 0.2,
-            "moe/layer_3/load_cv": 0.5, "mixture/weight/code": 0.6}
+    logs = {
+        "loss": 2.5,
+        "aux_loss": 2.0,
+        "moe/load_cv_mean": 0.4,
+        "moe/layer_3/expert_1": 0.2,
+        "moe/layer_3/load_cv": 0.5,
+        "mixture/weight/code": 0.6,
+    }
     state = SimpleNamespace(is_world_process_zero=True, is_local_process_zero=True)
     callback.on_log(SimpleNamespace(), state, None, logs=logs)
     assert len(written) == 1

@@ -31,7 +31,12 @@ def test_readers_text_folder_jsonl_parquet(tmp_path):
     assert list(iter_pieces(DomainSpec("t", str(tmp_path / "a.txt")))) == [("alpha\nbeta\n", True)]
     pieces = list(iter_pieces(DomainSpec("f", str(tmp_path), text_field="content")))
     assert pieces == [
-        ("alpha\nbeta\n", True), ("delta", True), ("eps", True), ("zeta", True), ("eta", True), ("gamma", True)
+        ("alpha\nbeta\n", True),
+        ("delta", True),
+        ("eps", True),
+        ("zeta", True),
+        ("eta", True),
+        ("gamma", True),
     ]
     with pytest.raises(ValueError, match="no field 'text'"):
         list(iter_pieces(DomainSpec("j", str(tmp_path / "c.jsonl"))))

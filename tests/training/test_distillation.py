@@ -35,9 +35,13 @@ def test_chunked_kl_matches_the_formula(temperature):
 
 def _fake_trainer(model, distiller):
     return types.SimpleNamespace(
-        model=model, model_accepts_loss_kwargs=True, current_gradient_accumulation_steps=1,
-        args=types.SimpleNamespace(average_tokens_across_devices=False), moe_logging=None,
-        accelerator=types.SimpleNamespace(num_processes=1), distiller=distiller,
+        model=model,
+        model_accepts_loss_kwargs=True,
+        current_gradient_accumulation_steps=1,
+        args=types.SimpleNamespace(average_tokens_across_devices=False),
+        moe_logging=None,
+        accelerator=types.SimpleNamespace(num_processes=1),
+        distiller=distiller,
         _router_metrics={"aux_loss": [], "z_loss": [], "distill_loss": []},
     )
 
@@ -107,14 +111,16 @@ def test_teacher_with_another_vocabulary_is_refused(tiny_model_dir, tokenizer_di
     assert not (tmp_path / "run").exists()
 
 
-def test_bfloat16_teacher_gives_nearly_the_float32_kl_and_a_bad_dtype_is_refused(tiny_model_dir, corpora, tmp_path,
-                                                                                capsys):
+def test_bfloat16_teacher_gives_nearly_the_float32_kl_and_a_bad_dtype_is_refused(
+    tiny_model_dir, corpora, tmp_path, capsys
+):
     from llama_moe.training.arguments import parse_arguments
     from llama_moe.training.run import load_teacher
 
     flags = train_args(tiny_model_dir, corpora, tmp_path / "run", 1, distill_from=tiny_model_dir)
-    teachers = {dtype: load_teacher(*parse_arguments(flags + ["--distill_dtype", dtype]))
-                for dtype in ("auto", "bfloat16")}
+    teachers = {
+        dtype: load_teacher(*parse_arguments(flags + ["--distill_dtype", dtype])) for dtype in ("auto", "bfloat16")
+    }
     assert next(teachers["auto"].teacher.parameters()).dtype == torch.float32
     assert next(teachers["bfloat16"].teacher.parameters()).dtype == torch.bfloat16
     torch.manual_seed(0)

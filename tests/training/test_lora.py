@@ -37,8 +37,12 @@ def test_lora_trains_adapters_merges_them_into_final_and_resumes(tmp_path, corpo
     start = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
     weights = load_file(final / "model.safetensors")
     assert set(weights) == set(start)  # a plain checkpoint of the same model: no adapter names left
-    for name in ("model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.experts.down_proj",
-                 "model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.gate.weight"):
+    for name in (
+        "model.layers.0.mlp.experts.gate_up_proj",
+        "model.layers.0.mlp.experts.down_proj",
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.0.mlp.gate.weight",
+    ):
         assert not torch.equal(weights[name], start[name]), name
     assert torch.equal(weights["model.embed_tokens.weight"], start["model.embed_tokens.weight"])
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, trust_remote_code=True)

@@ -20,8 +20,9 @@ def test_two_processes_agree_with_each_other_and_with_one(tmp_path, corpora, tin
     two = tmp_path / "two"
     # No balance loss here: it is a product of per-batch averages, so its DDP mean over two half-batches is not its
     # value on the whole batch, and the comparison with one process below would measure that instead of DDP.
-    args = train_args(tiny_model_dir, corpora, two, steps, per_device_train_batch_size=2, save_steps=2,
-                      router_aux_loss_coef=0.0)
+    args = train_args(
+        tiny_model_dir, corpora, two, steps, per_device_train_batch_size=2, save_steps=2, router_aux_loss_coef=0.0
+    )
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561", worker]
     done = subprocess.run(command + args, env=env, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -33,8 +34,9 @@ def test_two_processes_agree_with_each_other_and_with_one(tmp_path, corpora, tin
     assert os.path.isfile(two / "final" / "model.safetensors")
 
     one = tmp_path / "one"
-    single = train_args(tiny_model_dir, corpora, one, steps, per_device_train_batch_size=4, save_steps=2,
-                        router_aux_loss_coef=0.0)
+    single = train_args(
+        tiny_model_dir, corpora, one, steps, per_device_train_batch_size=4, save_steps=2, router_aux_loss_coef=0.0
+    )
     done = subprocess.run([sys.executable, worker, *single], env=env, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
     reference = json.load(open(one / "rank0.json"))

@@ -65,8 +65,13 @@ def test_routers_only_then_all_freezes_exactly_the_routers(tmp_path, corpora, ti
 def test_resume_continues_with_same_losses_weights_and_data(tmp_path, corpora, tiny_model_dir):
     # Dynamic sampling with an evaluation before the checkpoint, so the weights have moved when it is saved.
     flags = dict(
-        save_steps=3, sampling="dynamic", eval_strategy="steps", eval_steps=2, eta=5.0,
-        reference_losses="code=1.0,docs=1.0", dataset_weights="code=0.7,docs=0.3",
+        save_steps=3,
+        sampling="dynamic",
+        eval_strategy="steps",
+        eval_steps=2,
+        eta=5.0,
+        reference_losses="code=1.0,docs=1.0",
+        dataset_weights="code=0.7,docs=0.3",
     )
     full = tmp_path / "full"
     assert run_train(train_args(tiny_model_dir, corpora, full, 6, **flags)) == 0
@@ -100,8 +105,10 @@ def test_dynamic_sampling_moves_weight_to_the_lagging_domain(tmp_path, corpora, 
 
     weights = {"code": 0.5, "docs": 0.5}
     for step in (2, 4, 6):
-        losses = {d: next(e[f"eval_{d}_loss"] for e in history if e["step"] == step and f"eval_{d}_loss" in e)
-                  for d in ("code", "docs")}
+        losses = {
+            d: next(e[f"eval_{d}_loss"] for e in history if e["step"] == step and f"eval_{d}_loss" in e)
+            for d in ("code", "docs")
+        }
         weights = dynamic_update(weights, losses, {"code": 20.0, "docs": 0.5}, 0.2, 1e-4)
         logged = next(e for e in history if e["step"] == step + 1 and "mixture/weight/docs" in e)
         assert logged["mixture/weight/docs"] == pytest.approx(weights["docs"], abs=1e-5)
@@ -162,8 +169,9 @@ def test_unfinished_saves_of_an_interrupted_run_are_removed(tmp_path, corpora, t
     assert sorted(os.listdir(out)) == ["README.md", "checkpoint-2", "final"]
 
 
-def test_a_crash_while_the_final_model_is_swapped_in_keeps_a_complete_one(tmp_path, corpora, tiny_model_dir,
-                                                                         monkeypatch):
+def test_a_crash_while_the_final_model_is_swapped_in_keeps_a_complete_one(
+    tmp_path, corpora, tiny_model_dir, monkeypatch
+):
     """A second run into the same folder replaces `final` in three steps (conversion/atomic.py, tested step by
     step there); killed while renaming the new model in, the folder still holds the first run's model, whole."""
     from transformers import AutoModelForCausalLM
@@ -189,5 +197,9 @@ def test_a_crash_while_the_final_model_is_swapped_in_keeps_a_complete_one(tmp_pa
     assert all(torch.equal(weights[name], tensor) for name, tensor in first.items())
     second = load_file(out / ".staging" / "final" / "model.safetensors")  # built whole, never renamed in
     assert not torch.equal(second["model.layers.0.mlp.gate.weight"], first["model.layers.0.mlp.gate.weight"])
-    assert sorted(p for p in os.listdir(out) if not p.startswith(".")) == ["README.md", "checkpoint-1",
-                                                                          "checkpoint-2", "final"]
+    assert sorted(p for p in os.listdir(out) if not p.startswith(".")) == [
+        "README.md",
+        "checkpoint-1",
+        "checkpoint-2",
+        "final",
+    ]
