@@ -1,7 +1,8 @@
 """Routers fitted on calibration activations (`--router-init fit`): each router row predicts, linearly from the
 FFN input, how much its expert contributes to that token's output, so top-k picks the experts that matter.
 
-The fit is ridge least squares from the inputs X [T, H] to the experts' output norms [T, E]. The chosen experts
+The fit is ridge least squares from the inputs X [T, H] to the experts' output norms [T, E], standardized per token
+(what top-k sees is how the experts rank within a token). The chosen experts
 should keep nearly equal weights (they are pieces of one FFN, and each chosen piece should count fully, as
 renormalized top-k weights times a routed scale of k do when the logits hardly differ), yet the rows must not be
 tiny, or the first optimizer steps (Adam moves every weight by about the learning rate) scramble the routing.
@@ -45,9 +46,18 @@ def least_squares_rows(inputs_TH: torch.Tensor, targets_TE: torch.Tensor, ridge:
     return torch.linalg.solve(gram_HH, x_TH.T @ targets_TE.double()).T.float()
 
 
+def standardized(norms_TE: torch.Tensor) -> torch.Tensor:
+    """Each token's expert norms as z-scores over the experts. Top-k and the softmax see only how the experts rank
+    within a token, and raw norms let the few tokens with huge activations dominate the fit. On SmolLM2 (carve,
+    4 shared + 4 of 12, corpus + sampled calibration) the z-scores start at 3.20x / 2.43x the dense perplexity on
+    code / docs against 3.35x / 2.58x with raw norms (unseen prose 3.83x and 3.81x)."""
+    centered = norms_TE - norms_TE.mean(dim=1, keepdim=True)
+    return centered / centered.std(dim=1, keepdim=True).clamp(min=1e-6)
+
+
 def fit_router(gate_up_EFH, down_EHW, inputs_TH: torch.Tensor, spread: float = FIT_SPREAD) -> torch.Tensor:
     """Router rows [E, H] whose logits (before the temperature) rank the experts by predicted contribution."""
-    targets_TE = expert_output_norms(gate_up_EFH, down_EHW, inputs_TH)
+    targets_TE = standardized(expert_output_norms(gate_up_EFH, down_EHW, inputs_TH))
     rows_EH = least_squares_rows(inputs_TH, targets_TE)
     logits_TE = inputs_TH @ rows_EH.T
     current = logits_TE.std(dim=1).mean().clamp(min=1e-12)
